@@ -1,0 +1,64 @@
+"""``anyflow-ray <command> --config configs/x.yaml key=value ...``
+
+The config (schema <- YAML <- overrides) is loaded and validated before any command starts, so an
+unknown key or a bad value fails at once with a message naming the key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from anyflow_ray.config import ConfigError, load_config
+
+# command -> (module under anyflow_ray.jobs, help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "make-tiny": ("make_tiny", "write a tiny model folder in the diffusers layout (optional OUT argument)"),
+    "data": ("data", "render synthetic videos and write Parquet shards"),
+    "teacher": ("teacher", "train the flow-matching teacher from scratch"),
+    "sample": ("sample", "sample videos for each step count: GIF/MP4 per prompt and a contact sheet"),
+    "evaluate": ("evaluate", "quality-vs-steps table, JSON and plot"),
+    "demo": ("demo", "make-tiny -> data -> teacher -> samples -> evaluation on the tiny default"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="anyflow-ray", description=__doc__.strip().splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="command")
+    for name, (_, help_text) in COMMANDS.items():
+        cmd = sub.add_parser(name, help=help_text)
+        cmd.add_argument("--config", default="configs/tiny.yaml", help="YAML config (default: configs/tiny.yaml)")
+        if name == "make-tiny":
+            cmd.add_argument("out", nargs="?", default=None, help="output folder (default: model.base)")
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Flags and positionals first; every remaining ``key=value`` word is a config override."""
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    stray = [word for word in rest if "=" not in word or word.startswith("-")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)} (config overrides are key=value)")
+    args.overrides = rest
+    if getattr(args, "out", None) and "=" in args.out:  # `make-tiny key=value`: no OUT was given
+        args.overrides, args.out = [args.out, *rest], None
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as err:
+        print(f"anyflow-ray {args.command}: {err}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(f"anyflow_ray.jobs.{COMMANDS[args.command][0]}")
+    extra = {"out": args.out} if args.command == "make-tiny" else {}
+    module.run(cfg, **extra)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

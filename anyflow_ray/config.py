@@ -1,0 +1,205 @@
+"""One config tree: OmegaConf structured configs (dataclasses), YAML files, ``key=value`` overrides.
+
+``load_config("configs/tiny.yaml", ["train.steps=200"])`` merges YAML and overrides onto the
+dataclass schema. An unknown key or a value of the wrong type fails with OmegaConf's message (which
+names the key); ``validate`` then checks ranges and names the offending key too. Nothing runs
+before the config is valid.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A bad config key or value; the message names the key."""
+
+
+@dataclass
+class TinyModelConfig:
+    """Sizes of the tiny Wan-style model written by ``anyflow-ray make-tiny``."""
+    num_layers: int = 4
+    num_attention_heads: int = 4
+    attention_head_dim: int = 16
+    ffn_dim: int = 128
+    freq_dim: int = 64
+    patch_size: list[int] = field(default_factory=lambda: [1, 4, 4])
+    text_dim: int = 32
+    text_layers: int = 2
+    text_heads: int = 2
+    text_max_length: int = 12
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = False
+    rank: int = 64
+    alpha: int = 64
+    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2"])
+
+
+@dataclass
+class ModelConfig:
+    """Where the base model lives (a diffusers folder) and how the flow map wraps it."""
+    base: str = "${run.output_dir}/base-model"  # diffusers folder (make-tiny writes one; or Wan2.1-*-Diffusers)
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+    gate: float = 0.25  # fixed weight of the r-time MLP in e = (1-gate) E_t(T) + gate E_r(R)
+    pixel_space: bool = True  # True: identity autoencoder (tiny); False: Wan VAE
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    gradient_checkpointing: bool = False
+    meta_init: bool = False  # build the full-size transformer on the meta device (dry runs, param counts)
+    full_size: str = ""  # "", "1.3b" or "14b": the Wan2.1 architecture used by meta_init
+
+
+@dataclass
+class ScheduleConfig:
+    shift: float = 5.0
+
+
+@dataclass
+class DataConfig:
+    root: str = "${run.output_dir}/data"
+    num_train: int = 2048
+    num_heldout: int = 256
+    frames: int = 8
+    height: int = 16
+    width: int = 16
+    shard_size: int = 512
+    seed: int = 1234
+
+
+@dataclass
+class TeacherConfig:
+    """Single-time flow-matching teacher trained from scratch (ALGORITHM §3)."""
+    output: str = "${run.output_dir}/teacher"
+    steps: int = 3000
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup: int = 100
+    uncond_prob: float = 0.1
+    ema: float = 0.995
+    grad_clip: float = 1.0
+    log_every: int = 50
+
+
+@dataclass
+class SampleConfig:
+    model: str = ""  # pipeline folder; "" = the teacher
+    prompts: list[str] = field(default_factory=lambda: ["a red circle moving right", "a blue square moving up",
+                                                         "a yellow triangle moving left", "a green circle moving down"])
+    steps: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32])
+    guidance_scale: float = 3.0
+    output: str = "${run.output_dir}/samples"
+    seed: int = 0
+
+
+@dataclass
+class EvalConfig:
+    models: list[str] = field(default_factory=lambda: ["${teacher.output}"])
+    steps: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32])
+    num_prompts: int = 64
+    reference_steps: int = 100
+    teacher_guidance: float = 3.0  # CFG of the teacher's samples and of its reference ODE solution
+    batch_size: int = 32
+    swd_projections: int = 256
+    output: str = "${run.output_dir}/eval"
+    seed: int = 7
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "outputs/tiny"
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    precision: str = "auto"  # auto (fp32 on CPU, bf16 on GPU) | fp32 | bf16
+    wandb_mode: str = "offline"  # overridden by WANDB_MODE when set
+    wandb_project: str = "anyflow-ray"
+    threads: int = 2
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    extra: Optional[dict[str, Any]] = None  # reserved; must stay empty
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """Schema <- YAML file <- ``key=value`` overrides, then resolved and validated."""
+    schema = OmegaConf.structured(Config)
+    try:
+        merged = schema
+        if path is not None:
+            path = Path(path)
+            if not path.is_file():
+                raise ConfigError(f"config file not found: {path}")
+            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+        for item in overrides:
+            if "=" not in item:
+                raise ConfigError(f"override {item!r} is not of the form key=value")
+            key = item.split("=", 1)[0]
+            try:
+                merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
+            except OmegaConfBaseException as err:
+                raise ConfigError(f"bad override {key!r}: {err}") from err
+        OmegaConf.resolve(merged)
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"invalid config{f' {path}' if path else ''}: {err}") from err
+    validate(merged)
+    OmegaConf.set_readonly(merged, True)
+    return merged
+
+
+def _require(ok: bool, key: str, value: Any, why: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r}: {why}")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Range checks OmegaConf's type checks cannot express. Each error names its key."""
+    _require(cfg.schedule.shift > 0, "schedule.shift", cfg.schedule.shift, "must be > 0")
+    _require(0.0 <= cfg.model.gate <= 1.0, "model.gate", cfg.model.gate, "must be in [0, 1]")
+    _require(cfg.model.full_size in ("", "1.3b", "14b"), "model.full_size", cfg.model.full_size, "must be '', '1.3b' or '14b'")
+    _require(cfg.run.device in ("auto", "cpu", "cuda"), "run.device", cfg.run.device, "must be auto, cpu or cuda")
+    _require(cfg.run.precision in ("auto", "fp32", "bf16"), "run.precision", cfg.run.precision, "must be auto, fp32 or bf16")
+    _require(cfg.run.threads >= 1, "run.threads", cfg.run.threads, "must be >= 1")
+    patch = list(cfg.model.tiny.patch_size)
+    _require(len(patch) == 3 and all(p >= 1 for p in patch), "model.tiny.patch_size", patch, "must be 3 positive ints")
+    _require(cfg.data.height % patch[1] == 0 and cfg.data.width % patch[2] == 0, "data.height/width",
+             (cfg.data.height, cfg.data.width), f"must be divisible by the patch size {patch}")
+    for key in ("num_train", "num_heldout", "frames", "height", "width", "shard_size"):
+        _require(cfg.data[key] >= 1, f"data.{key}", cfg.data[key], "must be >= 1")
+    for key in ("steps", "batch_size", "warmup", "log_every"):
+        _require(cfg.teacher[key] >= (0 if key == "warmup" else 1), f"teacher.{key}", cfg.teacher[key], "out of range")
+    _require(0.0 <= cfg.teacher.uncond_prob < 1.0, "teacher.uncond_prob", cfg.teacher.uncond_prob, "must be in [0, 1)")
+    _require(0.0 <= cfg.teacher.ema < 1.0, "teacher.ema", cfg.teacher.ema, "must be in [0, 1)")
+    _require(cfg.teacher.lr > 0, "teacher.lr", cfg.teacher.lr, "must be > 0")
+    for key, steps in (("sample.steps", cfg.sample.steps), ("eval.steps", cfg.eval.steps)):
+        _require(len(steps) > 0 and all(int(n) >= 1 for n in steps), key, list(steps), "must be a non-empty list of ints >= 1")
+    _require(cfg.eval.reference_steps >= max(cfg.eval.steps), "eval.reference_steps", cfg.eval.reference_steps,
+             "must be >= the largest eval step count")
+    _require(cfg.eval.num_prompts >= 1, "eval.num_prompts", cfg.eval.num_prompts, "must be >= 1")
+    _require(cfg.model.lora.rank >= 1, "model.lora.rank", cfg.model.lora.rank, "must be >= 1")
+    _require(cfg.run.wandb_mode in ("offline", "online", "disabled"), "run.wandb_mode", cfg.run.wandb_mode,
+             "must be offline, online or disabled")
+    _require(not cfg.extra, "extra", cfg.extra, "is reserved and must be empty")
+
+
+def save_config(cfg: DictConfig, out_dir: str | Path) -> Path:
+    """Write the resolved config as ``config.yaml`` into ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "config.yaml"
+    path.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    return path

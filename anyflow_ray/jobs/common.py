@@ -1,0 +1,41 @@
+"""Shared set-up of every job: threads, seeds, output folder with the resolved config, model parts."""
+
+from __future__ import annotations
+
+import logging
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from anyflow_ray.config import save_config
+from anyflow_ray.device import resolve_device, resolve_dtype, set_threads
+
+log = logging.getLogger("anyflow_ray")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def prepare(cfg: DictConfig, out_dir: str | Path) -> tuple[Path, torch.device, torch.dtype]:
+    """Threads, seeds, ``out_dir`` with ``config.yaml``; returns (out_dir, device, dtype)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    set_threads(cfg.run.threads)
+    seed_everything(cfg.run.seed)
+    out = Path(out_dir)
+    save_config(cfg, out)
+    device = resolve_device(cfg.run.device)
+    return out, device, resolve_dtype(cfg.run.precision, device)
+
+
+def train_root(cfg: DictConfig) -> Path:
+    return Path(cfg.data.root) / "train"
+
+
+def heldout_root(cfg: DictConfig) -> Path:
+    return Path(cfg.data.root) / "heldout"

@@ -1,0 +1,43 @@
+"""`anyflow-ray data`: render synthetic text-to-video clips, encode their prompts, write Parquet shards.
+
+Writes ``<data.root>/train`` and ``<data.root>/heldout`` (disjoint seeds). Prompts are encoded with
+the text encoder of ``model.base`` so that training never needs the encoder in the loop.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from omegaconf import DictConfig
+from tqdm.auto import tqdm
+
+from anyflow_ray.data.shards import write_shards
+from anyflow_ray.data.synthetic import render_video, sample_specs
+from anyflow_ray.jobs.common import heldout_root, log, prepare, train_root
+from anyflow_ray.models.loading import load_text_encoder, text_max_length
+from anyflow_ray.models.text import encode_prompts
+
+
+def render_split(cfg: DictConfig, num: int, seed: int, desc: str) -> tuple[np.ndarray, list[str], list[int]]:
+    specs = sample_specs(num, seed)
+    videos = np.stack([render_video(s, cfg.data.frames, cfg.data.height, cfg.data.width)
+                       for s in tqdm(specs, desc=f"rendering {desc}", leave=False)])
+    return videos, [s.prompt for s in specs], [s.seed for s in specs]
+
+
+def run(cfg: DictConfig) -> Path:
+    if not cfg.model.pixel_space:
+        raise NotImplementedError("model.pixel_space=false: encoding synthetic videos with the Wan VAE is not "
+                                  "implemented yet; the synthetic data set is for pixel-space (tiny) models")
+    root, _, _ = prepare(cfg, cfg.data.root)
+    tokenizer, encoder = load_text_encoder(cfg.model.base)
+    max_length = text_max_length(cfg.model.base)
+    splits = (("train", train_root(cfg), cfg.data.num_train, cfg.data.seed),
+              ("heldout", heldout_root(cfg), cfg.data.num_heldout, cfg.data.seed + 1_000_003))
+    for name, out, num, seed in splits:
+        videos, prompts, seeds = render_split(cfg, num, seed, name)
+        embeddings = encode_prompts(tokenizer, encoder, prompts, max_length)
+        shards = write_shards(out, videos, prompts, embeddings.numpy(), seeds, shard_size=cfg.data.shard_size)
+        log.info("%s: %d clips %s in %d shard(s) under %s", name, num, tuple(videos.shape[1:]), len(shards), out)
+    return root

@@ -1,0 +1,33 @@
+"""`anyflow-ray demo`: the whole tiny pipeline end to end, skipping stages whose outputs already exist.
+
+make-tiny -> data -> teacher -> samples -> evaluation, all under ``run.output_dir``.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from anyflow_ray.jobs import data, evaluate, make_tiny, sample, teacher
+from anyflow_ray.jobs.common import log
+
+
+def run(cfg: DictConfig) -> Path:
+    start = time.time()
+    stages = [
+        ("make-tiny", Path(cfg.model.base) / "transformer" / "config.json", lambda: make_tiny.run(cfg)),
+        ("data", Path(cfg.data.root) / "heldout" / "manifest.json", lambda: data.run(cfg)),
+        ("teacher", Path(cfg.teacher.output) / "model_index.json", lambda: teacher.run(cfg)),
+        ("sample", None, lambda: sample.run(cfg)),
+        ("evaluate", None, lambda: evaluate.run(cfg)),
+    ]
+    for name, done_marker, stage in stages:
+        if done_marker is not None and done_marker.exists():
+            log.info("demo: %s already done (%s exists), skipping", name, done_marker)
+            continue
+        log.info("demo: %s", name)
+        stage()
+    log.info("demo finished in %.1f min; outputs under %s", (time.time() - start) / 60, cfg.run.output_dir)
+    return Path(cfg.run.output_dir)

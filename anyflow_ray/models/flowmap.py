@@ -1,0 +1,125 @@
+"""The two-time flow-map model u_theta(z_t, t, r, c) on diffusers' ``WanTransformer3DModel`` (ALGORITHM §2).
+
+A second timestep MLP ``time_embedder_r`` (E_r) is added beside Wan's ``time_embedder`` (E_t) and
+initialised as a copy of it. Both read the same sinusoidal embedding of the 0..1000-scale time. The
+combined embedding
+
+    e = (1 - gate) E_t(T) + gate E_r(R),   gate = 0.25 fixed,
+
+replaces the time embedding everywhere (block adaLN modulation and output head). It is computed as
+``E_t(T) + gate (E_r(R) - E_t(T))`` so that, with E_r a copy of E_t, u(z, T, T) is bit-identical to
+the pretrained model. The network output is an *average velocity*: one jump is
+``Phi(z; T -> R) = z - (T - R)/1000 u``.
+
+The class is a ``WanTransformer3DModel`` subclass, so ``save_pretrained``/``from_pretrained``, LoRA
+through peft and gradient checkpointing work as for Wan; its state dict is Wan's plus
+``condition_embedder.time_embedder_r.*``.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from diffusers.configuration_utils import register_to_config
+from diffusers.models.modeling_utils import ModelMixin  # noqa: F401  (DiffusionPipeline looks the loader base up here)
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
+from diffusers.models.transformers.transformer_wan import WanTransformer3DModel
+
+
+class WanFlowMapTransformer3DModel(WanTransformer3DModel):
+    """Wan DiT with a second time input r. ``forward(z, T, c, timestep_r=R)``; R defaults to T."""
+
+    @register_to_config
+    def __init__(self, patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=16,
+                 out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40, cross_attn_norm=True,
+                 qk_norm="rms_norm_across_heads", eps=1e-6, image_dim=None, added_kv_proj_dim=None,
+                 rope_max_seq_len=1024, pos_embed_seq_len=None, flow_map_gate: float = 0.25):
+        super().__init__(patch_size=patch_size, num_attention_heads=num_attention_heads,
+                         attention_head_dim=attention_head_dim, in_channels=in_channels, out_channels=out_channels,
+                         text_dim=text_dim, freq_dim=freq_dim, ffn_dim=ffn_dim, num_layers=num_layers,
+                         cross_attn_norm=cross_attn_norm, qk_norm=qk_norm, eps=eps, image_dim=image_dim,
+                         added_kv_proj_dim=added_kv_proj_dim, rope_max_seq_len=rope_max_seq_len,
+                         pos_embed_seq_len=pos_embed_seq_len)
+        self.condition_embedder.time_embedder_r = copy.deepcopy(self.condition_embedder.time_embedder)
+
+    @classmethod
+    def from_base(cls, base: WanTransformer3DModel, gate: float = 0.25) -> "WanFlowMapTransformer3DModel":
+        """Wrap a pretrained single-time Wan transformer: copy its weights, E_r := copy of E_t."""
+        config = {k: v for k, v in base.config.items() if not k.startswith("_")}
+        param = next(base.parameters())
+        with torch.device("meta"):
+            model = cls(**config, flow_map_gate=gate)
+        state = base.state_dict()
+        for name, tensor in base.condition_embedder.time_embedder.state_dict().items():
+            state[f"condition_embedder.time_embedder_r.{name}"] = tensor.clone()  # own storage, trained apart
+        model.load_state_dict(state, strict=True, assign=True)
+        # Non-persistent buffers (e.g. RoPE tables) are not in the state dict: take the base's.
+        for name, buf in base.named_buffers():
+            module_name, _, leaf = name.rpartition(".")
+            model.get_submodule(module_name)._buffers[leaf] = buf.clone()
+        model.to(dtype=param.dtype)
+        return model
+
+    def time_embedding(self, T: torch.Tensor, R: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """e = E_t(T) + gate (E_r(R) - E_t(T)); T, R are (B,) on the 0..1000 scale."""
+        embedder = self.condition_embedder
+        mlp_dtype = next(embedder.time_embedder.parameters()).dtype
+        sin_t = embedder.timesteps_proj(T.float()).to(mlp_dtype)
+        sin_r = embedder.timesteps_proj(R.float()).to(mlp_dtype)
+        e_t = embedder.time_embedder(sin_t)
+        e_r = embedder.time_embedder_r(sin_r)
+        return (e_t + self.config.flow_map_gate * (e_r - e_t)).to(dtype)
+
+    def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                timestep_r: torch.Tensor | None = None, encoder_hidden_states_image: torch.Tensor | None = None,
+                return_dict: bool = True, attention_kwargs: dict | None = None):
+        """hidden_states (B, C, F, H, W); timestep, timestep_r (B,) in 0..1000; text (B, L, text_dim)."""
+        if timestep_r is None:
+            timestep_r = timestep
+        batch, _, frames, height, width = hidden_states.shape
+        p_t, p_h, p_w = self.config.patch_size
+        rotary_emb = self.rope(hidden_states)
+
+        tokens = self.patch_embedding(hidden_states).flatten(2).transpose(1, 2).contiguous()  # (B, N, D)
+        embedder = self.condition_embedder
+        temb = self.time_embedding(timestep, timestep_r, dtype=encoder_hidden_states.dtype)  # (B, D)
+        timestep_proj = embedder.time_proj(embedder.act_fn(temb)).unflatten(1, (6, -1))  # (B, 6, D)
+        context = embedder.text_embedder(encoder_hidden_states)  # (B, L, D)
+        if encoder_hidden_states_image is not None:
+            context = torch.cat([embedder.image_embedder(encoder_hidden_states_image), context], dim=1)
+
+        for block in self.blocks:
+            if torch.is_grad_enabled() and self.gradient_checkpointing:
+                tokens = self._gradient_checkpointing_func(block, tokens, context, timestep_proj, rotary_emb)
+            else:
+                tokens = block(tokens, context, timestep_proj, rotary_emb)
+
+        shift, scale = (self.scale_shift_table.to(temb.device) + temb.unsqueeze(1)).chunk(2, dim=1)
+        tokens = (self.norm_out(tokens.float()) * (1 + scale) + shift).type_as(tokens)
+        tokens = self.proj_out(tokens)  # (B, N, p_t p_h p_w C)
+
+        out = tokens.reshape(batch, frames // p_t, height // p_h, width // p_w, p_t, p_h, p_w, -1)
+        out = out.permute(0, 7, 1, 4, 2, 5, 3, 6).flatten(6, 7).flatten(4, 5).flatten(2, 3)  # (B, C, F, H, W)
+        if not return_dict:
+            return (out,)
+        return Transformer2DModelOutput(sample=out)
+
+
+def call_model(model: torch.nn.Module, z: torch.Tensor, T: torch.Tensor, context: torch.Tensor,
+               R: torch.Tensor | None = None) -> torch.Tensor:
+    """One network evaluation. Flow maps get (T, R); single-time models (teacher, critic) ignore R."""
+    if isinstance(_unwrap(model), WanFlowMapTransformer3DModel):
+        return model(z, T, context, timestep_r=T if R is None else R, return_dict=False)[0]
+    return model(z, T, context, return_dict=False)[0]
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The underlying diffusers model behind peft / DeepSpeed / DDP wrappers."""
+    seen = 0
+    while seen < 5:
+        inner = getattr(model, "module", None) or getattr(getattr(model, "base_model", None), "model", None)
+        if inner is None or inner is model:
+            return model
+        model, seen = inner, seen + 1
+    return model

@@ -1,0 +1,90 @@
+"""Loading models from local diffusers folders, and writing the tiny one.
+
+The same code reads Wan2.1-T2V-1.3B-Diffusers and the folder ``anyflow-ray make-tiny`` writes:
+``transformer/`` (WanTransformer3DModel or the flow map), ``text_encoder/`` (UMT5EncoderModel),
+``tokenizer/``, ``scheduler/`` and, for latent models, ``vae/`` (AutoencoderKLWan). Nothing is ever
+downloaded: a missing folder is an error naming it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+from diffusers.models.transformers.transformer_wan import WanTransformer3DModel
+from transformers import AutoTokenizer, UMT5EncoderModel
+
+from anyflow_ray.models.architectures import tiny_transformer_config
+from anyflow_ray.models.flowmap import WanFlowMapTransformer3DModel
+from anyflow_ray.models.text import build_word_tokenizer, tiny_text_encoder
+
+LOCAL_ONLY = dict(local_files_only=True)
+
+
+def _require_folder(path: str | Path, what: str) -> Path:
+    path = Path(path)
+    if not (path / "config.json").is_file() and not (path / "tokenizer_config.json").is_file():
+        raise FileNotFoundError(f"{what} not found at {path} (expected a diffusers/transformers folder with "
+                                f"config.json; run `anyflow-ray make-tiny` or point model.base at Wan2.1 weights)")
+    return path
+
+
+def load_transformer(folder: str | Path, flow_map: bool = False, gate: float = 0.25,
+                     dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """A transformer from ``folder`` (a ``transformer/`` subfolder or a model root).
+
+    ``flow_map=True`` returns a two-time model: loaded as is when the folder holds one, otherwise the
+    single-time weights are wrapped (E_r := copy of E_t). ``flow_map=False`` returns the folder's class.
+    """
+    folder = Path(folder)
+    if (folder / "transformer").is_dir():
+        folder = folder / "transformer"
+    _require_folder(folder, "transformer")
+    class_name = json.loads((folder / "config.json").read_text()).get("_class_name")
+    if class_name == WanFlowMapTransformer3DModel.__name__:
+        return WanFlowMapTransformer3DModel.from_pretrained(folder, torch_dtype=dtype, **LOCAL_ONLY)
+    base = WanTransformer3DModel.from_pretrained(folder, torch_dtype=dtype, **LOCAL_ONLY)
+    return WanFlowMapTransformer3DModel.from_base(base, gate) if flow_map else base
+
+
+def load_text_encoder(root: str | Path, dtype: torch.dtype = torch.float32):
+    """(tokenizer, text_encoder) from ``root/tokenizer`` and ``root/text_encoder``."""
+    root = Path(root)
+    tokenizer = AutoTokenizer.from_pretrained(_require_folder(root / "tokenizer", "tokenizer"), **LOCAL_ONLY)
+    encoder = UMT5EncoderModel.from_pretrained(_require_folder(root / "text_encoder", "text encoder"),
+                                               torch_dtype=dtype, **LOCAL_ONLY).eval()
+    return tokenizer, encoder
+
+
+def text_max_length(root: str | Path, default: int = 512) -> int:
+    """Prompt length the model folder was built for (``anyflow.json``), Wan's 512 otherwise."""
+    meta = Path(root) / "anyflow.json"
+    return json.loads(meta.read_text()).get("text_max_length", default) if meta.is_file() else default
+
+
+def make_tiny(out_dir: str | Path, tiny, channels: int = 3, seed: int = 0) -> Path:
+    """Write a complete tiny model folder in the diffusers layout; returns its path.
+
+    ``tiny`` is a TinyModelConfig. The tokenizer is word-level over the synthetic prompts'
+    vocabulary, built locally; the text encoder is a random tiny UMT5; the transformer a random tiny
+    Wan DiT working on ``channels`` pixel channels (identity autoencoder, so no ``vae/``).
+    """
+    from anyflow_ray.data.synthetic import COLORS, DIRECTIONS, SHAPES
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    transformer = WanTransformer3DModel(**tiny_transformer_config(tiny, channels))
+    transformer.save_pretrained(out / "transformer", safe_serialization=True)
+
+    words = ["a", "moving", *COLORS, *SHAPES, *DIRECTIONS]
+    tokenizer = build_word_tokenizer(words, out / "tokenizer")
+    encoder = tiny_text_encoder(len(tokenizer), tiny.text_dim, tiny.text_layers, tiny.text_heads, seed=seed)
+    encoder.save_pretrained(out / "text_encoder", safe_serialization=True)
+
+    FlowMatchEulerDiscreteScheduler(shift=5.0).save_pretrained(out / "scheduler")
+    (out / "anyflow.json").write_text(json.dumps({"text_max_length": tiny.text_max_length,
+                                                  "pixel_space": True, "channels": channels}, indent=2))
+    return out

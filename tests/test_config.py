@@ -1,0 +1,57 @@
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from anyflow_ray.config import ConfigError, load_config, save_config
+
+
+def test_tiny_and_real_configs_load():
+    tiny = load_config("configs/tiny.yaml")
+    assert tiny.schedule.shift == 5.0 and tiny.model.pixel_space
+    for name in ("configs/wan2.1-t2v-1.3b.yaml", "configs/wan2.1-t2v-14b.yaml"):
+        cfg = load_config(name)
+        assert cfg.schedule.shift == 5.0
+        assert not cfg.model.pixel_space
+        assert cfg.model.full_size in ("1.3b", "14b")
+
+
+def test_overrides_apply_and_interpolations_resolve():
+    cfg = load_config("configs/tiny.yaml", ["teacher.steps=7", "run.output_dir=/tmp/x"])
+    assert cfg.teacher.steps == 7
+    assert cfg.teacher.output == "/tmp/x/teacher"
+
+
+@pytest.mark.parametrize("override, key", [
+    ("teacher.stepz=3", "stepz"),
+    ("teacher.steps=abc", "teacher.steps"),
+    ("model.gate=2.0", "model.gate"),
+    ("eval.steps=[0,2]", "eval.steps"),
+    ("nonsense", "nonsense"),
+])
+def test_bad_keys_and_values_name_the_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config("configs/tiny.yaml", [override])
+
+
+def test_unknown_key_in_yaml_file_is_refused(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("teacher:\n  learning_rate: 0.1\n")
+    with pytest.raises(ConfigError, match="learning_rate"):
+        load_config(bad)
+
+
+def test_resolved_config_is_written(tmp_path):
+    cfg = load_config("configs/tiny.yaml", [f"run.output_dir={tmp_path}"])
+    path = save_config(cfg, tmp_path / "run")
+    saved = yaml.safe_load(path.read_text())
+    assert saved["teacher"]["output"] == f"{tmp_path}/teacher"
+
+
+def test_cli_fails_before_work_with_the_key_named(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "anyflow_ray.cli", "teacher", "--config", "configs/tiny.yaml",
+                           "teacher.bogus=1", f"run.output_dir={tmp_path}"], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "bogus" in proc.stderr
+    assert not (tmp_path / "teacher").exists()
