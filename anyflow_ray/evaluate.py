@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from anyflow_ray.data.synthetic import adherence
-from anyflow_ray.models.flowmap import WanFlowMapTransformer3DModel, _unwrap
+from anyflow_ray.models.flowmap import is_flow_map
 from anyflow_ray.sampling import sample
 
 
@@ -50,10 +50,6 @@ def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, num_projections: int = 
     qa = torch.quantile(a @ directions, levels, dim=0)
     qb = torch.quantile(b @ directions, levels, dim=0)
     return float((qa - qb).pow(2).mean(dim=0).mean().sqrt())
-
-
-def is_flow_map(model: torch.nn.Module) -> bool:
-    return isinstance(_unwrap(model), WanFlowMapTransformer3DModel)
 
 
 @torch.no_grad()

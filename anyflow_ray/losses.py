@@ -1,4 +1,4 @@
-"""Losses: teacher flow matching (ALGORITHM §3).
+"""Losses: teacher flow matching (ALGORITHM §3) and the Stage-1 flow-map loss (§4).
 
 Random draws come from an explicit ``torch.Generator`` (on the CPU, moved to the model's device) so
 that a run is reproducible and resumable.
@@ -6,10 +6,14 @@ that a run is reproducible and resumable.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from anyflow_ray.models.flowmap import call_model
-from anyflow_ray.schedule import T_SCALE, add_noise, sample_logit_normal, velocity_target
+from anyflow_ray.schedule import (T_SCALE, Beta08Weight, add_noise, broadcast_time, sample_logit_normal,
+                                  shift_time, velocity_target)
 
 
 def randn_like(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -33,3 +37,129 @@ def teacher_loss(model: torch.nn.Module, x0: torch.Tensor, context: torch.Tensor
     pred = call_model(model, z, T, context)
     loss = (pred.float() - velocity_target(x0, noise).float()).pow(2).mean()
     return loss, {"t_mean": float(T.mean()) / T_SCALE}
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 1: forward flow-map training (ALGORITHM §4)
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class FlowMapLossConfig:
+    shift: float = 5.0
+    guidance: float = 3.0  # g of the guidance fusion (CFG baked into the student)
+    delta: float = 5.0  # central-difference step in T units
+    uncond_prob: float = 0.1
+    derivative: str = "fd"  # "fd" (central difference, the default) or "jvp" (torch.func.jvp, exact)
+    norm_eps: float = 1e-5
+
+
+def split_positions(global_batch: int) -> tuple[int, int]:
+    """(end of diagonal block, end of r = 0 block) in a global batch; refuses sizes not divisible by 4."""
+    if global_batch <= 0 or global_batch % 4:
+        raise ValueError(f"the Stage-1 global batch must be a positive multiple of 4 (50/25/25 split of "
+                         f"diagonal / r=0 / r<t samples), got {global_batch}")
+    return global_batch // 2, 3 * global_batch // 4
+
+
+def sample_seeds(run_seed: int, step: int, global_indices: torch.Tensor) -> list[int]:
+    """One seed per sample from (run seed, step, position in the global batch): the draws of sample i do
+    not depend on how the global batch is sharded over ranks."""
+    return [int((run_seed * 1_000_003 + step) * 100_003 + int(i)) % (2**63 - 1) for i in global_indices]
+
+
+def draw_times_and_noise(x0: torch.Tensor, seeds: list[int], global_indices: torch.Tensor, global_batch: int,
+                         cfg: FlowMapLossConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(T, R, drop, eps) for a rank's slice of the global batch. T = 1000 sigma(max), R per position class."""
+    diag_end, zero_end = split_positions(global_batch)
+    u, drop, noise = [], [], []
+    for seed in seeds:
+        gen = torch.Generator().manual_seed(seed)
+        u.append(torch.rand(2, generator=gen, dtype=torch.float64))
+        drop.append(bool(torch.rand((), generator=gen) < cfg.uncond_prob))
+        noise.append(torch.randn(x0.shape[1:], generator=gen, dtype=torch.float32))
+    u = torch.stack(u)
+    t, r = u.max(dim=1).values, u.min(dim=1).values
+    pos = global_indices.cpu()
+    r = torch.where(pos < diag_end, t, torch.where(pos < zero_end, torch.zeros_like(r), r))
+    T = (T_SCALE * shift_time(t, cfg.shift)).float().to(x0.device)
+    R = (T_SCALE * shift_time(r, cfg.shift)).float().to(x0.device)
+    R = torch.where(pos.to(x0.device) < diag_end, T, R)  # exactly diagonal, no rounding difference
+    return T, R, torch.tensor(drop, device=x0.device), torch.stack(noise).to(x0.device, x0.dtype)
+
+
+@torch.no_grad()
+def total_derivative(model: torch.nn.Module, z: torch.Tensor, v: torch.Tensor, T: torch.Tensor, R: torch.Tensor,
+                     context: torch.Tensor, method: str = "fd", delta: float = 5.0) -> torch.Tensor:
+    """d/dT of u(z_T, T, R, c) along the path dz/dT = v/1000, in fp32 (per unit of T).
+
+    ``fd``: [u(z + (delta/1000) v, T + delta) - u(z - (delta/1000) v, T - delta)] / (2 delta).
+    ``jvp``: exact forward-mode derivative with tangents (v/1000, 1).
+    """
+    if method == "fd":
+        step = (delta / T_SCALE) * v
+        plus = call_model(model, z + step, T + delta, context, R).float()
+        minus = call_model(model, z - step, T - delta, context, R).float()
+        return (plus - minus) / (2.0 * delta)
+    if method == "jvp":
+        fn = lambda z_, T_: call_model(model, z_, T_, context, R)  # noqa: E731
+        # forward-mode AD needs the math attention kernel (fused CPU/GPU kernels lack it)
+        with sdpa_kernel(SDPBackend.MATH):
+            _, tangent = torch.func.jvp(fn, (z, T), (v / T_SCALE, torch.ones_like(T)))
+        return tangent.float()
+    raise ValueError(f"derivative method must be 'fd' or 'jvp', got {method!r}")
+
+
+def fused_guidance(model: torch.nn.Module, z: torch.Tensor, T: torch.Tensor, R: torch.Tensor, context: torch.Tensor,
+                   uncond: torch.Tensor, g: float) -> torch.Tensor:
+    """u_hat = [u(z, T, R, c) - (1 - g) sg(u(z, T, R, c_null))] / g: CFG g baked into the student."""
+    cond = call_model(model, z, T, context, R)
+    if g == 1.0:
+        return cond
+    with torch.no_grad():
+        null = call_model(model, z, T, uncond.to(context.dtype).expand_as(context), R)
+    return (cond.float() - (1.0 - g) * null.float()) / g
+
+
+def adaptive_normalise(losses: torch.Tensor, diagonal: torch.Tensor, eps: float = 1e-5,
+                       all_reduce=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Off-diagonal l_i <- l_i sg(m / (l_i + eps)), m = mean l over diagonal samples of *all* ranks.
+
+    ``all_reduce(tensor)`` sums a tensor over ranks in place (None: one process). Returns (losses, m).
+    """
+    with torch.no_grad():
+        stats = torch.stack([(losses.detach() * diagonal).sum(), diagonal.sum().to(losses.dtype)])
+        if all_reduce is not None:
+            all_reduce(stats)
+        m = stats[0] / stats[1].clamp_min(1.0)
+    scale = (m / (losses.detach() + eps))
+    return torch.where(diagonal, losses, losses * scale), m
+
+
+def flowmap_terms(model: torch.nn.Module, x0: torch.Tensor, context: torch.Tensor, uncond: torch.Tensor,
+                  global_indices: torch.Tensor, global_batch: int, seeds: list[int], weight: Beta08Weight,
+                  cfg: FlowMapLossConfig = FlowMapLossConfig()) -> dict[str, torch.Tensor]:
+    """Steps 1-7 of ALGORITHM §4 for this rank's slice: times, fused prediction, target, weighted losses."""
+    T, R, drop, noise = draw_times_and_noise(x0, seeds, global_indices, global_batch, cfg)
+    context = torch.where(drop[:, None, None], uncond.to(context.dtype).expand_as(context), context)
+    z = add_noise(x0, noise, T)
+    v = velocity_target(x0, noise).float()
+    u_hat = fused_guidance(model, z, T, R, context, uncond, cfg.guidance)
+    D = total_derivative(model, z, v.to(z.dtype), T, R, context, cfg.derivative, cfg.delta) / cfg.guidance
+    target = v - broadcast_time(T - R, v) * D  # MeanFlow identity; = v on the diagonal
+    per_sample = weight(T) * (u_hat.float() - target).pow(2).flatten(1).mean(dim=1)
+    return {"T": T, "R": R, "v": v, "u_hat": u_hat, "target": target, "per_sample": per_sample}
+
+
+def flowmap_loss(model: torch.nn.Module, x0: torch.Tensor, context: torch.Tensor, uncond: torch.Tensor,
+                 global_indices: torch.Tensor, global_batch: int, seeds: list[int], weight: Beta08Weight,
+                 cfg: FlowMapLossConfig = FlowMapLossConfig(), all_reduce=None) -> tuple[torch.Tensor, dict]:
+    """Stage-1 loss of this rank's slice of a global batch; its mean over ranks is the global mean.
+
+    1 forward with grad + 3 without (unconditional branch, two finite-difference points).
+    """
+    terms = flowmap_terms(model, x0, context, uncond, global_indices, global_batch, seeds, weight, cfg)
+    diagonal = terms["T"] == terms["R"]
+    normalised, m = adaptive_normalise(terms["per_sample"], diagonal, cfg.norm_eps, all_reduce)
+    metrics = {"diag_loss_mean": float(m), "raw_loss": float(terms["per_sample"].detach().mean()),
+               "frac_diagonal": float(diagonal.float().mean())}
+    return normalised.mean(), metrics

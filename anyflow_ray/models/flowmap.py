@@ -30,6 +30,8 @@ from diffusers.models.transformers.transformer_wan import WanTransformer3DModel
 class WanFlowMapTransformer3DModel(WanTransformer3DModel):
     """Wan DiT with a second time input r. ``forward(z, T, c, timestep_r=R)``; R defaults to T."""
 
+    is_flow_map = True  # models taking (z, T, c, timestep_r=R); read by ``call_model``
+
     @register_to_config
     def __init__(self, patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=16,
                  out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40, cross_attn_norm=True,
@@ -109,9 +111,13 @@ class WanFlowMapTransformer3DModel(WanTransformer3DModel):
 def call_model(model: torch.nn.Module, z: torch.Tensor, T: torch.Tensor, context: torch.Tensor,
                R: torch.Tensor | None = None) -> torch.Tensor:
     """One network evaluation. Flow maps get (T, R); single-time models (teacher, critic) ignore R."""
-    if isinstance(_unwrap(model), WanFlowMapTransformer3DModel):
+    if is_flow_map(model):
         return model(z, T, context, timestep_r=T if R is None else R, return_dict=False)[0]
     return model(z, T, context, return_dict=False)[0]
+
+
+def is_flow_map(model: torch.nn.Module) -> bool:
+    return bool(getattr(_unwrap(model), "is_flow_map", False))
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
