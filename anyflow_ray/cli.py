@@ -17,9 +17,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "make-tiny": ("make_tiny", "write a tiny model folder in the diffusers layout (optional OUT argument)"),
     "data": ("data", "render synthetic videos and write Parquet shards"),
     "teacher": ("teacher", "train the flow-matching teacher from scratch"),
+    "pretrain": ("pretrain", "Stage 1: forward flow-map training on the DeepSpeed learner group"),
     "sample": ("sample", "sample videos for each step count: GIF/MP4 per prompt and a contact sheet"),
     "evaluate": ("evaluate", "quality-vs-steps table, JSON and plot"),
-    "demo": ("demo", "make-tiny -> data -> teacher -> samples -> evaluation on the tiny default"),
+    "demo": ("demo", "make-tiny -> data -> teacher -> Stage 1 -> samples -> evaluation on the tiny default"),
 }
 
 
@@ -31,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument("--config", default="configs/tiny.yaml", help="YAML config (default: configs/tiny.yaml)")
         if name == "make-tiny":
             cmd.add_argument("out", nargs="?", default=None, help="output folder (default: model.base)")
+        if name == "pretrain":
+            cmd.add_argument("--dry-run", action="store_true", help="meta-device model: counts, DeepSpeed "
+                             "config and memory estimate, no weights, no training")
     return parser
 
 
@@ -56,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     module = importlib.import_module(f"anyflow_ray.jobs.{COMMANDS[args.command][0]}")
     extra = {"out": args.out} if args.command == "make-tiny" else {}
+    if args.command == "pretrain":
+        extra = {"dry_run": args.dry_run}
     module.run(cfg, **extra)
     return 0
 

@@ -86,6 +86,41 @@ class TeacherConfig:
     ema: float = 0.995
     grad_clip: float = 1.0
     log_every: int = 50
+    save_every: int = 1000
+
+
+@dataclass
+class LearnerConfig:
+    """The DeepSpeed learner group: N Ray actors, one rank each."""
+    num_ranks: int = 1
+    zero_stage: int = 0
+    cpus_per_rank: float = 1.0
+    gpus_per_rank: float = -1.0  # -1: one GPU per rank when run.device resolves to cuda, else none
+    timeout_s: float = 900.0  # start-up and collective time-out: a dead or stuck rank fails the group
+    master_port: int = 0  # 0: rank 0 picks a free port
+
+
+@dataclass
+class PretrainConfig:
+    """Stage 1: forward flow-map training of the student initialised from the teacher (ALGORITHM §4)."""
+    output: str = "${run.output_dir}/stage1"
+    init: str = "${teacher.output}"  # teacher pipeline folder; the student wraps its transformer
+    steps: int = 1000
+    global_batch: int = 32  # over all ranks; a multiple of 4 (50/25/25 split)
+    lr: float = 5.0e-5
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    weight_decay: float = 0.0
+    warmup: int = 1000
+    ema: float = 0.999
+    grad_clip: float = 1.0
+    guidance: float = 3.0  # CFG fused into the student
+    fd_delta: float = 5.0
+    uncond_prob: float = 0.1
+    derivative: str = "fd"  # fd | jvp
+    save_every: int = 500
+    log_every: int = 25
+    resume: bool = True  # continue from <output>/checkpoints/latest when present
+    dry_run: bool = False  # meta-device model: parameter counts, DeepSpeed config, memory estimate
 
 
 @dataclass
@@ -101,7 +136,7 @@ class SampleConfig:
 
 @dataclass
 class EvalConfig:
-    models: list[str] = field(default_factory=lambda: ["${teacher.output}"])
+    models: list[str] = field(default_factory=lambda: ["${teacher.output}", "${pretrain.output}"])
     steps: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32])
     num_prompts: int = 64
     reference_steps: int = 100
@@ -130,6 +165,8 @@ class Config:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     data: DataConfig = field(default_factory=DataConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     extra: Optional[dict[str, Any]] = None  # reserved; must stay empty
@@ -194,6 +231,24 @@ def validate(cfg: DictConfig) -> None:
     _require(cfg.run.wandb_mode in ("offline", "online", "disabled"), "run.wandb_mode", cfg.run.wandb_mode,
              "must be offline, online or disabled")
     _require(not cfg.extra, "extra", cfg.extra, "is reserved and must be empty")
+    _require(cfg.learner.num_ranks >= 1, "learner.num_ranks", cfg.learner.num_ranks, "must be >= 1")
+    _require(cfg.learner.zero_stage in (0, 1, 2, 3), "learner.zero_stage", cfg.learner.zero_stage, "must be 0, 1, 2 or 3")
+    _require(cfg.learner.cpus_per_rank > 0, "learner.cpus_per_rank", cfg.learner.cpus_per_rank, "must be > 0")
+    _require(cfg.learner.timeout_s > 0, "learner.timeout_s", cfg.learner.timeout_s, "must be > 0")
+    pc = cfg.pretrain
+    _require(pc.global_batch > 0 and pc.global_batch % 4 == 0, "pretrain.global_batch", pc.global_batch,
+             "must be a positive multiple of 4 (the 50/25/25 diagonal / r=0 / r<t split)")
+    _require(pc.global_batch % cfg.learner.num_ranks == 0, "pretrain.global_batch", pc.global_batch,
+             f"must be divisible by learner.num_ranks={cfg.learner.num_ranks}")
+    _require(cfg.teacher.batch_size % cfg.learner.num_ranks == 0, "teacher.batch_size", cfg.teacher.batch_size,
+             f"must be divisible by learner.num_ranks={cfg.learner.num_ranks}")
+    _require(pc.derivative in ("fd", "jvp"), "pretrain.derivative", pc.derivative, "must be fd or jvp")
+    _require(len(pc.betas) == 2 and all(0 <= b < 1 for b in pc.betas), "pretrain.betas", list(pc.betas),
+             "must be two numbers in [0, 1)")
+    _require(pc.guidance >= 1.0, "pretrain.guidance", pc.guidance, "must be >= 1")
+    _require(pc.fd_delta > 0, "pretrain.fd_delta", pc.fd_delta, "must be > 0")
+    for key in ("steps", "save_every", "log_every"):
+        _require(pc[key] >= 1, f"pretrain.{key}", pc[key], "must be >= 1")
 
 
 def save_config(cfg: DictConfig, out_dir: str | Path) -> Path:

@@ -113,3 +113,14 @@ class AnyFlowPipeline(DiffusionPipeline):
         if not return_dict:
             return (frames,)
         return AnyFlowPipelineOutput(frames=frames)
+
+
+def save_as_pipeline(transformer: torch.nn.Module, base: str, out: str) -> str:
+    """Save ``transformer`` as an AnyFlowPipeline folder with the base folder's text encoder and tokenizer."""
+    from anyflow_ray.models.loading import load_text_encoder, text_max_length
+
+    tokenizer, encoder = load_text_encoder(base)
+    pipe = AnyFlowPipeline(transformer=transformer, text_encoder=encoder, tokenizer=tokenizer,
+                           text_max_length=text_max_length(base))
+    pipe.save_pretrained(str(out), safe_serialization=True)
+    return str(out)

@@ -38,6 +38,9 @@ def run(cfg: DictConfig) -> Path:
     rows = []
     bar = tqdm(total=len(ec.models) * len(ec.steps), desc="evaluating")
     for model_dir in ec.models:
+        if not (Path(model_dir) / "model_index.json").is_file():
+            raise FileNotFoundError(f"eval.models: {model_dir} is not a pipeline folder (no model_index.json); "
+                                    f"train it first or drop it from eval.models")
         pipe = teacher if Path(model_dir) == Path(cfg.teacher.output) else \
             AnyFlowPipeline.from_pretrained(model_dir, torch_dtype=dtype).to(device)
         guidance = 1.0 if is_flow_map(pipe.transformer) else ec.teacher_guidance

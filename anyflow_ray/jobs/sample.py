@@ -16,10 +16,11 @@ from anyflow_ray.pipeline import AnyFlowPipeline
 from anyflow_ray.visualize import save_video, write_contact_sheet
 
 
-def run(cfg: DictConfig) -> Path:
+def run(cfg: DictConfig, model_dir: str | None = None, out_dir: str | None = None) -> Path:
+    """Sample ``model_dir`` (default ``sample.model``, else the teacher) into ``out_dir`` (``sample.output``)."""
     sc = cfg.sample
-    out, device, dtype = prepare(cfg, sc.output)
-    model_dir = sc.model or cfg.teacher.output
+    out, device, dtype = prepare(cfg, out_dir or sc.output)
+    model_dir = model_dir or sc.model or cfg.teacher.output
     pipe = AnyFlowPipeline.from_pretrained(model_dir, torch_dtype=dtype).to(device)
     guidance = sc.guidance_scale if not is_flow_map(pipe.transformer) else 1.0
     prompts = list(sc.prompts)

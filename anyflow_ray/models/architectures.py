@@ -41,3 +41,19 @@ def meta_transformer(size: str, flow_map: bool = True, gate: float = 0.25) -> to
 
 def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def memory_per_gpu(total: int, trainable: int, zero_stage: int, world_size: int, weight_bytes: int = 2) -> dict:
+    """Model-state memory per GPU (bytes) under ZeRO: weights, gradients, optimizer, EMA.
+
+    Mixed precision: bf16 weights and gradients, fp32 master copy + two Adam moments (12 bytes per
+    trainable parameter), fp32 EMA of the trainable parameters. Stage 1 partitions the optimizer,
+    stage 2 also the gradients, stage 3 also the weights. Activations are not included.
+    """
+    n = max(1, world_size)
+    weights = weight_bytes * total / (n if zero_stage >= 3 else 1)
+    grads = weight_bytes * trainable / (n if zero_stage >= 2 else 1)
+    optimizer = 12 * trainable / (n if zero_stage >= 1 else 1)
+    ema = 4 * trainable
+    return {"weights": weights, "gradients": grads, "optimizer": optimizer, "ema": ema,
+            "total": weights + grads + optimizer + ema}

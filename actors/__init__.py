@@ -1,0 +1,1 @@
+"""Ray rollout actors, trajectory buffer, weight registry (Stage 2)."""

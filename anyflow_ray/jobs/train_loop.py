@@ -1,0 +1,43 @@
+"""The driver loop shared by the teacher and Stage-1 jobs: a LearnerGroup, resume, logging, checkpoints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig
+from tqdm.auto import tqdm
+
+from anyflow_ray.jobs.common import log
+from anyflow_ray.jobs.ray_runtime import init_ray
+from anyflow_ray.metrics import MetricsLogger
+
+
+def train_with_learners(cfg: DictConfig, job: str, out: Path, steps: int, save_every: int, log_every: int,
+                        resume: bool = True) -> Path:
+    """Train ``job`` for ``steps`` steps on the learner group; the final EMA model is written to ``out``."""
+    from learners.group import LearnerGroup
+
+    init_ray(cfg)
+    group = LearnerGroup(cfg, job)
+    try:
+        info = group.info[0]
+        log.info("%s: %d rank(s) on %s (%s), %d/%d trainable parameters", job, group.num_ranks, info["device"],
+                 info["dtype"], info["trainable"], info["total"])
+        start = group.run("load_latest", str(out))[0] if resume else 0
+        if start:
+            log.info("%s: resumed from %s at step %d", job, out / "checkpoints", start)
+        logger = MetricsLogger(out, job, cfg)
+        bar = tqdm(range(start, steps), initial=start, total=steps, desc=job, dynamic_ncols=True)
+        for step in bar:
+            metrics = group.run("train_step", step)[0]
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+            if (step + 1) % log_every == 0 or step + 1 == steps:
+                logger.log(step + 1, {f"{job}/{k}": v for k, v in metrics.items()})
+            if (step + 1) % save_every == 0 or step + 1 == steps:
+                group.run("save", str(out), step + 1)
+        logger.close()
+        group.run_on(0, "export_pipeline", str(out))
+    finally:
+        group.shutdown()
+    log.info("%s: EMA model written to %s", job, out)
+    return out

@@ -1,0 +1,89 @@
+"""Training objectives over a data set: which clips a step uses, on which rank, and with which loss.
+
+The learner worker (DeepSpeed, under Ray) and the plain single-process loop call the same
+``objective.loss(model, step, rank, world_size)``: the clips of a step are a deterministic function of
+(seed, step), so a resumed run sees the same batches as an uninterrupted one, and a rank's slice of
+the global batch does not depend on anything but its rank.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from omegaconf import DictConfig
+
+from anyflow_ray.data.shards import ClipBatch
+from anyflow_ray.losses import FlowMapLossConfig, flowmap_loss, sample_seeds, teacher_loss
+from anyflow_ray.schedule import Beta08Weight
+
+
+@dataclass
+class TrainData:
+    clips: ClipBatch
+    uncond: torch.Tensor  # (1, L, D) embedding of the unconditional prompt
+
+    def global_indices(self, step: int, global_batch: int, seed: int) -> torch.Tensor:
+        """Clip indices of step ``step``'s global batch: epoch-wise permutations, seeded by (seed, epoch)."""
+        n = len(self.clips.prompts)
+        if global_batch > n:
+            raise ValueError(f"global batch {global_batch} is larger than the data set ({n} clips)")
+        per_epoch = n // global_batch
+        epoch, slot = divmod(step, per_epoch)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+        return order[slot * global_batch:(slot + 1) * global_batch]
+
+    def local_batch(self, step: int, global_batch: int, seed: int, rank: int, world_size: int, device, dtype):
+        """(x0, context, positions in the global batch) of this rank's slice."""
+        local = global_batch // world_size
+        positions = torch.arange(rank * local, (rank + 1) * local)
+        idx = self.global_indices(step, global_batch, seed)[positions]
+        return (self.clips.videos[idx].to(device, dtype), self.clips.embeddings[idx].to(device, dtype), positions)
+
+
+class TeacherObjective:
+    """ALGORITHM §3: flow matching of a single-time model."""
+
+    name = "teacher"
+
+    def __init__(self, data: TrainData, cfg: DictConfig):
+        self.data, self.cfg = data, cfg
+        self.global_batch = cfg.teacher.batch_size
+
+    def loss(self, model, step: int, rank: int = 0, world_size: int = 1, all_reduce=None):
+        device, dtype = _device_dtype(model)
+        x0, context, _ = self.data.local_batch(step, self.global_batch, self.cfg.run.seed, rank, world_size,
+                                               device, dtype)
+        generator = torch.Generator().manual_seed((self.cfg.run.seed * 1_000_003 + step) * 1009 + rank)
+        return teacher_loss(model, x0, context, self.data.uncond.to(device, dtype), generator,
+                            self.cfg.schedule.shift, self.cfg.teacher.uncond_prob)
+
+
+class Stage1Objective:
+    """ALGORITHM §4: forward flow-map training with guidance fusion and adaptive normalisation."""
+
+    name = "stage1"
+
+    def __init__(self, data: TrainData, cfg: DictConfig):
+        pc = cfg.pretrain
+        self.data, self.cfg = data, cfg
+        self.global_batch = pc.global_batch
+        self.loss_cfg = FlowMapLossConfig(shift=cfg.schedule.shift, guidance=pc.guidance, delta=pc.fd_delta,
+                                          uncond_prob=pc.uncond_prob, derivative=pc.derivative)
+        self.weight = Beta08Weight(cfg.schedule.shift)
+
+    def loss(self, model, step: int, rank: int = 0, world_size: int = 1, all_reduce=None):
+        device, dtype = _device_dtype(model)
+        x0, context, positions = self.data.local_batch(step, self.global_batch, self.cfg.run.seed, rank,
+                                                       world_size, device, dtype)
+        seeds = sample_seeds(self.cfg.run.seed, step, positions)
+        return flowmap_loss(model, x0, context, self.data.uncond.to(device, dtype), positions, self.global_batch,
+                            seeds, self.weight, self.loss_cfg, all_reduce=all_reduce)
+
+
+OBJECTIVES = {"teacher": TeacherObjective, "stage1": Stage1Objective}
+
+
+def _device_dtype(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
+    p = next(model.parameters())
+    return p.device, p.dtype

@@ -1,0 +1,1 @@
+"""Ray learner group and DeepSpeed learner worker."""

@@ -1,0 +1,102 @@
+"""``LearnerGroup``: N Ray actors in one placement group, one DeepSpeed rank each.
+
+Rank 0 picks the rendezvous address; every rank gets RANK, WORLD_SIZE, MASTER_ADDR/PORT and joins a
+torch.distributed group (gloo on the CPU, nccl on GPUs) with a finite time-out. Calls fan out to all
+ranks; a rank that fails to start, raises or dies fails the whole call at once with an error naming
+the rank, never a hang.
+"""
+
+from __future__ import annotations
+
+import time
+
+import ray
+from omegaconf import DictConfig, OmegaConf
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from anyflow_ray.device import resolve_device
+from learners.worker import LearnerWorker
+
+
+class LearnerGroupError(RuntimeError):
+    pass
+
+
+class LearnerGroup:
+    def __init__(self, cfg: DictConfig, job: str, num_ranks: int | None = None):
+        self.cfg, self.job = cfg, job
+        self.num_ranks = int(num_ranks or cfg.learner.num_ranks)
+        self.timeout = float(cfg.learner.timeout_s)
+        gpus = cfg.learner.gpus_per_rank
+        if gpus < 0:
+            gpus = 1.0 if resolve_device(cfg.run.device).type == "cuda" else 0.0
+        bundle = {"CPU": float(cfg.learner.cpus_per_rank), **({"GPU": float(gpus)} if gpus else {})}
+        self.placement = placement_group([bundle] * self.num_ranks, strategy="PACK")
+        self._wait(self.placement.ready(), "placement group (not enough CPUs/GPUs in the cluster for "
+                   f"{self.num_ranks} x {bundle}?)")
+        threads = max(1, int(cfg.run.threads) // self.num_ranks)
+        env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
+        remote_cls = ray.remote(LearnerWorker)
+        plain_cfg = OmegaConf.to_container(cfg, resolve=True)
+        self.workers = [
+            remote_cls.options(num_cpus=bundle["CPU"], num_gpus=bundle.get("GPU", 0), max_restarts=0,
+                               runtime_env={"env_vars": env}, name=None,
+                               scheduling_strategy=PlacementGroupSchedulingStrategy(
+                                   self.placement, placement_group_bundle_index=rank)).remote(
+                plain_cfg, job, rank, self.num_ranks)
+            for rank in range(self.num_ranks)
+        ]
+        try:
+            addr, port = self._wait(self.workers[0].rendezvous_address.remote(), "rank 0 rendezvous address")
+            self.info = self.run("setup", addr, port)
+        except BaseException:
+            self.shutdown()
+            raise
+
+    # -- calls ----------------------------------------------------------------------------------
+    def run(self, method: str, *args, **kwargs) -> list:
+        """Call ``method`` on every rank; results in rank order."""
+        refs = [getattr(worker, method).remote(*args, **kwargs) for worker in self.workers]
+        return self._gather(refs, method)
+
+    def run_on(self, rank: int, method: str, *args, **kwargs):
+        """Call ``method`` on one rank only (for work that needs no collective, e.g. exports)."""
+        return self._gather([getattr(self.workers[rank], method).remote(*args, **kwargs)], method)[0]
+
+    def _gather(self, refs: list, what: str) -> list:
+        """Wait for all refs; the first failure (error or dead actor) raises at once, naming its rank."""
+        rank_of = {ref: rank for rank, ref in enumerate(refs)}
+        pending, deadline = list(refs), time.monotonic() + self.timeout
+        while pending:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise LearnerGroupError(f"learner call {what!r} timed out after {self.timeout:.0f}s "
+                                        f"(ranks still running: {sorted(rank_of[r] for r in pending)})")
+            done, pending = ray.wait(pending, num_returns=1, timeout=left)
+            for ref in done:
+                try:
+                    ray.get(ref)
+                except RayActorError as err:
+                    raise LearnerGroupError(f"learner rank {rank_of[ref]} died during {what!r}: {err}") from err
+                except RayTaskError as err:
+                    raise LearnerGroupError(f"learner rank {rank_of[ref]} failed in {what!r}: "
+                                            f"{err.cause!r}") from err
+        return ray.get(refs)
+
+    def _wait(self, ref, what: str):
+        try:
+            return ray.get(ref, timeout=self.timeout)
+        except GetTimeoutError as err:
+            raise LearnerGroupError(f"timed out after {self.timeout:.0f}s waiting for {what}") from err
+        except RayActorError as err:
+            raise LearnerGroupError(f"learner failed to start ({what}): {err}") from err
+
+    def shutdown(self) -> None:
+        for worker in getattr(self, "workers", []):
+            ray.kill(worker, no_restart=True)
+        self.workers = []
+        if getattr(self, "placement", None) is not None:
+            remove_placement_group(self.placement)
+            self.placement = None

@@ -1,0 +1,207 @@
+"""``LearnerWorker``: one DeepSpeed rank, run as a Ray actor by ``LearnerGroup``.
+
+It owns the model (teacher or flow-map student), a DeepSpeed engine around it (ZeRO stage from the
+config; fp32 on the CPU, bf16 on GPUs; gradient clipping; AdamW with linear warm-up), an EMA of the
+trainable parameters, optional LoRA (peft) and gradient checkpointing, and the training data. One
+worker class serves every job; the job only picks the objective (``anyflow_ray.objectives``).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import socket
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+
+from anyflow_ray import checkpoint as ckpt_io
+from anyflow_ray.data.shards import read_shards
+from anyflow_ray.device import collective_backend, resolve_device, resolve_dtype, set_threads
+from anyflow_ray.models.loading import load_text_encoder, load_transformer, text_max_length
+from anyflow_ray.models.text import UNCONDITIONAL_PROMPT, encode_prompts
+from anyflow_ray.objectives import OBJECTIVES, TrainData
+from anyflow_ray.pipeline import save_as_pipeline
+from anyflow_ray.training import EMA, warmup_lambda
+
+
+def job_settings(cfg: DictConfig, job: str) -> DictConfig:
+    """Optimizer/EMA settings of a job, read from its config section."""
+    section = cfg.teacher if job == "teacher" else cfg.pretrain
+    betas = tuple(section.betas) if "betas" in section else (0.9, 0.999)
+    return OmegaConf.create(dict(lr=section.lr, betas=list(betas), weight_decay=section.weight_decay,
+                                 warmup=section.warmup, ema=section.ema, grad_clip=section.grad_clip))
+
+
+def build_model(cfg: DictConfig, job: str, dtype: torch.dtype) -> torch.nn.Module:
+    """Teacher: the base folder's single-time transformer. Stage 1: the teacher wrapped as a flow map."""
+    if job == "teacher":
+        model = load_transformer(cfg.model.base, flow_map=False, dtype=dtype)
+    else:
+        model = load_transformer(cfg.pretrain.init, flow_map=True, gate=cfg.model.gate, dtype=dtype)
+    if cfg.model.lora.enabled:
+        apply_lora(model, cfg.model.lora)
+    if cfg.model.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    return model
+
+
+def apply_lora(model: torch.nn.Module, lora: DictConfig) -> None:
+    """LoRA adapters (peft) on the attention and FFN projections; E_r stays fully trainable."""
+    from peft import LoraConfig
+
+    model.requires_grad_(False)
+    model.add_adapter(LoraConfig(r=lora.rank, lora_alpha=lora.alpha, target_modules=list(lora.target_modules),
+                                 init_lora_weights=True))
+    r_embedder = getattr(model.condition_embedder, "time_embedder_r", None)
+    if r_embedder is not None:
+        r_embedder.requires_grad_(True)
+
+
+def deepspeed_config(cfg: DictConfig, job: str, micro_batch: int, dtype: torch.dtype) -> dict:
+    settings = job_settings(cfg, job)
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": settings.grad_clip,
+        "zero_optimization": {"stage": cfg.learner.zero_stage},
+        "bf16": {"enabled": dtype == torch.bfloat16},
+        "steps_per_print": 10**9,
+        "zero_allow_untested_optimizer": True,
+    }
+
+
+class LearnerWorker:
+    def __init__(self, cfg: dict, job: str, rank: int, world_size: int):
+        if job not in OBJECTIVES:
+            raise ValueError(f"unknown learner job {job!r}; expected one of {sorted(OBJECTIVES)}")
+        self.cfg = OmegaConf.create(cfg)
+        self.job, self.rank, self.world_size = job, rank, world_size
+        threads = max(1, int(self.cfg.run.threads) // world_size)
+        set_threads(threads)
+
+    def rendezvous_address(self) -> tuple[str, int]:
+        """(ip, free port) of this actor's node, for rank 0 to host the process group."""
+        with socket.socket() as s:
+            s.bind(("", self.cfg.learner.master_port))
+            port = s.getsockname()[1]
+        import ray
+
+        return ray.util.get_node_ip_address(), port
+
+    def setup(self, master_addr: str, master_port: int) -> dict:
+        import deepspeed
+
+        os.environ.update(RANK=str(self.rank), WORLD_SIZE=str(self.world_size), LOCAL_RANK="0",
+                          MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
+        self.device = resolve_device(self.cfg.run.device)
+        self.dtype = resolve_dtype(self.cfg.run.precision, self.device)
+        timeout = timedelta(seconds=float(self.cfg.learner.timeout_s))
+        deepspeed.init_distributed(dist_backend=collective_backend(self.device), auto_mpi_discovery=False,
+                                   timeout=timeout, rank=self.rank, world_size=self.world_size)
+        torch.manual_seed(self.cfg.run.seed)
+
+        model = build_model(self.cfg, self.job, self.dtype).to(self.device)
+        self.trainable = [p for p in model.parameters() if p.requires_grad]
+        settings = job_settings(self.cfg, self.job)
+        optimizer = torch.optim.AdamW(self.trainable, lr=settings.lr, betas=tuple(settings.betas),
+                                      weight_decay=settings.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_lambda(settings.warmup))
+        self.objective = OBJECTIVES[self.job](self._load_data(), self.cfg)
+        micro = self.objective.global_batch // self.world_size
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler,
+            config=deepspeed_config(self.cfg, self.job, micro, self.dtype), dist_init_required=False)
+        self.model = model
+        self.ema = EMA(self.trainable, settings.ema)
+        return {"rank": self.rank, "device": str(self.device), "dtype": str(self.dtype),
+                "trainable": sum(p.numel() for p in self.trainable),
+                "total": sum(p.numel() for p in model.parameters())}
+
+    def _load_data(self) -> TrainData:
+        from pathlib import Path
+
+        clips = read_shards(Path(self.cfg.data.root) / "train")
+        tokenizer, encoder = load_text_encoder(self.cfg.model.base)
+        uncond = encode_prompts(tokenizer, encoder, [UNCONDITIONAL_PROMPT], text_max_length(self.cfg.model.base))
+        return TrainData(clips=clips, uncond=uncond)
+
+    # -- training ---------------------------------------------------------------------------
+    def train_step(self, step: int) -> dict:
+        self.engine.train()
+        all_reduce = dist.all_reduce if self.world_size > 1 else None
+        loss, metrics = self.objective.loss(self.engine.module, step, self.rank, self.world_size, all_reduce)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"rank {self.rank}: non-finite loss {loss.item()} at step {step}")
+        self.engine.backward(loss)
+        self.engine.step()
+        self.ema.update()
+        mean_loss = loss.detach().float().clone()
+        if self.world_size > 1:
+            dist.all_reduce(mean_loss)
+            mean_loss /= self.world_size
+        grad_norm = self.engine.get_global_grad_norm()
+        return {**metrics, "loss": float(mean_loss), "lr": self.scheduler.get_last_lr()[0],
+                "grad_norm": float(grad_norm) if grad_norm is not None else float("nan")}
+
+    # -- checkpoints --------------------------------------------------------------------------
+    def save(self, root: str, step: int) -> str:
+        """Every rank writes its training state; rank 0 the EMA pipeline; ``latest`` after a barrier."""
+        if self.cfg.learner.zero_stage > 0:
+            raise NotImplementedError("checkpoints are implemented for learner.zero_stage=0 (the optimizer "
+                                      "state of ZeRO >= 1 is partitioned by DeepSpeed)")
+        ckpt = ckpt_io.step_dir(root, step)
+        tensors = {f"param.{i}": p for i, p in enumerate(self.trainable)}
+        tensors.update(ckpt_io.optimizer_tensors(self.optimizer, self.trainable))
+        tensors.update(self.ema.state_dict())
+        tensors["rng.torch"] = torch.get_rng_state()
+        ckpt_io.save_rank_state(ckpt, self.rank, tensors)
+        if self.rank == 0:
+            self.export_pipeline(str(ckpt))
+            ckpt_io.save_meta(ckpt, {"step": step, "job": self.job, "world_size": self.world_size,
+                                     "scheduler_step": self.scheduler.last_epoch, "zero_stage": 0})
+        self._barrier()
+        if self.rank == 0:
+            ckpt_io.write_latest(root, ckpt)
+        return str(ckpt)
+
+    def load_latest(self, root: str) -> int:
+        """Resume from ``root``'s latest checkpoint; returns the next step (0 when there is none)."""
+        ckpt = ckpt_io.find_latest(root)
+        if ckpt is None:
+            return 0
+        meta = ckpt_io.validate_checkpoint(ckpt, self.world_size)
+        tensors = ckpt_io.load_rank_state(ckpt, self.rank)
+        with torch.no_grad():
+            for i, p in enumerate(self.trainable):
+                p.copy_(tensors[f"param.{i}"])
+        ckpt_io.load_optimizer_tensors(self.optimizer, self.trainable, tensors)
+        self.ema.load_state_dict({k: v for k, v in tensors.items() if k.startswith("ema.")})
+        torch.set_rng_state(tensors["rng.torch"])
+        self.scheduler.last_epoch = meta["scheduler_step"]
+        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+        for group, lr_lambda, base in zip(self.optimizer.param_groups, self.scheduler.lr_lambdas,
+                                          self.scheduler.base_lrs):
+            group["lr"] = base * lr_lambda(meta["scheduler_step"])
+        self._barrier()
+        return int(meta["step"])
+
+    def export_pipeline(self, out: str) -> str:
+        """The EMA weights as an AnyFlowPipeline folder (LoRA fused), loadable by ``from_pretrained``."""
+        model = copy.deepcopy(self.model).cpu()
+        self.ema.copy_to(model.parameters())
+        if self.cfg.model.lora.enabled:
+            model.fuse_lora()
+            model.unload_lora()
+        save_as_pipeline(model.float(), self.cfg.model.base, out)
+        return out
+
+    def _barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+    def shutdown(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()

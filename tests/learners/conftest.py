@@ -1,0 +1,37 @@
+"""A local Ray instance and a prepared tiny run (model, data, an initial teacher folder) for learner tests."""
+
+import pytest
+
+from anyflow_ray.config import load_config
+
+SMALL = ["model.tiny.num_layers=1", "model.tiny.ffn_dim=32", "data.num_train=64", "data.num_heldout=16",
+         "teacher.batch_size=8", "pretrain.global_batch=8", "pretrain.warmup=2", "pretrain.lr=1e-3",
+         "learner.cpus_per_rank=0.5", "learner.timeout_s=240", "run.threads=2"]
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"WANDB_MODE": "disabled"}})
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def prepared_run(tmp_path_factory):
+    """make-tiny + data + an (untrained) teacher pipeline, through the jobs' own code."""
+    from anyflow_ray.jobs import data
+    from anyflow_ray.models.loading import load_transformer, make_tiny
+    from anyflow_ray.pipeline import save_as_pipeline
+
+    root = tmp_path_factory.mktemp("learners")
+    cfg = load_config("configs/tiny.yaml", [f"run.output_dir={root}", *SMALL])
+    make_tiny(cfg.model.base, cfg.model.tiny)
+    data.run(cfg)
+    save_as_pipeline(load_transformer(cfg.model.base), cfg.model.base, cfg.teacher.output)
+    return root
+
+
+def run_cfg(root, *extra):
+    return load_config("configs/tiny.yaml", [f"run.output_dir={root}", *SMALL, *extra])
