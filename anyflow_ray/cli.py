@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pretrain": ("pretrain", "Stage 1: forward flow-map training on the DeepSpeed learner group"),
     "sample": ("sample", "sample videos for each step count: GIF/MP4 per prompt and a contact sheet"),
     "evaluate": ("evaluate", "quality-vs-steps table, JSON and plot"),
+    "bench": ("bench", "benchmarks: learner step time through Ray + DeepSpeed vs a plain PyTorch loop"),
     "demo": ("demo", "make-tiny -> data -> teacher -> Stage 1 -> samples -> evaluation on the tiny default"),
 }
 

@@ -163,3 +163,49 @@ def flowmap_loss(model: torch.nn.Module, x0: torch.Tensor, context: torch.Tensor
     metrics = {"diag_loss_mean": float(m), "raw_loss": float(terms["per_sample"].detach().mean()),
                "frac_diagonal": float(diagonal.float().mean())}
     return normalised.mean(), metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 2: DMD generator loss and critic loss (ALGORITHM §5)
+# ---------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def x0_prediction(model: torch.nn.Module, x_sigma: torch.Tensor, T: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    """x0 = x_sigma - (T/1000) v for a single-time model (teacher or critic)."""
+    v = call_model(model, x_sigma, T, context).float()
+    return x_sigma.float() - broadcast_time(T, v) / T_SCALE * v
+
+
+def dmd_loss(x_hat: torch.Tensor, critic: torch.nn.Module, teacher: torch.nn.Module, context: torch.Tensor,
+             uncond: torch.Tensor, generator: torch.Generator, shift: float = 5.0,
+             guidance: float = 4.0) -> tuple[torch.Tensor, dict]:
+    """Distribution matching: L = mean((x_hat - sg(x_hat - G))^2), G = (x_F - x_R) / mean|x_hat - x_R|.
+
+    x_F is the critic's x0-prediction, x_R the teacher's with CFG ``guidance`` (x_null + w (x_c - x_null)),
+    both at sigma = sigma_s(U(0,1)) on a re-noised, detached x_hat. The gradient w.r.t. x_hat is 2 G / numel:
+    it moves the student's samples from where the critic's (fake) score points toward the teacher's.
+    """
+    batch = x_hat.shape[0]
+    T = T_SCALE * shift_time(torch.rand(batch, generator=generator)).to(x_hat.device)
+    T = T.clamp(min=1.0)  # x0-predictions need T > 0
+    x_sigma = add_noise(x_hat.detach(), randn_like(x_hat, generator), T)
+    x_fake = x0_prediction(critic, x_sigma, T, context)
+    x_cond = x0_prediction(teacher, x_sigma, T, context)
+    x_null = x0_prediction(teacher, x_sigma, T, uncond.to(context.dtype).expand_as(context))
+    x_real = x_null + guidance * (x_cond - x_null)
+    scale = (x_hat.detach().float() - x_real).abs().flatten(1).mean(dim=1).clamp_min(1e-6)
+    grad = (x_fake - x_real) / broadcast_time(scale, x_fake)
+    target = (x_hat.detach().float() - grad).detach()
+    loss = (x_hat.float() - target).pow(2).mean()
+    return loss, {"dmd_grad_norm": float(grad.flatten(1).norm(dim=1).mean())}
+
+
+def critic_loss(critic: torch.nn.Module, x_hat: torch.Tensor, context: torch.Tensor, generator: torch.Generator,
+                shift: float = 5.0) -> tuple[torch.Tensor, dict]:
+    """Flow matching of the critic on the student's samples: ||v_F(x_sigma, sigma, c) - (eps - x_hat)||^2."""
+    x_hat = x_hat.detach()
+    T = T_SCALE * sample_logit_normal(x_hat.shape[0], generator, shift).to(x_hat.device)
+    noise = randn_like(x_hat, generator)
+    pred = call_model(critic, add_noise(x_hat, noise, T), T, context)
+    loss = (pred.float() - velocity_target(x_hat, noise).float()).pow(2).mean()
+    return loss, {}

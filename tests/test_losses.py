@@ -184,3 +184,44 @@ def test_two_ranks_of_b_equal_one_rank_of_2b(tiny_cfg, tmp_path):
     assert grads.keys() == two["grads"].keys()
     for name, g in grads.items():
         assert torch.allclose(two["grads"][name], g, rtol=1e-4, atol=1e-7), name
+
+
+class ConstantX0(torch.nn.Module):
+    """A single-time model whose x0-prediction is the constant ``target`` (any context but a zero one,
+    which predicts ``null``): v = (z - x0) / t."""
+
+    def __init__(self, target, null=None):
+        super().__init__()
+        self.target, self.null = target, target if null is None else null
+
+    def forward(self, z, T, context, return_dict=False):
+        is_null = (context.abs().sum(dim=(1, 2)) == 0).reshape(-1, 1, 1, 1, 1)
+        x0 = torch.where(is_null, self.null, self.target)
+        return ((z - x0) / (T / 1000).reshape(-1, 1, 1, 1, 1),)
+
+
+def test_dmd_gradient_moves_samples_from_the_fake_toward_the_real_score():
+    from anyflow_ray.losses import dmd_loss
+
+    x_hat = torch.zeros(2, 1, 2, 2, 2, requires_grad=True)
+    real, fake = torch.full_like(x_hat, 1.0), torch.full_like(x_hat, -1.0)
+    teacher = ConstantX0(real.detach(), null=torch.zeros_like(real))
+    critic = ConstantX0(fake.detach())
+    context, uncond = torch.ones(2, 3, 4), torch.zeros(1, 3, 4)
+    loss, _ = dmd_loss(x_hat, critic, teacher, context, uncond, torch.Generator().manual_seed(0), guidance=4.0)
+    loss.backward()
+    # x_R = 0 + 4 (1 - 0) = 4; G = (x_F - x_R) / mean|x_hat - x_R| = (-1 - 4) / 4; dL/dx_hat = 2 G / numel
+    expected = 2 * (-5.0 / 4.0) / x_hat.numel()
+    assert torch.allclose(x_hat.grad, torch.full_like(x_hat, expected), atol=1e-5)
+    # a descent step moves x_hat toward the teacher's (CFG) prediction
+    assert torch.all(-x_hat.grad > 0)
+
+
+def test_critic_loss_is_zero_for_a_critic_that_knows_the_samples():
+    from anyflow_ray.losses import critic_loss
+
+    x_hat = torch.randn(3, 1, 2, 2, 2, generator=torch.Generator().manual_seed(1))
+    loss, _ = critic_loss(ConstantX0(x_hat), x_hat, torch.ones(3, 3, 4), torch.Generator().manual_seed(2))
+    assert float(loss) < 1e-8
+    wrong, _ = critic_loss(ConstantX0(x_hat + 1), x_hat, torch.ones(3, 3, 4), torch.Generator().manual_seed(2))
+    assert float(wrong) > 0.1

@@ -1,0 +1,53 @@
+import pytest
+import torch
+
+from anyflow_ray.backward_sim import STEP_BUDGETS, backward_simulation, draw_budget
+from anyflow_ray.schedule import as_batch_time, jump, sampling_grid
+
+
+class ExactStraightFlowMap(torch.nn.Module):
+    """Exact two-time flow map of the ODE whose data is x0 = c (the context mean): u = (z - c) / t."""
+
+    is_flow_map = True
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, z, T, context, timestep_r=None, return_dict=False):
+        self.calls += 1
+        c = context.mean(dim=(1, 2)).reshape(-1, 1, 1, 1, 1)
+        return ((z - c) / (T / 1000).reshape(-1, 1, 1, 1, 1),)
+
+
+def _rollout(model, z, context, n, k):
+    """The first k jumps of the N-step sampler."""
+    grid = sampling_grid(n)
+    for i in range(k):
+        T, R = as_batch_time(grid[i], z.shape[0]), as_batch_time(grid[i + 1], z.shape[0])
+        z = jump(z, model(z, T, context, R)[0], T, R)
+    return z
+
+
+@pytest.mark.parametrize("n", [2, 4, 8, 50])
+def test_at_most_three_calls_and_states_match_the_n_step_rollout(n):
+    model = ExactStraightFlowMap()
+    noise = torch.randn(2, 1, 2, 2, 2, generator=torch.Generator().manual_seed(n))
+    context = torch.tensor([0.5, -1.0]).reshape(2, 1, 1).expand(2, 3, 4).clone()
+    for k in range(n):
+        model.calls = 0
+        state, x_hat = backward_simulation(model, noise, context, n, k)
+        assert model.calls == (1 if k == 0 else 2) + (0 if k == n - 1 else 1)
+        assert model.calls <= 3
+        # z_k equals the state of the N-step sampler after k steps
+        assert torch.allclose(state.z_k, _rollout(model, noise, context, n, k), atol=1e-5)
+        assert torch.allclose(x_hat, context.mean(dim=(1, 2)).reshape(-1, 1, 1, 1, 1).expand_as(x_hat), atol=1e-4)
+
+
+def test_budget_draws_cover_the_reference_budgets():
+    g = torch.Generator().manual_seed(0)
+    draws = [draw_budget(g) for _ in range(400)]
+    assert {n for n, _ in draws} == set(STEP_BUDGETS)
+    assert all(0 <= k < n for n, k in draws)
+    with pytest.raises(ValueError, match="k=4"):
+        backward_simulation(ExactStraightFlowMap(), torch.zeros(1, 1, 1, 1, 1), torch.zeros(1, 1, 1), 4, 4)
