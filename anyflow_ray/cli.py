@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("data", "render synthetic videos and write Parquet shards"),
     "teacher": ("teacher", "train the flow-matching teacher from scratch"),
     "pretrain": ("pretrain", "Stage 1: forward flow-map training on the DeepSpeed learner group"),
+    "distill": ("distill", "Stage 2: on-policy distillation, rollout actors + buffer + learner group"),
     "sample": ("sample", "sample videos for each step count: GIF/MP4 per prompt and a contact sheet"),
     "evaluate": ("evaluate", "quality-vs-steps table, JSON and plot"),
     "bench": ("bench", "benchmarks: learner step time through Ray + DeepSpeed vs a plain PyTorch loop"),

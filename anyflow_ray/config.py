@@ -124,6 +124,42 @@ class PretrainConfig:
 
 
 @dataclass
+class RolloutConfig:
+    """Stage-2 rollout actors: scale independently of the learner ranks."""
+    num_actors: int = 1
+    cpus_per_actor: float = 0.5
+    gpus_per_actor: float = 0.0
+    threads: int = 1
+    batch_size: int = 8  # clips per trajectory
+
+
+@dataclass
+class DistillConfig:
+    """Stage 2: on-policy distillation with flow-map backward simulation (ALGORITHM §5)."""
+    output: str = "${run.output_dir}/stage2"
+    init: str = "${pretrain.output}"  # student G from the Stage-1 EMA
+    teacher: str = "${teacher.output}"  # frozen real score R; the critic F starts as its copy
+    steps: int = 1200
+    lr: float = 2.0e-6
+    critic_lr: float = 0.0  # 0: same as lr (the reference); > 0 lets the critic track a fast-moving student
+    betas: list[float] = field(default_factory=lambda: [0.0, 0.999])
+    weight_decay: float = 0.0
+    warmup: int = 0
+    ema: float = 0.99
+    grad_clip: float = 1.0
+    dmd_guidance: float = 4.0  # CFG of the real score in x0 form
+    budgets: list[int] = field(default_factory=lambda: [2, 4, 8, 16, 50])
+    grad_scope: str = "last"  # last: grad through the k-th step and the jump to 0; all: prefix too
+    real_batch: int = 8  # Stage-1 co-training batch (global, multiple of 4), added at equal weight
+    sync_every: int = 1  # learner steps between weight broadcasts
+    max_policy_lag: int = 1  # 0: strict on-policy alternation; 1: one-step-off
+    buffer_capacity: int = 16
+    save_every: int = 100
+    log_every: int = 10
+    resume: bool = True
+
+
+@dataclass
 class SampleConfig:
     model: str = ""  # pipeline folder; "" = the teacher
     prompts: list[str] = field(default_factory=lambda: ["a red circle moving right", "a blue square moving up",
@@ -167,6 +203,8 @@ class Config:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     extra: Optional[dict[str, Any]] = None  # reserved; must stay empty
@@ -249,6 +287,18 @@ def validate(cfg: DictConfig) -> None:
     _require(pc.fd_delta > 0, "pretrain.fd_delta", pc.fd_delta, "must be > 0")
     for key in ("steps", "save_every", "log_every"):
         _require(pc[key] >= 1, f"pretrain.{key}", pc[key], "must be >= 1")
+    dc = cfg.distill
+    for key in ("steps", "save_every", "log_every", "sync_every", "buffer_capacity"):
+        _require(dc[key] >= 1, f"distill.{key}", dc[key], "must be >= 1")
+    _require(dc.max_policy_lag >= 0, "distill.max_policy_lag", dc.max_policy_lag, "must be >= 0")
+    _require(dc.grad_scope in ("last", "all"), "distill.grad_scope", dc.grad_scope, "must be last or all")
+    _require(len(dc.budgets) > 0 and all(int(n) >= 1 for n in dc.budgets), "distill.budgets", list(dc.budgets),
+             "must be a non-empty list of ints >= 1")
+    _require(dc.real_batch > 0 and dc.real_batch % 4 == 0 and dc.real_batch % cfg.learner.num_ranks == 0,
+             "distill.real_batch", dc.real_batch, "must be a positive multiple of 4 and of learner.num_ranks")
+    _require(cfg.rollout.num_actors >= 1, "rollout.num_actors", cfg.rollout.num_actors, "must be >= 1")
+    _require(cfg.rollout.batch_size >= 1, "rollout.batch_size", cfg.rollout.batch_size, "must be >= 1")
+    _require(cfg.rollout.cpus_per_actor > 0, "rollout.cpus_per_actor", cfg.rollout.cpus_per_actor, "must be > 0")
 
 
 def save_config(cfg: DictConfig, out_dir: str | Path) -> Path:

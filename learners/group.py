@@ -25,7 +25,7 @@ class LearnerGroupError(RuntimeError):
 
 
 class LearnerGroup:
-    def __init__(self, cfg: DictConfig, job: str, num_ranks: int | None = None):
+    def __init__(self, cfg: DictConfig, job: str, num_ranks: int | None = None, worker_cls: type = LearnerWorker):
         self.cfg, self.job = cfg, job
         self.num_ranks = int(num_ranks or cfg.learner.num_ranks)
         self.timeout = float(cfg.learner.timeout_s)
@@ -38,7 +38,7 @@ class LearnerGroup:
                    f"{self.num_ranks} x {bundle}?)")
         threads = max(1, int(cfg.run.threads) // self.num_ranks)
         env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
-        remote_cls = ray.remote(LearnerWorker)
+        remote_cls = ray.remote(worker_cls)
         plain_cfg = OmegaConf.to_container(cfg, resolve=True)
         self.workers = [
             remote_cls.options(num_cpus=bundle["CPU"], num_gpus=bundle.get("GPU", 0), max_restarts=0,

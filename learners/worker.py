@@ -29,7 +29,7 @@ from anyflow_ray.training import EMA, warmup_lambda
 
 def job_settings(cfg: DictConfig, job: str) -> DictConfig:
     """Optimizer/EMA settings of a job, read from its config section."""
-    section = cfg.teacher if job == "teacher" else cfg.pretrain
+    section = {"teacher": cfg.teacher, "stage1": cfg.pretrain, "stage2": cfg.distill}[job]
     betas = tuple(section.betas) if "betas" in section else (0.9, 0.999)
     return OmegaConf.create(dict(lr=section.lr, betas=list(betas), weight_decay=section.weight_decay,
                                  warmup=section.warmup, ema=section.ema, grad_clip=section.grad_clip))
@@ -102,6 +102,16 @@ class LearnerWorker:
         deepspeed.init_distributed(dist_backend=collective_backend(self.device), auto_mpi_discovery=False,
                                    timeout=timeout, rank=self.rank, world_size=self.world_size)
         torch.manual_seed(self.cfg.run.seed)
+        self._build()
+        self.ema = EMA(self.trainable, self._ema_decay())
+        model = self.model
+        return {"rank": self.rank, "device": str(self.device), "dtype": str(self.dtype),
+                "trainable": sum(p.numel() for p in self.trainable),
+                "total": sum(p.numel() for p in model.parameters())}
+
+    def _build(self) -> None:
+        """Model, optimizer, warm-up schedule, objective and DeepSpeed engine of this job."""
+        import deepspeed
 
         model = build_model(self.cfg, self.job, self.dtype).to(self.device)
         self.trainable = [p for p in model.parameters() if p.requires_grad]
@@ -115,10 +125,16 @@ class LearnerWorker:
             model=model, optimizer=optimizer, lr_scheduler=scheduler,
             config=deepspeed_config(self.cfg, self.job, micro, self.dtype), dist_init_required=False)
         self.model = model
-        self.ema = EMA(self.trainable, settings.ema)
-        return {"rank": self.rank, "device": str(self.device), "dtype": str(self.dtype),
-                "trainable": sum(p.numel() for p in self.trainable),
-                "total": sum(p.numel() for p in model.parameters())}
+
+    def _ema_decay(self) -> float:
+        return job_settings(self.cfg, self.job).ema
+
+    def _extra_state(self) -> dict[str, torch.Tensor]:
+        """Tensors beyond the student's (e.g. the Stage-2 critic) for checkpoints."""
+        return {}
+
+    def _load_extra_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        pass
 
     def _load_data(self) -> TrainData:
         from pathlib import Path
@@ -157,11 +173,13 @@ class LearnerWorker:
         tensors.update(ckpt_io.optimizer_tensors(self.optimizer, self.trainable))
         tensors.update(self.ema.state_dict())
         tensors["rng.torch"] = torch.get_rng_state()
+        tensors.update(self._extra_state())
         ckpt_io.save_rank_state(ckpt, self.rank, tensors)
         if self.rank == 0:
             self.export_pipeline(str(ckpt))
             ckpt_io.save_meta(ckpt, {"step": step, "job": self.job, "world_size": self.world_size,
-                                     "scheduler_step": self.scheduler.last_epoch, "zero_stage": 0})
+                                     "scheduler_step": self.scheduler.last_epoch if self.scheduler else 0,
+                                     "zero_stage": 0})
         self._barrier()
         if self.rank == 0:
             ckpt_io.write_latest(root, ckpt)
@@ -180,6 +198,10 @@ class LearnerWorker:
         ckpt_io.load_optimizer_tensors(self.optimizer, self.trainable, tensors)
         self.ema.load_state_dict({k: v for k, v in tensors.items() if k.startswith("ema.")})
         torch.set_rng_state(tensors["rng.torch"])
+        self._load_extra_state(tensors)
+        if self.scheduler is None:
+            self._barrier()
+            return int(meta["step"])
         self.scheduler.last_epoch = meta["scheduler_step"]
         self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
         for group, lr_lambda, base in zip(self.optimizer.param_groups, self.scheduler.lr_lambdas,

@@ -1,0 +1,82 @@
+"""``RolloutActor``: holds a copy of the student and makes on-policy trajectories by flow-map backward
+simulation (no gradient), stamped with the weight version it used.
+
+Generator trajectories carry z_k (the prefix jump) for the learner to finish with gradient; critic
+trajectories carry the complete x_hat. Payloads go to the object store (owned by this actor) and only
+their refs go to the ``TrajectoryBuffer``. Newer weights are loaded between rollouts.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import ray
+import torch
+from omegaconf import OmegaConf
+
+from anyflow_ray.backward_sim import draw_budget, finish, prefix
+from anyflow_ray.data.shards import read_shards
+from anyflow_ray.device import set_threads
+from anyflow_ray.models.loading import load_transformer
+
+
+class RolloutActor:
+    def __init__(self, cfg: dict, actor_id: str, buffer, registry):
+        self.cfg = OmegaConf.create(cfg)
+        set_threads(self.cfg.rollout.threads)
+        self.actor_id, self.buffer, self.registry = actor_id, buffer, registry
+        self.student = load_transformer(self.cfg.distill.init, flow_map=True, gate=self.cfg.model.gate).eval()
+        self.student.requires_grad_(False)
+        self.embeddings = read_shards(Path(self.cfg.data.root) / "train").embeddings
+        self.version = -1
+        self.load_latest_weights()
+
+    def load_latest_weights(self) -> int:
+        version, wrapped = ray.get(self.registry.latest.remote())
+        if wrapped is not None and version > self.version:
+            state = ray.get(wrapped[0])
+            missing = set(state) - set(dict(self.student.named_parameters()))
+            if missing:
+                raise KeyError(f"published weights name unknown parameters: {sorted(missing)[:3]}")
+            self.student.load_state_dict(state, strict=False)
+            self.version = version
+            self.registry.report_loaded.remote(self.actor_id, version)
+        return self.version
+
+    @torch.no_grad()
+    def make_trajectory(self, kind: str, seed: int) -> dict:
+        """One trajectory of ``rollout.batch_size`` clips: prompts, noise, (N, k) drawn from ``seed``."""
+        gen = torch.Generator().manual_seed(seed)
+        n, k = draw_budget(gen, tuple(self.cfg.distill.budgets))
+        idx = torch.randint(len(self.embeddings), (self.cfg.rollout.batch_size,), generator=gen)
+        context = self.embeddings[idx]
+        shape = (len(idx), *self._latent_shape())
+        noise = torch.randn(shape, generator=gen)
+        state = prefix(self.student, noise, context, n, k, self.cfg.schedule.shift)
+        payload = {"prompt_idx": idx, "num_steps": n, "k": k, "z_k": state.z_k, "T_k": state.T_k,
+                   "T_next": state.T_next, "version": self.version}
+        if kind == "critic":
+            payload["x_hat"] = finish(self.student, state, context)[1]
+        elif self.cfg.distill.grad_scope == "all":
+            payload["noise"] = noise
+        return payload
+
+    def rollout(self, kind: str, seed: int, max_wait_s: float = 600.0) -> dict:
+        """Make one trajectory and push its ref into the buffer (waits while the buffer is full)."""
+        self.load_latest_weights()
+        start = time.perf_counter()
+        payload = self.make_trajectory(kind, seed)
+        ref = ray.put(payload)
+        waited = 0.0
+        while not ray.get(self.buffer.put.remote([ref], self.version, kind, self.actor_id)):
+            if waited > max_wait_s:
+                raise TimeoutError(f"{self.actor_id}: buffer stayed full for {max_wait_s:.0f}s")
+            time.sleep(0.05)
+            waited += 0.05
+        return {"actor": self.actor_id, "kind": kind, "version": self.version, "num_steps": payload["num_steps"],
+                "k": payload["k"], "seconds": time.perf_counter() - start}
+
+    def _latent_shape(self) -> tuple[int, ...]:
+        cfg = self.student.config
+        return (cfg.in_channels, self.cfg.data.frames, self.cfg.data.height, self.cfg.data.width)

@@ -1,0 +1,167 @@
+"""`anyflow-ray distill`: Stage 2 as a Ray actor-learner pipeline (ALGORITHM §5, DESIGN "Shape").
+
+Rollout actors (``rollout.num_actors``) make trajectories with the current student by backward
+simulation and push refs into the TrajectoryBuffer; the driver takes batches no older than
+``distill.max_policy_lag`` versions, hands them to the learner group, and every ``distill.sync_every``
+steps publishes the student's trainable weights (object store) as a new version. With lag 0 the
+driver alternates strictly (rollouts with the current version, then a learner step); with lag >= 1
+rollouts overlap learning. A rollout actor that dies is restarted by Ray and loads the newest weights.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+from pathlib import Path
+
+import ray
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from anyflow_ray import checkpoint as ckpt_io
+from anyflow_ray.jobs.common import log, prepare
+from anyflow_ray.jobs.pipeline_metrics import PipelineMetrics
+from anyflow_ray.jobs.ray_runtime import init_ray
+from anyflow_ray.metrics import MetricsLogger
+
+
+class RolloutFleet:
+    """M rollout actors kept busy with generator/critic rollouts; restarts are counted."""
+
+    def __init__(self, cfg: DictConfig, buffer, registry):
+        from actors.rollout import RolloutActor
+
+        rc = cfg.rollout
+        plain = OmegaConf.to_container(cfg, resolve=True)
+        remote = ray.remote(RolloutActor).options(num_cpus=rc.cpus_per_actor, num_gpus=rc.gpus_per_actor,
+                                                  max_restarts=-1, max_task_retries=0)
+        self.actors = [remote.remote(plain, f"rollout-{i}", buffer, registry) for i in range(rc.num_actors)]
+        self.pending: dict = {}
+        self.seeds = itertools.count(cfg.run.seed * 1_000_003)
+        self.kinds = itertools.cycle(["generator", "critic"])
+        self.restarts = 0
+        self.produced = 0
+
+    def submit(self, actor_index: int, kind: str | None = None) -> None:
+        kind = kind or next(self.kinds)
+        ref = self.actors[actor_index].rollout.remote(kind, next(self.seeds))
+        self.pending[ref] = (actor_index, kind)
+
+    def keep_busy(self) -> None:
+        busy = {i for i, _ in self.pending.values()}
+        for i in range(len(self.actors)):
+            if i not in busy:
+                self.submit(i)
+
+    def collect(self, timeout: float) -> list[dict]:
+        """Finished rollouts' metadata; a rollout whose actor died is resubmitted (Ray restarts it)."""
+        if not self.pending:
+            return []
+        done, _ = ray.wait(list(self.pending), num_returns=len(self.pending), timeout=timeout)
+        out = []
+        for ref in done:
+            index, kind = self.pending.pop(ref)
+            try:
+                out.append(ray.get(ref))
+                self.produced += 1
+            except ray.exceptions.RayActorError:
+                self.restarts += 1
+                log.warning("rollout actor %d died; Ray restarts it with the newest weights", index)
+                self.submit(index, kind)
+        return out
+
+
+def run(cfg: DictConfig) -> Path:
+    from actors.buffer import TrajectoryBuffer
+    from actors.weights import WeightRegistry
+    from learners.distill import DistillWorker
+    from learners.group import LearnerGroup
+
+    dc = cfg.distill
+    out, _, _ = prepare(cfg, dc.output)
+    init_ray(cfg)
+    group = LearnerGroup(cfg, "stage2", worker_cls=DistillWorker)
+    buffer = ray.remote(TrajectoryBuffer).options(num_cpus=0).remote(dc.buffer_capacity, dc.max_policy_lag)
+    registry = ray.remote(WeightRegistry).options(num_cpus=0).remote()
+    try:
+        start = group.run("load_latest", str(out))[0] if dc.resume else 0
+        version = _resumed_version(out) if start else 0
+        registry.publish.remote(version, group.run_on(0, "publish_weights"))
+        fleet = RolloutFleet(cfg, buffer, registry)
+        metrics = PipelineMetrics()
+        logger = MetricsLogger(out, "stage2", cfg)
+        logger.add_sink(metrics.record)
+        bar = tqdm(range(start, dc.steps), initial=start, total=dc.steps, desc="stage2", dynamic_ncols=True)
+        for step in bar:
+            batch = _next_batch(cfg, fleet, buffer, version, group.num_ranks)
+            t0 = time.perf_counter()
+            results = group.run("train_step", step, batch["generator"], batch["critic"])
+            learn_s = time.perf_counter() - t0
+            counts = {k: sum(r[k] for r in results) for k in ("trained", "lost", "rejected")}
+            buffer.report.remote(**counts)
+            sync_s = 0.0
+            if (step + 1) % dc.sync_every == 0:
+                t1 = time.perf_counter()
+                version += 1
+                ray.get(registry.publish.remote(version, group.run_on(0, "publish_weights")))
+                sync_s = time.perf_counter() - t1
+            stats = ray.get(buffer.summary.remote())
+            values = {**results[0], **counts, "version": version, "learner_step_s": learn_s, "sync_s": sync_s,
+                      "policy_lag": batch["lag"], "buffer_depth": stats["depth"], "restarts": fleet.restarts,
+                      "produced": fleet.produced, **{f"buffer/{k}": v for k, v in stats.items()}}
+            bar.set_postfix(loss=f"{values['loss']:.4f}", v=version, depth=stats["depth"])
+            if (step + 1) % dc.log_every == 0 or step + 1 == dc.steps:
+                logger.log(step + 1, {f"stage2/{k}": v for k, v in values.items()})
+            if (step + 1) % dc.save_every == 0 or step + 1 == dc.steps:
+                group.run("save", str(out), step + 1, version)
+        _drain(fleet, buffer)
+        summary = ray.get(buffer.summary.remote())
+        summary["restarts"] = fleet.restarts
+        summary["loaded_versions"] = ray.get(registry.loaded_versions.remote())
+        (out / "pipeline_summary.json").write_text(json.dumps(summary, indent=2))
+        logger.close()
+        group.run_on(0, "export_pipeline", str(out))
+        log.info("stage2: buffer accounting %s", summary)
+    finally:
+        group.shutdown()
+    return out
+
+
+def _next_batch(cfg: DictConfig, fleet: RolloutFleet, buffer, version: int, ranks: int) -> dict:
+    """One generator and one critic trajectory per rank, fresh enough for ``max_policy_lag``."""
+    need = {"generator": ranks, "critic": ranks}
+    if cfg.distill.max_policy_lag == 0:  # strict alternation: rollouts only with the current weights
+        fleet.collect(timeout=0)
+        for kind, n in need.items():
+            for i in range(n):
+                fleet.submit(i % len(fleet.actors), kind)
+    taken = {"generator": [], "critic": []}
+    deadline = time.monotonic() + float(cfg.learner.timeout_s)
+    while any(len(taken[k]) < need[k] for k in need):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no fresh trajectories for {cfg.learner.timeout_s:.0f}s (rollout actors stuck?)")
+        if cfg.distill.max_policy_lag > 0:
+            fleet.keep_busy()
+        fleet.collect(timeout=0.05)
+        for kind in need:
+            missing = need[kind] - len(taken[kind])
+            if missing:
+                taken[kind] += ray.get(buffer.take.remote(kind, missing, version))
+    lags = [meta["lag"] for kind in taken for _, meta in taken[kind]]
+    return {"generator": [ref for ref, _ in taken["generator"]], "critic": [ref for ref, _ in taken["critic"]],
+            "lag": max(lags)}
+
+
+def _drain(fleet: RolloutFleet, buffer) -> None:
+    """Stop: flush what nobody will train on (counted as dropped at the end) so blocked puts return."""
+    while fleet.pending:
+        ray.get(buffer.flush.remote())
+        fleet.collect(timeout=0.2)
+    ray.get(buffer.flush.remote())
+
+
+def _resumed_version(out: Path) -> int:
+    ckpt = ckpt_io.find_latest(out)
+    meta = json.loads((ckpt / "training_state" / "meta.json").read_text())
+    return int(meta.get("weight_version", 0))

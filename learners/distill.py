@@ -1,0 +1,205 @@
+"""``DistillWorker``: the Stage-2 learner rank (ALGORITHM §5), a ``LearnerWorker`` with three models.
+
+Student G (trainable, from the Stage-1 EMA), frozen teacher R (real score), critic F (trainable copy
+of the teacher). Per step, on trajectories made by the rollout actors:
+  generator update: re-run the real k-th step and the jump to 0 from the actor's z_k with gradient
+    (``grad_scope: all`` recomputes the prefix from the noise too), DMD loss with CFG on R, plus the
+    Stage-1 loss on a real batch at equal weight;
+  critic update: flow matching of F on a fresh critic trajectory's x_hat (one per generator update).
+Trajectories that cannot be fetched (lost with their actor) or fail validation are counted, never used.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import ray
+import torch
+from ray.exceptions import ObjectLostError, OwnerDiedError
+
+from anyflow_ray import checkpoint as ckpt_io
+from anyflow_ray.backward_sim import RolloutState, finish, prefix
+from anyflow_ray.losses import critic_loss, dmd_loss
+from anyflow_ray.models.loading import load_transformer
+from anyflow_ray.objectives import Stage1Objective
+from learners.worker import LearnerWorker, apply_lora, deepspeed_config
+
+REQUIRED = {"generator": ("prompt_idx", "num_steps", "k", "z_k", "T_k", "T_next"),
+            "critic": ("prompt_idx", "x_hat")}
+
+
+class TrajectoryError(ValueError):
+    pass
+
+
+def validate_trajectory(payload: dict, kind: str, clip_shape: tuple[int, ...], num_prompts: int) -> None:
+    """Raise TrajectoryError for a payload with missing keys, wrong shapes or non-finite values."""
+    missing = [key for key in REQUIRED[kind] if key not in payload]
+    if missing:
+        raise TrajectoryError(f"{kind} trajectory lacks {missing}")
+    batch = len(payload["prompt_idx"])
+    for key in ("z_k", "x_hat", "noise"):
+        if key in payload:
+            tensor = payload[key]
+            if tuple(tensor.shape) != (batch, *clip_shape):
+                raise TrajectoryError(f"{key} has shape {tuple(tensor.shape)}, expected {(batch, *clip_shape)}")
+            if not torch.isfinite(tensor).all():
+                raise TrajectoryError(f"{key} holds NaN/Inf")
+    if int(payload["prompt_idx"].max()) >= num_prompts or int(payload["prompt_idx"].min()) < 0:
+        raise TrajectoryError("prompt_idx out of range")
+
+
+class DistillWorker(LearnerWorker):
+    def __init__(self, cfg: dict, job: str, rank: int, world_size: int):
+        super().__init__(cfg, "stage1", rank, world_size)  # reuses Stage-1 objective for co-training
+        self.job = "stage2"
+
+    def _build(self) -> None:
+        import deepspeed
+
+        dc = self.cfg.distill
+        student = load_transformer(dc.init, flow_map=True, gate=self.cfg.model.gate, dtype=self.dtype)
+        teacher = load_transformer(dc.teacher, flow_map=False, dtype=self.dtype)
+        critic = copy.deepcopy(teacher)
+        if self.cfg.model.lora.enabled:
+            apply_lora(student, self.cfg.model.lora)
+            apply_lora(critic, self.cfg.model.lora)
+        self.teacher = teacher.to(self.device).eval().requires_grad_(False)
+        data = self._load_data()
+        self.data = data
+        self.objective = Stage1Objective(data, self._co_training_cfg())
+        self.engines = {}
+        for name, model in (("student", student), ("critic", critic)):
+            params = [p for p in model.parameters() if p.requires_grad]
+            lr = dc.critic_lr if name == "critic" and dc.critic_lr > 0 else dc.lr
+            opt = torch.optim.AdamW(params, lr=lr, betas=tuple(dc.betas), weight_decay=dc.weight_decay)
+            config = deepspeed_config(self.cfg, "stage2", self.cfg.rollout.batch_size, self.dtype)
+            engine, _, _, _ = deepspeed.initialize(model=model.to(self.device), optimizer=opt, config=config,
+                                                   dist_init_required=False)
+            self.engines[name] = engine
+        self.model = student
+        self.trainable = [p for p in student.parameters() if p.requires_grad]
+        self.optimizer = self.engines["student"].optimizer
+        self.scheduler = None
+
+    def _ema_decay(self) -> float:
+        return self.cfg.distill.ema
+
+    def _extra_state(self) -> dict[str, torch.Tensor]:
+        critic = self.engines["critic"]
+        params = [p for p in critic.module.parameters() if p.requires_grad]
+        out = {f"critic.param.{i}": p for i, p in enumerate(params)}
+        out.update({f"critic.{k}": v for k, v in ckpt_io.optimizer_tensors(critic.optimizer, params).items()})
+        return out
+
+    def _load_extra_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        critic = self.engines["critic"]
+        params = [p for p in critic.module.parameters() if p.requires_grad]
+        with torch.no_grad():
+            for i, p in enumerate(params):
+                p.copy_(tensors[f"critic.param.{i}"])
+        prefix_len = len("critic.")
+        ckpt_io.load_optimizer_tensors(critic.optimizer, params, {k[prefix_len:]: v for k, v in tensors.items()
+                                                                  if k.startswith("critic.opt.")})
+
+    def _co_training_cfg(self):
+        from omegaconf import OmegaConf
+
+        cfg = OmegaConf.to_container(self.cfg, resolve=True)
+        cfg["pretrain"]["global_batch"] = self.cfg.distill.real_batch
+        return OmegaConf.create(cfg)
+
+    # -- trajectories -----------------------------------------------------------------------
+    def _fetch(self, wrapped_refs: list, kind: str) -> tuple[list[dict], int, int]:
+        """(valid payloads, lost, rejected)."""
+        clip_shape = tuple(self.data.clips.videos.shape[1:])
+        good, lost, rejected = [], 0, 0
+        for wrapped in wrapped_refs:
+            try:
+                payload = ray.get(wrapped[0], timeout=float(self.cfg.learner.timeout_s))
+            except (ObjectLostError, OwnerDiedError):
+                lost += 1
+                continue
+            try:
+                validate_trajectory(payload, kind, clip_shape, len(self.data.clips.prompts))
+            except TrajectoryError:
+                rejected += 1
+                continue
+            good.append(payload)
+        return good, lost, rejected
+
+    def student_x_hat(self, payload: dict) -> torch.Tensor:
+        """x_hat with gradient: from z_k (or from the noise when grad_scope is all)."""
+        context = self.data.clips.embeddings[payload["prompt_idx"]].to(self.device, self.dtype)
+        student = self.engines["student"].module
+        if self.cfg.distill.grad_scope == "all" and "noise" in payload:
+            state = prefix(student, payload["noise"].to(self.device, self.dtype), context, payload["num_steps"],
+                           payload["k"], self.cfg.schedule.shift)
+        else:
+            state = RolloutState(payload["num_steps"], payload["k"], payload["T_k"].to(self.device),
+                                 payload["T_next"].to(self.device), payload["z_k"].to(self.device, self.dtype))
+        return finish(student, state, context)[1], context
+
+    # -- one step -----------------------------------------------------------------------------
+    def train_step(self, step: int, generator_refs: list = (), critic_refs: list = ()) -> dict:
+        # every rank is handed the whole batch and trains on its own slice
+        gen_payloads, lost_g, rej_g = self._fetch(list(generator_refs)[self.rank::self.world_size], "generator")
+        crit_payloads, lost_c, rej_c = self._fetch(list(critic_refs)[self.rank::self.world_size], "critic")
+        counts = {"lost": lost_g + lost_c, "rejected": rej_g + rej_c,
+                  "trained": len(gen_payloads) + len(crit_payloads)}
+        rng = torch.Generator().manual_seed((self.cfg.run.seed * 1_000_003 + step) * 1009 + self.rank)
+        uncond = self.data.uncond.to(self.device, self.dtype)
+        metrics: dict = {}
+
+        student = self.engines["student"]
+        student.train()
+        dmd_terms = []
+        for payload in gen_payloads:
+            x_hat, context = self.student_x_hat(payload)
+            loss, info = dmd_loss(x_hat, self.engines["critic"].module, self.teacher, context, uncond, rng,
+                                  self.cfg.schedule.shift, self.cfg.distill.dmd_guidance)
+            dmd_terms.append(loss)
+            metrics.update(info)
+        all_reduce = torch.distributed.all_reduce if self.world_size > 1 else None
+        real_loss, real_info = self.objective.loss(student.module, step, self.rank, self.world_size, all_reduce)
+        dmd = torch.stack(dmd_terms).mean() if dmd_terms else torch.zeros((), device=self.device)
+        total = dmd + real_loss
+        student.backward(total)
+        student.step()
+        self.ema.update()
+
+        critic = self.engines["critic"]
+        critic.train()
+        crit_terms = []
+        for payload in crit_payloads:
+            context = self.data.clips.embeddings[payload["prompt_idx"]].to(self.device, self.dtype)
+            loss, _ = critic_loss(critic.module, payload["x_hat"].to(self.device, self.dtype), context, rng,
+                                  self.cfg.schedule.shift)
+            crit_terms.append(loss)
+        crit = torch.stack(crit_terms).mean() if crit_terms else torch.zeros((), device=self.device, requires_grad=True)
+        critic.backward(crit)
+        critic.step()
+        return {"loss": float(total.detach()), "dmd_loss": float(dmd.detach()), "real_loss": float(real_loss.detach()),
+                "critic_loss": float(crit.detach()), **{k: v for k, v in metrics.items()},
+                **{f"diag/{k}": v for k, v in real_info.items()}, **counts}
+
+    # -- weights --------------------------------------------------------------------------------
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """The student's trainable parameters by name (LoRA adapters only when LoRA is on)."""
+        return {n: p.detach().cpu().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def publish_weights(self, full: bool = False) -> list:
+        """ray.put the trainable parameters (or the full state dict, for comparison); a wrapped ref."""
+        state = self.model.state_dict() if full else self.trainable_state()
+        return [ray.put({k: v.detach().cpu() for k, v in state.items()})]
+
+    def save(self, root: str, step: int, version: int = 0) -> str:
+        path = super().save(root, step)
+        if self.rank == 0:
+            meta_path = ckpt_io.step_dir(root, step) / "training_state" / "meta.json"
+            import json
+
+            meta = json.loads(meta_path.read_text())
+            meta["weight_version"] = version
+            meta_path.write_text(json.dumps(meta, indent=2))
+        return path

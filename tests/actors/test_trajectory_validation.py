@@ -1,0 +1,33 @@
+import pytest
+import torch
+
+from learners.distill import TrajectoryError, validate_trajectory
+
+SHAPE = (3, 8, 16, 16)
+
+
+def _payload(**changes):
+    payload = {"prompt_idx": torch.tensor([0, 5]), "num_steps": 4, "k": 1, "z_k": torch.zeros(2, *SHAPE),
+               "T_k": torch.full((2,), 900.0), "T_next": torch.full((2,), 700.0)}
+    payload.update(changes)
+    return payload
+
+
+def test_a_good_trajectory_passes():
+    validate_trajectory(_payload(), "generator", SHAPE, num_prompts=10)
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"z_k": torch.full((2, *SHAPE), float("nan"))}, "NaN"),
+    ({"z_k": torch.full((2, *SHAPE), float("inf"))}, "NaN/Inf"),
+    ({"z_k": torch.zeros(2, 3, 8, 8, 8)}, "shape"),
+    ({"prompt_idx": torch.tensor([0, 99])}, "prompt_idx"),
+])
+def test_bad_trajectories_are_rejected_with_the_reason(changes, message):
+    with pytest.raises(TrajectoryError, match=message):
+        validate_trajectory(_payload(**changes), "generator", SHAPE, num_prompts=10)
+
+
+def test_critic_trajectory_needs_x_hat():
+    with pytest.raises(TrajectoryError, match="x_hat"):
+        validate_trajectory(_payload(), "critic", SHAPE, num_prompts=10)
