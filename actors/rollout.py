@@ -31,6 +31,10 @@ class RolloutActor:
         self.embeddings = read_shards(Path(self.cfg.data.root) / "train").embeddings
         self.version = -1
         self.load_latest_weights()
+        ray.get(self.registry.report_started.remote(actor_id, self.version))
+
+    def current_version(self) -> int:
+        return self.version
 
     def load_latest_weights(self) -> int:
         version, wrapped = ray.get(self.registry.latest.remote())

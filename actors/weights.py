@@ -14,6 +14,7 @@ class WeightRegistry:
     def __init__(self):
         self.versions: dict[int, list] = {}
         self.loaded: dict[str, int] = {}
+        self.starts: list[tuple[str, int]] = []  # (actor, version loaded at start): restarts show up here
 
     def publish(self, version: int, wrapped_ref: list) -> None:
         if self.versions and version <= max(self.versions):
@@ -30,6 +31,12 @@ class WeightRegistry:
 
     def report_loaded(self, actor_id: str, version: int) -> None:
         self.loaded[actor_id] = version
+
+    def report_started(self, actor_id: str, version: int) -> None:
+        self.starts.append((actor_id, version))
+
+    def start_log(self) -> list[tuple[str, int]]:
+        return list(self.starts)
 
     def loaded_versions(self) -> dict[str, int]:
         return dict(self.loaded)

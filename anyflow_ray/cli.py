@@ -22,7 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sample": ("sample", "sample videos for each step count: GIF/MP4 per prompt and a contact sheet"),
     "evaluate": ("evaluate", "quality-vs-steps table, JSON and plot"),
     "bench": ("bench", "benchmarks: learner step time through Ray + DeepSpeed vs a plain PyTorch loop"),
-    "demo": ("demo", "make-tiny -> data -> teacher -> Stage 1 -> samples -> evaluation on the tiny default"),
+    "demo": ("demo", "make-tiny -> data -> teacher -> Stage 1 -> Stage 2 -> samples -> evaluation (tiny)"),
 }
 
 

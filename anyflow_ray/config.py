@@ -172,7 +172,7 @@ class SampleConfig:
 
 @dataclass
 class EvalConfig:
-    models: list[str] = field(default_factory=lambda: ["${teacher.output}", "${pretrain.output}"])
+    models: list[str] = field(default_factory=lambda: ["${teacher.output}", "${pretrain.output}", "${distill.output}"])
     steps: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32])
     num_prompts: int = 64
     reference_steps: int = 100

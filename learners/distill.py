@@ -176,11 +176,14 @@ class DistillWorker(LearnerWorker):
             loss, _ = critic_loss(critic.module, payload["x_hat"].to(self.device, self.dtype), context, rng,
                                   self.cfg.schedule.shift)
             crit_terms.append(loss)
-        crit = torch.stack(crit_terms).mean() if crit_terms else torch.zeros((), device=self.device, requires_grad=True)
-        critic.backward(crit)
-        critic.step()
+        crit_value = float("nan")
+        if crit_terms:  # no usable critic trajectory (all lost/rejected): skip this critic update
+            crit = torch.stack(crit_terms).mean()
+            critic.backward(crit)
+            critic.step()
+            crit_value = float(crit.detach())
         return {"loss": float(total.detach()), "dmd_loss": float(dmd.detach()), "real_loss": float(real_loss.detach()),
-                "critic_loss": float(crit.detach()), **{k: v for k, v in metrics.items()},
+                "critic_loss": crit_value, **{k: v for k, v in metrics.items()},
                 **{f"diag/{k}": v for k, v in real_info.items()}, **counts}
 
     # -- weights --------------------------------------------------------------------------------

@@ -1,8 +1,11 @@
-"""`anyflow-ray bench` (`make bench`): figures, not assertions.
+"""`anyflow-ray bench` (`make bench`): figures, not assertions. Each ratio is measured in one run:
 
-Learner step time through Ray + DeepSpeed (one rank, driver-side wall time per `train_step` call)
-against a plain single-process PyTorch loop with the same model, Stage-1 loss and batch; medians of
-``--steps`` steps after warm-up, and their ratio.
+1. Stage-1 learner step through Ray + DeepSpeed (one rank, driver wall time per ``train_step``) vs a
+   plain single-process PyTorch loop with the same model, loss and batch (medians after warm-up).
+2. Backward-simulation rollout (<= 3 calls) vs a full N-step rollout, N = 8, 16, 50 (mean over k).
+3. Trainable-only weight sync (LoRA adapters + E_r) vs a full state-dict sync through the object store.
+4. Stage-2 pipeline throughput (learner steps/s) with max_policy_lag = 1 vs 0, one rollout actor and
+   one learner rank.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from anyflow_ray.config import load_config
 from anyflow_ray.jobs.common import log, prepare
@@ -23,11 +26,15 @@ WARMUP, MEASURED = 3, 10
 
 def run(cfg: DictConfig) -> dict:
     with tempfile.TemporaryDirectory(prefix="anyflow-bench-") as tmp:
-        bench_cfg = _bench_config(cfg, tmp)
+        overrides = _bench_overrides(cfg, tmp)
+        bench_cfg = load_config(None, overrides)
         prepare(bench_cfg, Path(tmp) / "bench")
         _prepare_inputs(bench_cfg)
         plain = _plain_loop_step_times(bench_cfg)
         learner = _learner_step_times(bench_cfg)
+        rollout = _rollout_speedups(bench_cfg)
+        sync = _weight_sync_ratio(bench_cfg)
+        throughput = _pipeline_throughput(overrides, tmp)
     result = {
         "global_batch": cfg.pretrain.global_batch,
         "plain_pytorch_step_s": statistics.median(plain),
@@ -38,6 +45,19 @@ def run(cfg: DictConfig) -> dict:
     print(f"  plain PyTorch loop      {result['plain_pytorch_step_s'] * 1e3:8.1f} ms")
     print(f"  Ray + DeepSpeed (1 rank) {result['ray_deepspeed_step_s'] * 1e3:7.1f} ms")
     print(f"  ratio                    {result['ratio_ray_deepspeed_over_plain']:7.3f}x")
+    print("Backward simulation vs full N-step rollout (batch %d, mean over k):" % cfg.rollout.batch_size)
+    for n, (full, backward) in rollout.items():
+        print(f"  N={n:<3d} full {full * 1e3:8.1f} ms  backward sim {backward * 1e3:7.1f} ms  speed-up {full / backward:6.2f}x")
+    print(f"Weight sync through the object store: trainable-only {sync['trainable_s'] * 1e3:.2f} ms "
+          f"({sync['trainable_mb']:.2f} MB) vs full state dict {sync['full_s'] * 1e3:.2f} ms ({sync['full_mb']:.2f} MB): "
+          f"{sync['full_s'] / sync['trainable_s']:.2f}x faster")
+    print(f"Stage-2 pipeline, 1 rollout actor + 1 learner rank: lag 1 {throughput[1]:.2f} steps/s vs "
+          f"lag 0 {throughput[0]:.2f} steps/s: {throughput[1] / throughput[0]:.2f}x")
+    result.update({"rollout_ms": {n: {"full": f * 1e3, "backward_sim": b * 1e3, "speedup": f / b}
+                                  for n, (f, b) in rollout.items()},
+                   "weight_sync": {**sync, "speedup": sync["full_s"] / sync["trainable_s"]},
+                   "pipeline_steps_per_s": {"lag1": throughput[1], "lag0": throughput[0],
+                                            "ratio": throughput[1] / throughput[0]}})
     out = Path(cfg.run.output_dir) / "bench.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
@@ -45,13 +65,13 @@ def run(cfg: DictConfig) -> dict:
     return result
 
 
-def _bench_config(cfg: DictConfig, tmp: str) -> DictConfig:
+def _bench_overrides(cfg: DictConfig, tmp: str) -> list[str]:
     """The user's model sizes and batch, with every path in a scratch folder and one learner rank."""
     overrides = [f"run.output_dir={tmp}", "learner.num_ranks=1", "run.device=cpu",
                  f"run.threads={cfg.run.threads}", f"pretrain.global_batch={cfg.pretrain.global_batch}",
                  f"data.num_train={max(256, cfg.pretrain.global_batch)}", "data.num_heldout=8"]
     overrides += [f"model.tiny.{k}={v}" for k, v in cfg.model.tiny.items() if k != "patch_size"]
-    return load_config(None, overrides)
+    return overrides
 
 
 def _prepare_inputs(cfg: DictConfig) -> None:
@@ -62,6 +82,7 @@ def _prepare_inputs(cfg: DictConfig) -> None:
     make_tiny(cfg.model.base, cfg.model.tiny)
     data.run(cfg)
     save_as_pipeline(load_transformer(cfg.model.base), cfg.model.base, cfg.teacher.output)
+    save_as_pipeline(load_transformer(cfg.model.base, flow_map=True), cfg.model.base, cfg.pretrain.output)
 
 
 def _plain_loop_step_times(cfg: DictConfig) -> list[float]:
@@ -104,3 +125,67 @@ def _learner_step_times(cfg: DictConfig) -> list[float]:
     finally:
         group.shutdown()
     return times[WARMUP:]
+
+
+def _rollout_speedups(cfg: DictConfig) -> dict[int, tuple[float, float]]:
+    import torch
+
+    from anyflow_ray.backward_sim import backward_simulation
+    from anyflow_ray.models.loading import load_transformer
+    from anyflow_ray.sampling import sample
+
+    student = load_transformer(cfg.pretrain.init, flow_map=True).eval()
+    batch = cfg.rollout.batch_size
+    noise = torch.randn(batch, 3, cfg.data.frames, cfg.data.height, cfg.data.width)
+    context = torch.randn(batch, cfg.model.tiny.text_max_length, cfg.model.tiny.text_dim)
+    out = {}
+    with torch.no_grad():
+        for n in (8, 16, 50):
+            start = time.perf_counter()
+            sample(student, noise, context, n)
+            full = time.perf_counter() - start
+            ks = range(0, n, max(1, n // 8))
+            start = time.perf_counter()
+            for k in ks:
+                backward_simulation(student, noise, context, n, k)
+            out[n] = (full, (time.perf_counter() - start) / len(ks))
+    return out
+
+
+def _weight_sync_ratio(cfg: DictConfig, repeats: int = 5) -> dict:
+    import ray
+
+    from anyflow_ray.jobs.ray_runtime import init_ray
+    from anyflow_ray.models.loading import load_transformer
+    from learners.worker import apply_lora
+
+    init_ray(cfg)
+    student = load_transformer(cfg.pretrain.init, flow_map=True)
+    apply_lora(student, OmegaConf.merge(cfg.model.lora, {"rank": 4, "alpha": 4}))
+    trainable = {n: p.detach().clone() for n, p in student.named_parameters() if p.requires_grad}
+    full = {n: t.detach().clone() for n, t in student.state_dict().items()}
+
+    def round_trip(state) -> float:
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            ray.get(ray.put(state))
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    mb = lambda state: sum(t.numel() * t.element_size() for t in state.values()) / 2**20  # noqa: E731
+    return {"trainable_s": round_trip(trainable), "full_s": round_trip(full), "trainable_mb": mb(trainable),
+            "full_mb": mb(full)}
+
+
+def _pipeline_throughput(overrides: list[str], tmp: str, steps: int = 20) -> dict[int, float]:
+    from anyflow_ray.jobs import distill
+
+    out = {}
+    for lag in (0, 1):
+        run_cfg = load_config(None, [*overrides, f"distill.max_policy_lag={lag}", f"distill.steps={steps}",
+                                     f"distill.output={tmp}/stage2-lag{lag}", "distill.resume=false",
+                                     f"distill.save_every={steps}", "rollout.num_actors=1", "run.wandb_mode=disabled"])
+        summary_path = distill.run(run_cfg) / "pipeline_summary.json"
+        out[lag] = json.loads(summary_path.read_text())["learner_steps_per_s"]
+    return out

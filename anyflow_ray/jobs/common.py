@@ -33,6 +33,16 @@ def prepare(cfg: DictConfig, out_dir: str | Path) -> tuple[Path, torch.device, t
     return out, device, resolve_dtype(cfg.run.precision, device)
 
 
+def progress(iterable, **kwargs):
+    """A tqdm bar; when stderr is not a terminal (logs, `ray job logs`) it redraws every 10 s only."""
+    import sys
+
+    from tqdm.auto import tqdm
+
+    kwargs.setdefault("mininterval", 0.1 if sys.stderr.isatty() else 10.0)
+    return tqdm(iterable, dynamic_ncols=True, **kwargs)
+
+
 def train_root(cfg: DictConfig) -> Path:
     return Path(cfg.data.root) / "train"
 

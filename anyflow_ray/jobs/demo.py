@@ -1,6 +1,6 @@
 """`anyflow-ray demo`: the whole tiny pipeline end to end, skipping stages whose outputs already exist.
 
-make-tiny -> data -> teacher -> Stage 1 -> samples -> evaluation, all under ``run.output_dir``.
+make-tiny -> data -> teacher -> Stage 1 -> Stage 2 -> samples -> evaluation, all under ``run.output_dir``.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from anyflow_ray.jobs import data, evaluate, make_tiny, pretrain, sample, teacher
+from anyflow_ray.jobs import data, distill, evaluate, make_tiny, pretrain, sample, teacher
 from anyflow_ray.jobs.common import log
 
 
@@ -21,8 +21,10 @@ def run(cfg: DictConfig) -> Path:
         ("data", Path(cfg.data.root) / "heldout" / "manifest.json", lambda: data.run(cfg)),
         ("teacher", Path(cfg.teacher.output) / "model_index.json", lambda: teacher.run(cfg)),
         ("stage 1", Path(cfg.pretrain.output) / "model_index.json", lambda: pretrain.run(cfg)),
+        ("stage 2", Path(cfg.distill.output) / "model_index.json", lambda: distill.run(cfg)),
         ("sample teacher", None, lambda: sample.run(cfg, cfg.teacher.output, f"{cfg.sample.output}/teacher")),
         ("sample stage 1", None, lambda: sample.run(cfg, cfg.pretrain.output, f"{cfg.sample.output}/stage1")),
+        ("sample stage 2", None, lambda: sample.run(cfg, cfg.distill.output, f"{cfg.sample.output}/stage2")),
         ("evaluate", None, lambda: evaluate.run(cfg)),
     ]
     for name, done_marker, stage in stages:

@@ -17,17 +17,16 @@ from pathlib import Path
 
 import ray
 from omegaconf import DictConfig, OmegaConf
-from tqdm.auto import tqdm
 
 from anyflow_ray import checkpoint as ckpt_io
-from anyflow_ray.jobs.common import log, prepare
+from anyflow_ray.jobs.common import log, prepare, progress
 from anyflow_ray.jobs.pipeline_metrics import PipelineMetrics
 from anyflow_ray.jobs.ray_runtime import init_ray
 from anyflow_ray.metrics import MetricsLogger
 
 
 class RolloutFleet:
-    """M rollout actors kept busy with generator/critic rollouts; restarts are counted."""
+    """M rollout actors kept busy with generator/critic rollouts; a task lost with its actor is resubmitted."""
 
     def __init__(self, cfg: DictConfig, buffer, registry):
         from actors.rollout import RolloutActor
@@ -40,7 +39,7 @@ class RolloutFleet:
         self.pending: dict = {}
         self.seeds = itertools.count(cfg.run.seed * 1_000_003)
         self.kinds = itertools.cycle(["generator", "critic"])
-        self.restarts = 0
+        self.failed_tasks = 0
         self.produced = 0
 
     def submit(self, actor_index: int, kind: str | None = None) -> None:
@@ -66,7 +65,7 @@ class RolloutFleet:
                 out.append(ray.get(ref))
                 self.produced += 1
             except ray.exceptions.RayActorError:
-                self.restarts += 1
+                self.failed_tasks += 1
                 log.warning("rollout actor %d died; Ray restarts it with the newest weights", index)
                 self.submit(index, kind)
         return out
@@ -92,7 +91,8 @@ def run(cfg: DictConfig) -> Path:
         metrics = PipelineMetrics()
         logger = MetricsLogger(out, "stage2", cfg)
         logger.add_sink(metrics.record)
-        bar = tqdm(range(start, dc.steps), initial=start, total=dc.steps, desc="stage2", dynamic_ncols=True)
+        bar = progress(range(start, dc.steps), initial=start, total=dc.steps, desc="stage2")
+        loop_start = time.perf_counter()
         for step in bar:
             batch = _next_batch(cfg, fleet, buffer, version, group.num_ranks)
             t0 = time.perf_counter()
@@ -108,16 +108,21 @@ def run(cfg: DictConfig) -> Path:
                 sync_s = time.perf_counter() - t1
             stats = ray.get(buffer.summary.remote())
             values = {**results[0], **counts, "version": version, "learner_step_s": learn_s, "sync_s": sync_s,
-                      "policy_lag": batch["lag"], "buffer_depth": stats["depth"], "restarts": fleet.restarts,
+                      "policy_lag": batch["lag"], "buffer_depth": stats["depth"], "failed_rollouts": fleet.failed_tasks,
                       "produced": fleet.produced, **{f"buffer/{k}": v for k, v in stats.items()}}
             bar.set_postfix(loss=f"{values['loss']:.4f}", v=version, depth=stats["depth"])
             if (step + 1) % dc.log_every == 0 or step + 1 == dc.steps:
                 logger.log(step + 1, {f"stage2/{k}": v for k, v in values.items()})
             if (step + 1) % dc.save_every == 0 or step + 1 == dc.steps:
                 group.run("save", str(out), step + 1, version)
+        loop_s = time.perf_counter() - loop_start
         _drain(fleet, buffer)
         summary = ray.get(buffer.summary.remote())
-        summary["restarts"] = fleet.restarts
+        summary["learner_steps_per_s"] = (dc.steps - start) / loop_s if loop_s > 0 else 0.0
+        summary["actor_versions"] = ray.get([a.current_version.remote() for a in fleet.actors])  # waits for restarts
+        starts = ray.get(registry.start_log.remote())
+        summary["restarts"] = len(starts) - len(fleet.actors)
+        summary["versions_at_start"] = starts
         summary["loaded_versions"] = ray.get(registry.loaded_versions.remote())
         (out / "pipeline_summary.json").write_text(json.dumps(summary, indent=2))
         logger.close()

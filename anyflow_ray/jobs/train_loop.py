@@ -5,9 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from omegaconf import DictConfig
-from tqdm.auto import tqdm
 
-from anyflow_ray.jobs.common import log
+from anyflow_ray.jobs.common import log, progress
 from anyflow_ray.jobs.ray_runtime import init_ray
 from anyflow_ray.metrics import MetricsLogger
 
@@ -27,7 +26,7 @@ def train_with_learners(cfg: DictConfig, job: str, out: Path, steps: int, save_e
         if start:
             log.info("%s: resumed from %s at step %d", job, out / "checkpoints", start)
         logger = MetricsLogger(out, job, cfg)
-        bar = tqdm(range(start, steps), initial=start, total=steps, desc=job, dynamic_ncols=True)
+        bar = progress(range(start, steps), initial=start, total=steps, desc=job)
         for step in bar:
             metrics = group.run("train_step", step)[0]
             bar.set_postfix(loss=f"{metrics['loss']:.4f}")

@@ -5,6 +5,7 @@ instance on the machine.
 """
 
 import os
+import re
 import secrets
 import socket
 import subprocess
@@ -19,7 +20,7 @@ from anyflow_ray.config import load_config
 
 VENV_BIN = str(Path(sys.executable).parent)
 TINY = ["model.tiny.num_layers=1", "model.tiny.ffn_dim=32", "data.num_train=32", "data.num_heldout=8",
-        "distill.steps=30", "distill.log_every=1", "distill.save_every=30", "rollout.batch_size=2",
+        "distill.steps=40", "distill.log_every=1", "distill.save_every=30", "rollout.batch_size=2",
         "distill.real_batch=8", "distill.budgets=[2,4]", "learner.cpus_per_rank=0.5", "rollout.cpus_per_actor=0.25"]
 
 
@@ -53,7 +54,7 @@ def head(tmp_path_factory):
     token = secrets.token_hex(16)
     ports = {name: _free_port() for name in ("gcs", "dashboard", "metrics", "agent")}
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "WANDB_MODE": "disabled",
-           "PATH": f"{VENV_BIN}:{os.environ['PATH']}"}
+           "PATH": f"{VENV_BIN}:{os.environ['PATH']}", "RAY_metrics_report_interval_ms": "1000"}
     proc = subprocess.Popen([f"{VENV_BIN}/ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1",
                              f"--port={ports['gcs']}", "--dashboard-host=127.0.0.1",
                              f"--dashboard-port={ports['dashboard']}", f"--metrics-export-port={ports['metrics']}",
@@ -69,6 +70,10 @@ def head(tmp_path_factory):
     yield {"address": address, "env": env, "ports": ports}
     proc.terminate()
     proc.wait(timeout=60)
+    # `ray start` recorded this head as the machine's current cluster; do not leave a dead address behind
+    marker = Path("/tmp/ray/ray_current_cluster")
+    if marker.is_file() and marker.read_text().strip().endswith(f":{ports['gcs']}"):
+        marker.unlink()
 
 
 def test_a_client_without_the_token_is_refused(head):
@@ -89,11 +94,12 @@ def test_submitted_tiny_distill_job_succeeds_and_exports_metrics(head, prepared)
             break
         time.sleep(3)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    job_id = next(w for w in proc.stdout.split() if w.startswith("raysubmit_")).strip("'\"")
+    job_id = re.search(r"raysubmit_[A-Za-z0-9]+", proc.stdout + proc.stderr).group(0)
     metrics_seen, status = set(), ""
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
-        status = _ray(["job", "status", "--address", head["address"], job_id], head["env"]).stdout
+        reply = _ray(["job", "status", "--address", head["address"], job_id], head["env"])
+        status = (reply.stdout + reply.stderr).upper()
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{head['ports']['metrics']}/metrics", timeout=5) as r:
                 text = r.read().decode()

@@ -15,7 +15,7 @@ SMALL = ["model.tiny.num_layers=1", "model.tiny.ffn_dim=32", "data.num_train=64"
 def ray_local():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"WANDB_MODE": "disabled"}})
+    ray.init(address="local", num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"WANDB_MODE": "disabled"}})
     yield ray
     ray.shutdown()
 
