@@ -120,6 +120,7 @@ def run(cfg: DictConfig) -> Path:
         summary = ray.get(buffer.summary.remote())
         summary["learner_steps_per_s"] = (dc.steps - start) / loop_s if loop_s > 0 else 0.0
         summary["actor_versions"] = ray.get([a.current_version.remote() for a in fleet.actors])  # waits for restarts
+        _check_loaded_versions(summary["actor_versions"], ray.get(registry.loaded_versions.remote()), version)
         starts = ray.get(registry.start_log.remote())
         summary["restarts"] = len(starts) - len(fleet.actors)
         summary["versions_at_start"] = starts
@@ -164,6 +165,14 @@ def _drain(fleet: RolloutFleet, buffer) -> None:
         ray.get(buffer.flush.remote())
         fleet.collect(timeout=0.2)
     ray.get(buffer.flush.remote())
+
+
+def _check_loaded_versions(actor_versions: list[int], reported: dict[str, int], published: int) -> None:
+    """What each actor holds must be what it reported loading, and no newer than what was published."""
+    for i, version in enumerate(actor_versions):
+        if reported.get(f"rollout-{i}", version) != version or not 0 <= version <= published:
+            raise RuntimeError(f"rollout-{i} holds weight version {version} but reported "
+                               f"{reported.get(f'rollout-{i}')} (published: {published})")
 
 
 def _resumed_version(out: Path) -> int:

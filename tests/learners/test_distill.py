@@ -79,3 +79,30 @@ def test_nan_and_misshapen_trajectories_are_rejected_and_counted(ray_local, prep
         assert torch.isfinite(torch.tensor(result["loss"]))
     finally:
         group.shutdown()
+
+
+def test_a_dead_learner_rank_stops_the_run_and_the_run_resumes_with_its_weight_version(
+        ray_local, prepared_run, tmp_path, monkeypatch):
+    from anyflow_ray.jobs import distill
+    from learners.group import LearnerGroupError
+
+    cfg = run_cfg(prepared_run, f"distill.output={tmp_path}/s2", "distill.steps=6", "distill.save_every=2",
+                  "distill.log_every=1")
+    original = LearnerGroup.run
+
+    def run_and_die_at_step_3(self, method, *args, **kwargs):
+        if method == "train_step" and args[0] == 3:
+            ray.kill(self.workers[0], no_restart=True)
+        return original(self, method, *args, **kwargs)
+
+    monkeypatch.setattr(LearnerGroup, "run", run_and_die_at_step_3)
+    with pytest.raises(LearnerGroupError, match="rank 0 died"):
+        distill.run(cfg)
+    out = tmp_path / "s2"
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step-000002"
+    monkeypatch.setattr(LearnerGroup, "run", original)
+    distill.run(cfg)  # resumes from step 2 with weight version 2
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    resumed = [r for r in records if r["step"] > 2][-4:]
+    assert [r["step"] for r in resumed] == [3, 4, 5, 6]
+    assert [r["stage2/version"] for r in resumed] == [3, 4, 5, 6]
