@@ -15,7 +15,7 @@ rejected (NaN/Inf, wrong shape), so the books always balance:
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass
@@ -37,7 +37,6 @@ class BufferStats:
     rejected: int = 0
     trained: int = 0
     dropped_at_end: int = 0
-    taken_ids: set = field(default_factory=set)
 
     def as_dict(self, depth: int) -> dict:
         return {"accepted": self.accepted, "refused_full": self.refused_full, "taken": self.taken,
@@ -80,9 +79,6 @@ class TrajectoryBufferCore:
             if entry.version < oldest_ok:
                 self.stats.dropped_stale += 1
                 continue
-            if entry.seq in self.stats.taken_ids:  # cannot happen; guards the exactly-once invariant
-                raise RuntimeError(f"trajectory {entry.seq} handed out twice")
-            self.stats.taken_ids.add(entry.seq)
             self.stats.taken += 1
             out.append(([entry.ref], {"version": entry.version, "producer": entry.producer, "seq": entry.seq,
                                       "lag": learner_version - entry.version}))
@@ -107,8 +103,5 @@ class TrajectoryBufferCore:
 
 
 class TrajectoryBuffer(TrajectoryBufferCore):
-    """Run as ``ray.remote(TrajectoryBuffer)``: one instance per job, shared by all rollout actors."""
-
-    def available(self, kind: str, learner_version: int) -> int:
-        oldest_ok = learner_version - self.max_policy_lag
-        return sum(1 for e in self.queues[kind] if e.version >= oldest_ok)
+    """Run as ``ray.remote(TrajectoryBuffer)``: one instance per job, shared by all rollout actors.
+    Entries leave their queue when taken, so none can be handed out twice."""

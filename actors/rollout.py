@@ -17,8 +17,9 @@ from omegaconf import OmegaConf
 
 from anyflow_ray.backward_sim import draw_budget, finish, prefix
 from anyflow_ray.data.shards import read_shards
-from anyflow_ray.device import set_threads
+from anyflow_ray.device import resolve_device, resolve_dtype, set_threads
 from anyflow_ray.models.loading import load_transformer
+from anyflow_ray.models.lora import apply_lora
 
 
 class RolloutActor:
@@ -26,9 +27,14 @@ class RolloutActor:
         self.cfg = OmegaConf.create(cfg)
         set_threads(self.cfg.rollout.threads)
         self.actor_id, self.buffer, self.registry = actor_id, buffer, registry
-        self.student = load_transformer(self.cfg.distill.init, flow_map=True, gate=self.cfg.model.gate).eval()
-        self.student.requires_grad_(False)
-        self.embeddings = read_shards(Path(self.cfg.data.root) / "train").embeddings
+        self.device = resolve_device("cuda" if self.cfg.rollout.gpus_per_actor > 0 else "cpu")
+        self.dtype = resolve_dtype(self.cfg.run.precision, self.device)
+        student = load_transformer(self.cfg.distill.init, flow_map=True, gate=self.cfg.model.gate, dtype=self.dtype)
+        if self.cfg.model.lora.enabled:  # the same adapters as the learner, so published names match
+            apply_lora(student, self.cfg.model.lora)
+        self.student = student.to(self.device).eval().requires_grad_(False)
+        clips = read_shards(Path(self.cfg.data.root) / "train")
+        self.embeddings, self.clip_shape = clips.embeddings, tuple(clips.videos.shape[1:])
         self.version = -1
         self.load_latest_weights()
         ray.get(self.registry.report_started.remote(actor_id, self.version))
@@ -54,16 +60,15 @@ class RolloutActor:
         gen = torch.Generator().manual_seed(seed)
         n, k = draw_budget(gen, tuple(self.cfg.distill.budgets))
         idx = torch.randint(len(self.embeddings), (self.cfg.rollout.batch_size,), generator=gen)
-        context = self.embeddings[idx]
-        shape = (len(idx), *self._latent_shape())
-        noise = torch.randn(shape, generator=gen)
+        context = self.embeddings[idx].to(self.device, self.dtype)
+        noise = torch.randn((len(idx), *self.clip_shape), generator=gen).to(self.device, self.dtype)
         state = prefix(self.student, noise, context, n, k, self.cfg.schedule.shift)
-        payload = {"prompt_idx": idx, "num_steps": n, "k": k, "z_k": state.z_k, "T_k": state.T_k,
-                   "T_next": state.T_next, "version": self.version}
+        payload = {"prompt_idx": idx, "num_steps": n, "k": k, "z_k": state.z_k.cpu(), "T_k": state.T_k.cpu(),
+                   "T_next": state.T_next.cpu(), "version": self.version}
         if kind == "critic":
-            payload["x_hat"] = finish(self.student, state, context)[1]
+            payload["x_hat"] = finish(self.student, state, context)[1].cpu()
         elif self.cfg.distill.grad_scope == "all":
-            payload["noise"] = noise
+            payload["noise"] = noise.cpu()
         return payload
 
     def rollout(self, kind: str, seed: int, max_wait_s: float = 600.0) -> dict:
@@ -80,7 +85,3 @@ class RolloutActor:
             waited += 0.05
         return {"actor": self.actor_id, "kind": kind, "version": self.version, "num_steps": payload["num_steps"],
                 "k": payload["k"], "seconds": time.perf_counter() - start}
-
-    def _latent_shape(self) -> tuple[int, ...]:
-        cfg = self.student.config
-        return (cfg.in_channels, self.cfg.data.frames, self.cfg.data.height, self.cfg.data.width)

@@ -73,6 +73,10 @@ def validate_checkpoint(ckpt: Path, world_size: int) -> dict:
     if not meta_path.is_file():
         raise CheckpointError(f"checkpoint {ckpt} is missing {meta_path.relative_to(ckpt)}")
     meta = json.loads(meta_path.read_text())
+    if not meta.get("resumable", True):
+        raise CheckpointError(f"checkpoint {ckpt} holds the EMA model only (written with ZeRO "
+                              f"{meta.get('zero_stage')} or bf16, whose optimizer state is not saved yet); "
+                              f"start a new run from it instead of resuming")
     if meta.get("world_size") != world_size:
         raise CheckpointError(f"checkpoint {ckpt} was written by {meta.get('world_size')} ranks; this run has "
                               f"{world_size} (resume with learner.num_ranks={meta.get('world_size')})")

@@ -144,7 +144,6 @@ class DistillConfig:
     critic_lr: float = 0.0  # 0: same as lr (the reference); > 0 lets the critic track a fast-moving student
     betas: list[float] = field(default_factory=lambda: [0.0, 0.999])
     weight_decay: float = 0.0
-    warmup: int = 0
     ema: float = 0.99
     grad_clip: float = 1.0
     dmd_guidance: float = 4.0  # CFG of the real score in x0 form

@@ -186,7 +186,7 @@ def dmd_loss(x_hat: torch.Tensor, critic: torch.nn.Module, teacher: torch.nn.Mod
     it moves the student's samples from where the critic's (fake) score points toward the teacher's.
     """
     batch = x_hat.shape[0]
-    T = T_SCALE * shift_time(torch.rand(batch, generator=generator)).to(x_hat.device)
+    T = T_SCALE * shift_time(torch.rand(batch, generator=generator), shift).to(x_hat.device)
     T = T.clamp(min=1.0)  # x0-predictions need T > 0
     x_sigma = add_noise(x_hat.detach(), randn_like(x_hat, generator), T)
     x_fake = x0_prediction(critic, x_sigma, T, context)

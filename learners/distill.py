@@ -15,14 +15,15 @@ import copy
 
 import ray
 import torch
-from ray.exceptions import ObjectLostError, OwnerDiedError
+from ray.exceptions import GetTimeoutError, ObjectLostError, OwnerDiedError
 
 from anyflow_ray import checkpoint as ckpt_io
 from anyflow_ray.backward_sim import RolloutState, finish, prefix
 from anyflow_ray.losses import critic_loss, dmd_loss
 from anyflow_ray.models.loading import load_transformer
 from anyflow_ray.objectives import Stage1Objective
-from learners.worker import LearnerWorker, apply_lora, deepspeed_config
+from anyflow_ray.models.lora import apply_lora
+from learners.worker import LearnerWorker, deepspeed_config
 
 REQUIRED = {"generator": ("prompt_idx", "num_steps", "k", "z_k", "T_k", "T_next"),
             "critic": ("prompt_idx", "x_hat")}
@@ -64,6 +65,9 @@ class DistillWorker(LearnerWorker):
         if self.cfg.model.lora.enabled:
             apply_lora(student, self.cfg.model.lora)
             apply_lora(critic, self.cfg.model.lora)
+        if self.cfg.model.gradient_checkpointing:
+            student.enable_gradient_checkpointing()
+            critic.enable_gradient_checkpointing()
         self.teacher = teacher.to(self.device).eval().requires_grad_(False)
         data = self._load_data()
         self.data = data
@@ -117,7 +121,7 @@ class DistillWorker(LearnerWorker):
         for wrapped in wrapped_refs:
             try:
                 payload = ray.get(wrapped[0], timeout=float(self.cfg.learner.timeout_s))
-            except (ObjectLostError, OwnerDiedError):
+            except (ObjectLostError, OwnerDiedError, GetTimeoutError):  # gone with its actor, or unreachable
                 lost += 1
                 continue
             try:
@@ -177,7 +181,7 @@ class DistillWorker(LearnerWorker):
                                   self.cfg.schedule.shift)
             crit_terms.append(loss)
         crit_value = float("nan")
-        if crit_terms:  # no usable critic trajectory (all lost/rejected): skip this critic update
+        if self._all_ranks_have(bool(crit_terms)):  # else skip this critic update on every rank together
             crit = torch.stack(crit_terms).mean()
             critic.backward(crit)
             critic.step()
@@ -185,6 +189,14 @@ class DistillWorker(LearnerWorker):
         return {"loss": float(total.detach()), "dmd_loss": float(dmd.detach()), "real_loss": float(real_loss.detach()),
                 "critic_loss": crit_value, **{k: v for k, v in metrics.items()},
                 **{f"diag/{k}": v for k, v in real_info.items()}, **counts}
+
+    def _all_ranks_have(self, flag: bool) -> bool:
+        """True when ``flag`` holds on every rank (a collective: every rank must call it)."""
+        if self.world_size == 1:
+            return flag
+        value = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MIN)
+        return bool(value.item())
 
     # -- weights --------------------------------------------------------------------------------
     def trainable_state(self) -> dict[str, torch.Tensor]:
@@ -195,14 +207,3 @@ class DistillWorker(LearnerWorker):
         """ray.put the trainable parameters (or the full state dict, for comparison); a wrapped ref."""
         state = self.model.state_dict() if full else self.trainable_state()
         return [ray.put({k: v.detach().cpu() for k, v in state.items()})]
-
-    def save(self, root: str, step: int, version: int = 0) -> str:
-        path = super().save(root, step)
-        if self.rank == 0:
-            meta_path = ckpt_io.step_dir(root, step) / "training_state" / "meta.json"
-            import json
-
-            meta = json.loads(meta_path.read_text())
-            meta["weight_version"] = version
-            meta_path.write_text(json.dumps(meta, indent=2))
-        return path

@@ -34,8 +34,12 @@ class LearnerGroup:
             gpus = 1.0 if resolve_device(cfg.run.device).type == "cuda" else 0.0
         bundle = {"CPU": float(cfg.learner.cpus_per_rank), **({"GPU": float(gpus)} if gpus else {})}
         self.placement = placement_group([bundle] * self.num_ranks, strategy="PACK")
-        self._wait(self.placement.ready(), "placement group (not enough CPUs/GPUs in the cluster for "
-                   f"{self.num_ranks} x {bundle}?)")
+        try:
+            self._wait(self.placement.ready(), "placement group (not enough CPUs/GPUs in the cluster for "
+                       f"{self.num_ranks} x {bundle}?)")
+        except LearnerGroupError:
+            self.shutdown()
+            raise
         threads = max(1, int(cfg.run.threads) // self.num_ranks)
         env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
         remote_cls = ray.remote(worker_cls)

@@ -21,6 +21,7 @@ from anyflow_ray import checkpoint as ckpt_io
 from anyflow_ray.data.shards import read_shards
 from anyflow_ray.device import collective_backend, resolve_device, resolve_dtype, set_threads
 from anyflow_ray.models.loading import load_text_encoder, load_transformer, text_max_length
+from anyflow_ray.models.lora import apply_lora
 from anyflow_ray.models.text import UNCONDITIONAL_PROMPT, encode_prompts
 from anyflow_ray.objectives import OBJECTIVES, TrainData
 from anyflow_ray.pipeline import save_as_pipeline
@@ -32,7 +33,7 @@ def job_settings(cfg: DictConfig, job: str) -> DictConfig:
     section = {"teacher": cfg.teacher, "stage1": cfg.pretrain, "stage2": cfg.distill}[job]
     betas = tuple(section.betas) if "betas" in section else (0.9, 0.999)
     return OmegaConf.create(dict(lr=section.lr, betas=list(betas), weight_decay=section.weight_decay,
-                                 warmup=section.warmup, ema=section.ema, grad_clip=section.grad_clip))
+                                 warmup=section.get("warmup", 0), ema=section.ema, grad_clip=section.grad_clip))
 
 
 def build_model(cfg: DictConfig, job: str, dtype: torch.dtype) -> torch.nn.Module:
@@ -46,18 +47,6 @@ def build_model(cfg: DictConfig, job: str, dtype: torch.dtype) -> torch.nn.Modul
     if cfg.model.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     return model
-
-
-def apply_lora(model: torch.nn.Module, lora: DictConfig) -> None:
-    """LoRA adapters (peft) on the attention and FFN projections; E_r stays fully trainable."""
-    from peft import LoraConfig
-
-    model.requires_grad_(False)
-    model.add_adapter(LoraConfig(r=lora.rank, lora_alpha=lora.alpha, target_modules=list(lora.target_modules),
-                                 init_lora_weights=True))
-    r_embedder = getattr(model.condition_embedder, "time_embedder_r", None)
-    if r_embedder is not None:
-        r_embedder.requires_grad_(True)
 
 
 def deepspeed_config(cfg: DictConfig, job: str, micro_batch: int, dtype: torch.dtype) -> dict:
@@ -163,23 +152,28 @@ class LearnerWorker:
                 "grad_norm": float(grad_norm) if grad_norm is not None else float("nan")}
 
     # -- checkpoints --------------------------------------------------------------------------
-    def save(self, root: str, step: int) -> str:
+    @property
+    def resumable(self) -> bool:
+        """Training state is saved for fp32 ZeRO-0 engines, whose optimizer holds the parameters themselves.
+        (bf16 keeps fp32 master copies inside DeepSpeed and ZeRO >= 1 partitions them: not supported yet.)"""
+        return self.cfg.learner.zero_stage == 0 and self.dtype == torch.float32
+
+    def save(self, root: str, step: int, weight_version: int = 0) -> str:
         """Every rank writes its training state; rank 0 the EMA pipeline; ``latest`` after a barrier."""
-        if self.cfg.learner.zero_stage > 0:
-            raise NotImplementedError("checkpoints are implemented for learner.zero_stage=0 (the optimizer "
-                                      "state of ZeRO >= 1 is partitioned by DeepSpeed)")
         ckpt = ckpt_io.step_dir(root, step)
-        tensors = {f"param.{i}": p for i, p in enumerate(self.trainable)}
-        tensors.update(ckpt_io.optimizer_tensors(self.optimizer, self.trainable))
-        tensors.update(self.ema.state_dict())
-        tensors["rng.torch"] = torch.get_rng_state()
-        tensors.update(self._extra_state())
-        ckpt_io.save_rank_state(ckpt, self.rank, tensors)
+        if self.resumable:
+            tensors = {f"param.{i}": p for i, p in enumerate(self.trainable)}
+            tensors.update(ckpt_io.optimizer_tensors(self.optimizer, self.trainable))
+            tensors.update(self.ema.state_dict())
+            tensors["rng.torch"] = torch.get_rng_state()
+            tensors.update(self._extra_state())
+            ckpt_io.save_rank_state(ckpt, self.rank, tensors)
         if self.rank == 0:
             self.export_pipeline(str(ckpt))
             ckpt_io.save_meta(ckpt, {"step": step, "job": self.job, "world_size": self.world_size,
                                      "scheduler_step": self.scheduler.last_epoch if self.scheduler else 0,
-                                     "zero_stage": 0})
+                                     "zero_stage": self.cfg.learner.zero_stage, "resumable": self.resumable,
+                                     "weight_version": weight_version})
         self._barrier()
         if self.rank == 0:
             ckpt_io.write_latest(root, ckpt)
@@ -203,10 +197,10 @@ class LearnerWorker:
             self._barrier()
             return int(meta["step"])
         self.scheduler.last_epoch = meta["scheduler_step"]
-        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
         for group, lr_lambda, base in zip(self.optimizer.param_groups, self.scheduler.lr_lambdas,
                                           self.scheduler.base_lrs):
             group["lr"] = base * lr_lambda(meta["scheduler_step"])
+        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
         self._barrier()
         return int(meta["step"])
 

@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from anyflow_ray.config import load_config
 from anyflow_ray.jobs.common import log, prepare
+from anyflow_ray.jobs.data import scaffold_untrained_run
 
 WARMUP, MEASURED = 3, 10
 
@@ -29,7 +30,7 @@ def run(cfg: DictConfig) -> dict:
         overrides = _bench_overrides(cfg, tmp)
         bench_cfg = load_config(None, overrides)
         prepare(bench_cfg, Path(tmp) / "bench")
-        _prepare_inputs(bench_cfg)
+        scaffold_untrained_run(bench_cfg)
         plain = _plain_loop_step_times(bench_cfg)
         learner = _learner_step_times(bench_cfg)
         rollout = _rollout_speedups(bench_cfg)
@@ -72,17 +73,6 @@ def _bench_overrides(cfg: DictConfig, tmp: str) -> list[str]:
                  f"data.num_train={max(256, cfg.pretrain.global_batch)}", "data.num_heldout=8"]
     overrides += [f"model.tiny.{k}={v}" for k, v in cfg.model.tiny.items() if k != "patch_size"]
     return overrides
-
-
-def _prepare_inputs(cfg: DictConfig) -> None:
-    from anyflow_ray.jobs import data
-    from anyflow_ray.models.loading import load_transformer, make_tiny
-    from anyflow_ray.pipeline import save_as_pipeline
-
-    make_tiny(cfg.model.base, cfg.model.tiny)
-    data.run(cfg)
-    save_as_pipeline(load_transformer(cfg.model.base), cfg.model.base, cfg.teacher.output)
-    save_as_pipeline(load_transformer(cfg.model.base, flow_map=True), cfg.model.base, cfg.pretrain.output)
 
 
 def _plain_loop_step_times(cfg: DictConfig) -> list[float]:
@@ -157,7 +147,7 @@ def _weight_sync_ratio(cfg: DictConfig, repeats: int = 5) -> dict:
 
     from anyflow_ray.jobs.ray_runtime import init_ray
     from anyflow_ray.models.loading import load_transformer
-    from learners.worker import apply_lora
+    from anyflow_ray.models.lora import apply_lora
 
     init_ray(cfg)
     student = load_transformer(cfg.pretrain.init, flow_map=True)

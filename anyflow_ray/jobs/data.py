@@ -41,3 +41,16 @@ def run(cfg: DictConfig) -> Path:
         shards = write_shards(out, videos, prompts, embeddings.numpy(), seeds, shard_size=cfg.data.shard_size)
         log.info("%s: %d clips %s in %d shard(s) under %s", name, num, tuple(videos.shape[1:]), len(shards), out)
     return root
+
+
+def scaffold_untrained_run(cfg: DictConfig) -> Path:
+    """make-tiny + data + untrained teacher and Stage-1 pipelines: the inputs of every training job, for
+    tests and benchmarks whose figures do not depend on trained weights."""
+    from anyflow_ray.models.loading import load_transformer, make_tiny
+    from anyflow_ray.pipeline import save_as_pipeline
+
+    make_tiny(cfg.model.base, cfg.model.tiny)
+    run(cfg)
+    save_as_pipeline(load_transformer(cfg.model.base), cfg.model.base, cfg.teacher.output)
+    save_as_pipeline(load_transformer(cfg.model.base, flow_map=True), cfg.model.base, cfg.pretrain.output)
+    return Path(cfg.run.output_dir)

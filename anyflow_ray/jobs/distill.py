@@ -28,7 +28,7 @@ from anyflow_ray.metrics import MetricsLogger
 class RolloutFleet:
     """M rollout actors kept busy with generator/critic rollouts; a task lost with its actor is resubmitted."""
 
-    def __init__(self, cfg: DictConfig, buffer, registry):
+    def __init__(self, cfg: DictConfig, buffer, registry, start_step: int = 0):
         from actors.rollout import RolloutActor
 
         rc = cfg.rollout
@@ -37,7 +37,8 @@ class RolloutFleet:
                                                   max_restarts=-1, max_task_retries=0)
         self.actors = [remote.remote(plain, f"rollout-{i}", buffer, registry) for i in range(rc.num_actors)]
         self.pending: dict = {}
-        self.seeds = itertools.count(cfg.run.seed * 1_000_003)
+        # rollout seeds continue where a resumed run left off (at most 64 rollouts per learner step)
+        self.seeds = itertools.count((cfg.run.seed * 1_000_003 + start_step) * 64)
         self.kinds = itertools.cycle(["generator", "critic"])
         self.failed_tasks = 0
         self.produced = 0
@@ -83,11 +84,12 @@ def run(cfg: DictConfig) -> Path:
     group = LearnerGroup(cfg, "stage2", worker_cls=DistillWorker)
     buffer = ray.remote(TrajectoryBuffer).options(num_cpus=0).remote(dc.buffer_capacity, dc.max_policy_lag)
     registry = ray.remote(WeightRegistry).options(num_cpus=0).remote()
+    fleet = None
     try:
         start = group.run("load_latest", str(out))[0] if dc.resume else 0
         version = _resumed_version(out) if start else 0
         registry.publish.remote(version, group.run_on(0, "publish_weights"))
-        fleet = RolloutFleet(cfg, buffer, registry)
+        fleet = RolloutFleet(cfg, buffer, registry, start)
         metrics = PipelineMetrics()
         logger = MetricsLogger(out, "stage2", cfg)
         logger.add_sink(metrics.record)
@@ -110,13 +112,13 @@ def run(cfg: DictConfig) -> Path:
             values = {**results[0], **counts, "version": version, "learner_step_s": learn_s, "sync_s": sync_s,
                       "policy_lag": batch["lag"], "buffer_depth": stats["depth"], "failed_rollouts": fleet.failed_tasks,
                       "produced": fleet.produced, **{f"buffer/{k}": v for k, v in stats.items()}}
-            bar.set_postfix(loss=f"{values['loss']:.4f}", v=version, depth=stats["depth"])
+            bar.set_postfix(loss=f"{values['loss']:.4f}", v=version, depth=stats["depth"], refresh=False)
             if (step + 1) % dc.log_every == 0 or step + 1 == dc.steps:
                 logger.log(step + 1, {f"stage2/{k}": v for k, v in values.items()})
             if (step + 1) % dc.save_every == 0 or step + 1 == dc.steps:
-                group.run("save", str(out), step + 1, version)
+                group.run("save", str(out), step + 1, weight_version=version)
         loop_s = time.perf_counter() - loop_start
-        _drain(fleet, buffer)
+        _drain(fleet, buffer, float(cfg.learner.timeout_s))
         summary = ray.get(buffer.summary.remote())
         summary["learner_steps_per_s"] = (dc.steps - start) / loop_s if loop_s > 0 else 0.0
         summary["actor_versions"] = ray.get([a.current_version.remote() for a in fleet.actors])  # waits for restarts
@@ -130,6 +132,8 @@ def run(cfg: DictConfig) -> Path:
         group.run_on(0, "export_pipeline", str(out))
         log.info("stage2: buffer accounting %s", summary)
     finally:
+        for actor in ([*fleet.actors] if fleet is not None else []) + [buffer, registry]:
+            ray.kill(actor, no_restart=True)
         group.shutdown()
     return out
 
@@ -159,12 +163,15 @@ def _next_batch(cfg: DictConfig, fleet: RolloutFleet, buffer, version: int, rank
             "lag": max(lags)}
 
 
-def _drain(fleet: RolloutFleet, buffer) -> None:
+def _drain(fleet: RolloutFleet, buffer, timeout_s: float) -> None:
     """Stop: flush what nobody will train on (counted as dropped at the end) so blocked puts return."""
-    while fleet.pending:
+    deadline = time.monotonic() + timeout_s
+    while fleet.pending and time.monotonic() < deadline:
         ray.get(buffer.flush.remote())
         fleet.collect(timeout=0.2)
     ray.get(buffer.flush.remote())
+    if fleet.pending:
+        raise TimeoutError(f"rollout actors did not finish within {timeout_s:.0f}s of the last step")
 
 
 def _check_loaded_versions(actor_versions: list[int], reported: dict[str, int], published: int) -> None:

@@ -29,7 +29,8 @@ def run(cfg: DictConfig, dry_run: bool = False) -> Path | dict:
 
 def dry_run_report(cfg: DictConfig) -> dict:
     """Meta-device model + LoRA: trainable/total parameters, DeepSpeed config, memory per GPU."""
-    from learners.worker import apply_lora, deepspeed_config
+    from anyflow_ray.models.lora import apply_lora
+    from learners.worker import deepspeed_config
 
     if not cfg.model.full_size:
         raise ValueError("pretrain --dry-run needs model.full_size (1.3b or 14b), e.g. --config "

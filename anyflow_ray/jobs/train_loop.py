@@ -29,7 +29,7 @@ def train_with_learners(cfg: DictConfig, job: str, out: Path, steps: int, save_e
         bar = progress(range(start, steps), initial=start, total=steps, desc=job)
         for step in bar:
             metrics = group.run("train_step", step)[0]
-            bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
             if (step + 1) % log_every == 0 or step + 1 == steps:
                 logger.log(step + 1, {f"{job}/{k}": v for k, v in metrics.items()})
             if (step + 1) % save_every == 0 or step + 1 == steps:

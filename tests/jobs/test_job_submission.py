@@ -36,17 +36,10 @@ def _ray(args, env, **kw):
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
-    from anyflow_ray.jobs import data
-    from anyflow_ray.models.loading import load_transformer, make_tiny
-    from anyflow_ray.pipeline import save_as_pipeline
+    from anyflow_ray.jobs.data import scaffold_untrained_run
 
     root = tmp_path_factory.mktemp("submit")
-    cfg = load_config("configs/tiny.yaml", [f"run.output_dir={root}", *TINY])
-    make_tiny(cfg.model.base, cfg.model.tiny)
-    data.run(cfg)
-    save_as_pipeline(load_transformer(cfg.model.base), cfg.model.base, cfg.teacher.output)
-    save_as_pipeline(load_transformer(cfg.model.base, flow_map=True), cfg.model.base, cfg.pretrain.output)
-    return root
+    return scaffold_untrained_run(load_config("configs/tiny.yaml", [f"run.output_dir={root}", *TINY]))
 
 
 @pytest.fixture(scope="module")

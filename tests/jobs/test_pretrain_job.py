@@ -1,6 +1,7 @@
 """Stage 1 through the CLI: the real-scale dry run, and a short tiny run on the learner group."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -27,17 +28,13 @@ def test_dry_run_needs_a_full_size_model():
 
 def test_tiny_pretrain_writes_loadable_checkpoints_and_metrics(tmp_path):
     from anyflow_ray.config import load_config
-    from anyflow_ray.jobs import data
-    from anyflow_ray.models.loading import load_transformer, make_tiny
-    from anyflow_ray.pipeline import save_as_pipeline
+    from anyflow_ray.jobs.data import scaffold_untrained_run
 
     small = [f"run.output_dir={tmp_path}", "model.tiny.num_layers=1", "model.tiny.ffn_dim=32", "data.num_train=32",
              "data.num_heldout=8", "pretrain.steps=4", "pretrain.global_batch=8", "pretrain.save_every=2",
              "pretrain.log_every=2", "learner.cpus_per_rank=0.5"]
-    cfg = load_config("configs/tiny.yaml", small)
-    make_tiny(cfg.model.base, cfg.model.tiny)
-    data.run(cfg)
-    save_as_pipeline(load_transformer(cfg.model.base), cfg.model.base, cfg.teacher.output)
+    scaffold_untrained_run(load_config("configs/tiny.yaml", small))
+    shutil.rmtree(tmp_path / "stage1")  # the job itself must write the student
     proc = subprocess.run([sys.executable, "-m", "anyflow_ray.cli", "pretrain", "--config", "configs/tiny.yaml",
                            *small], capture_output=True, text=True, env={**__import__("os").environ,
                                                                           "WANDB_MODE": "offline"})

@@ -22,18 +22,11 @@ def ray_local():
 
 @pytest.fixture(scope="session")
 def prepared_run(tmp_path_factory):
-    """make-tiny + data + an (untrained) teacher pipeline, through the jobs' own code."""
-    from anyflow_ray.jobs import data
-    from anyflow_ray.models.loading import load_transformer, make_tiny
-    from anyflow_ray.pipeline import save_as_pipeline
+    """make-tiny + data + untrained teacher and Stage-1 pipelines, through the jobs' own code."""
+    from anyflow_ray.jobs.data import scaffold_untrained_run
 
     root = tmp_path_factory.mktemp("learners")
-    cfg = load_config("configs/tiny.yaml", [f"run.output_dir={root}", *SMALL])
-    make_tiny(cfg.model.base, cfg.model.tiny)
-    data.run(cfg)
-    save_as_pipeline(load_transformer(cfg.model.base), cfg.model.base, cfg.teacher.output)
-    save_as_pipeline(load_transformer(cfg.model.base, flow_map=True), cfg.model.base, cfg.pretrain.output)
-    return root
+    return scaffold_untrained_run(load_config("configs/tiny.yaml", [f"run.output_dir={root}", *SMALL]))
 
 
 def run_cfg(root, *extra):
