@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -225,7 +226,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             key = item.split("=", 1)[0]
             try:
                 merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
-            except OmegaConfBaseException as err:
+            except (OmegaConfBaseException, yaml.YAMLError) as err:  # YAML: e.g. an unquoted ${...} in a list
                 raise ConfigError(f"bad override {key!r}: {err}") from err
         OmegaConf.resolve(merged)
     except OmegaConfBaseException as err:

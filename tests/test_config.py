@@ -29,6 +29,7 @@ def test_overrides_apply_and_interpolations_resolve():
     ("model.gate=2.0", "model.gate"),
     ("eval.steps=[0,2]", "eval.steps"),
     ("nonsense", "nonsense"),
+    ("eval.models=[${teacher.output}]", "eval.models"),  # YAML parse error, not a traceback
 ])
 def test_bad_keys_and_values_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
