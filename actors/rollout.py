@@ -15,6 +15,7 @@ import ray
 import torch
 from omegaconf import OmegaConf
 
+from actors.collective import WeightGroup, check_layout, empty_buffers, resolve_backend, unpack_into
 from anyflow_ray.backward_sim import draw_budget, finish, prefix
 from anyflow_ray.data.shards import read_shards
 from anyflow_ray.device import resolve_device, resolve_dtype, set_threads
@@ -42,6 +43,11 @@ class RolloutActor:
     def current_version(self) -> int:
         return self.version
 
+    def state_of(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """The named student parameters as this actor holds them (for checks and debugging)."""
+        params = dict(self.student.named_parameters())
+        return {name: params[name].detach().cpu().clone() for name in names}
+
     def load_latest_weights(self) -> int:
         version, wrapped = ray.get(self.registry.latest.remote())
         if wrapped is not None and version > self.version:
@@ -53,6 +59,36 @@ class RolloutActor:
             self.version = version
             self.registry.report_loaded.remote(self.actor_id, version)
         return self.version
+
+    # torch.distributed backend (actors/collective.py): join an epoch's group, then receive broadcasts
+    def accept_weight_layout(self, layout: list) -> None:
+        """Checked before the group forms, so a mismatch fails fast instead of stalling the root."""
+        check_layout(dict(self.student.named_parameters()), layout)
+        self.weight_layout = layout
+
+    def weight_group_epoch(self) -> int:
+        """The epoch this process joined (-1: none, e.g. after a restart)."""
+        group = getattr(self, "weight_group", None)
+        return -1 if group is None else group.epoch
+
+    def join_weight_group(self, host: str, port: int, rank: int, size: int, epoch: int, backend: str) -> int:
+        self.weight_group = None
+        backend = resolve_backend(backend, self.device)
+        self.weight_group = WeightGroup(host, port, rank, size, epoch, backend, float(self.cfg.distill.sync_timeout_s))
+        return epoch
+
+    def receive_weights(self, version: int) -> int:
+        """Take part in rank 0's broadcast of ``version``; load it and report what was loaded."""
+        if getattr(self, "weight_group", None) is None:
+            raise RuntimeError(f"{self.actor_id}: receive_weights before join_weight_group")
+        layout = self.weight_layout
+        params = dict(self.student.named_parameters())
+        buffers = empty_buffers(layout, self.device if self.weight_group.backend == "nccl" else torch.device("cpu"))
+        self.weight_group.broadcast(buffers)
+        unpack_into(params, layout, [b.to(self.device) for b in buffers])
+        self.version = version
+        self.registry.report_loaded.remote(self.actor_id, version)
+        return version
 
     @torch.no_grad()
     def make_trajectory(self, kind: str, seed: int) -> dict:
@@ -72,8 +108,15 @@ class RolloutActor:
         return payload
 
     def rollout(self, kind: str, seed: int, max_wait_s: float = 600.0) -> dict:
-        """Make one trajectory and push its ref into the buffer (waits while the buffer is full)."""
+        """Make one trajectory and push its ref into the buffer (waits while the buffer is full).
+
+        With ``weight_sync=torch_dist`` a process that has not yet received weights (fresh after a
+        restart, before the driver re-forms the group) makes nothing: it returns ``skipped``.
+        """
         self.load_latest_weights()
+        if self.version < 0:
+            time.sleep(0.05)
+            return {"actor": self.actor_id, "kind": kind, "version": self.version, "skipped": True}
         start = time.perf_counter()
         payload = self.make_trajectory(kind, seed)
         ref = ray.put(payload)

@@ -152,6 +152,9 @@ class DistillConfig:
     grad_scope: str = "last"  # last: grad through the k-th step and the jump to 0; all: prefix too
     real_batch: int = 8  # Stage-1 co-training batch (global, multiple of 4), added at equal weight
     sync_every: int = 1  # learner steps between weight broadcasts
+    weight_sync: str = "object_store"  # object_store: rank 0 ray.puts, actors pull; torch_dist: a collective group
+    sync_backend: str = "auto"  # torch_dist only: auto (nccl on GPUs, gloo on the CPU), gloo or nccl
+    sync_timeout_s: float = 120.0  # torch_dist only: forming the group and each broadcast
     max_policy_lag: int = 1  # 0: strict on-policy alternation; 1: one-step-off
     buffer_capacity: int = 16
     save_every: int = 100
@@ -292,6 +295,11 @@ def validate(cfg: DictConfig) -> None:
         _require(dc[key] >= 1, f"distill.{key}", dc[key], "must be >= 1")
     _require(dc.max_policy_lag >= 0, "distill.max_policy_lag", dc.max_policy_lag, "must be >= 0")
     _require(dc.grad_scope in ("last", "all"), "distill.grad_scope", dc.grad_scope, "must be last or all")
+    _require(dc.weight_sync in ("object_store", "torch_dist"), "distill.weight_sync", dc.weight_sync,
+             "must be object_store or torch_dist")
+    _require(dc.sync_backend in ("auto", "gloo", "nccl"), "distill.sync_backend", dc.sync_backend,
+             "must be auto, gloo or nccl")
+    _require(dc.sync_timeout_s > 0, "distill.sync_timeout_s", dc.sync_timeout_s, "must be > 0")
     _require(len(dc.budgets) > 0 and all(int(n) >= 1 for n in dc.budgets), "distill.budgets", list(dc.budgets),
              "must be a non-empty list of ints >= 1")
     _require(dc.real_batch > 0 and dc.real_batch % 4 == 0 and dc.real_batch % cfg.learner.num_ranks == 0,

@@ -12,6 +12,8 @@ Trajectories that cannot be fetched (lost with their actor) or fail validation a
 from __future__ import annotations
 
 import copy
+import socket
+import time
 
 import ray
 import torch
@@ -23,6 +25,7 @@ from anyflow_ray.losses import critic_loss, dmd_loss
 from anyflow_ray.models.loading import load_transformer
 from anyflow_ray.objectives import Stage1Objective
 from anyflow_ray.models.lora import apply_lora
+from actors.collective import WeightGroup, layout_of, pack, resolve_backend
 from learners.worker import LearnerWorker, deepspeed_config
 
 REQUIRED = {"generator": ("prompt_idx", "num_steps", "k", "z_k", "T_k", "T_next"),
@@ -207,3 +210,35 @@ class DistillWorker(LearnerWorker):
         """ray.put the trainable parameters (or the full state dict, for comparison); a wrapped ref."""
         state = self.model.state_dict() if full else self.trainable_state()
         return [ray.put({k: v.detach().cpu() for k, v in state.items()})]
+
+    # torch.distributed backend (actors/collective.py): rank 0 is the root of a group of its own
+    def weight_layout(self) -> list:
+        return layout_of({n: p for n, p in self.model.named_parameters() if p.requires_grad})
+
+    def weight_group_address(self) -> tuple[str, int]:
+        """(ip, free port) for the weight group's store: always an OS-chosen port, never learner.master_port."""
+        with socket.socket() as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        return ray.util.get_node_ip_address(), port
+
+    def open_weight_group(self, host: str, port: int, size: int, epoch: int, backend: str) -> str:
+        """Host the store and join as rank 0; returns once every rollout actor has joined."""
+        self.close_weight_group()
+        backend = resolve_backend(backend, self.device)
+        self.weight_group = WeightGroup(host, port, 0, size, epoch, backend, float(self.cfg.distill.sync_timeout_s))
+        return backend
+
+    def close_weight_group(self) -> None:
+        self.weight_group = None  # dropping the handle tears the group (and, on rank 0, the store) down
+
+    def broadcast_weights(self) -> float:
+        """Send the trainable parameters to every member; the seconds it took."""
+        group = getattr(self, "weight_group", None)
+        if group is None:
+            raise RuntimeError("broadcast_weights before open_weight_group")
+        start = time.perf_counter()
+        named = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        device = torch.device("cuda", torch.cuda.current_device()) if group.backend == "nccl" else torch.device("cpu")
+        group.broadcast(pack(named, layout_of(named), device))
+        return time.perf_counter() - start

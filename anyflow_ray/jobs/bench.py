@@ -5,7 +5,7 @@
 2. Backward-simulation rollout (<= 3 calls) vs a full N-step rollout, N = 8, 16, 50 (mean over k).
 3. Trainable-only weight sync (LoRA adapters + E_r) vs a full state-dict sync through the object store.
 4. Stage-2 pipeline throughput (learner steps/s) with max_policy_lag = 1 vs 0, one rollout actor and
-   one learner rank.
+   one learner rank; and the driver's time per weight publish, object store vs torch.distributed.
 """
 
 from __future__ import annotations
@@ -35,7 +35,9 @@ def run(cfg: DictConfig) -> dict:
         learner = _learner_step_times(bench_cfg)
         rollout = _rollout_speedups(bench_cfg)
         sync = _weight_sync_ratio(bench_cfg)
-        throughput = _pipeline_throughput(overrides, tmp)
+        runs = _pipeline_runs(overrides, tmp)
+    throughput = {0: runs["lag0"]["learner_steps_per_s"], 1: runs["lag1"]["learner_steps_per_s"]}
+    sync_ms = {name: runs[name]["weight_sync"]["mean_s"] * 1e3 for name in ("lag1", "lag1_torch_dist")}
     result = {
         "global_batch": cfg.pretrain.global_batch,
         "plain_pytorch_step_s": statistics.median(plain),
@@ -54,11 +56,14 @@ def run(cfg: DictConfig) -> dict:
           f"{sync['full_s'] / sync['trainable_s']:.2f}x faster")
     print(f"Stage-2 pipeline, 1 rollout actor + 1 learner rank: lag 1 {throughput[1]:.2f} steps/s vs "
           f"lag 0 {throughput[0]:.2f} steps/s: {throughput[1] / throughput[0]:.2f}x")
+    print(f"Stage-2 weight publish per version (lag 1, driver wall time): object store {sync_ms['lag1']:.1f} ms vs "
+          f"torch.distributed (gloo) broadcast {sync_ms['lag1_torch_dist']:.1f} ms")
     result.update({"rollout_ms": {n: {"full": f * 1e3, "backward_sim": b * 1e3, "speedup": f / b}
                                   for n, (f, b) in rollout.items()},
                    "weight_sync": {**sync, "speedup": sync["full_s"] / sync["trainable_s"]},
                    "pipeline_steps_per_s": {"lag1": throughput[1], "lag0": throughput[0],
-                                            "ratio": throughput[1] / throughput[0]}})
+                                            "ratio": throughput[1] / throughput[0]},
+                   "pipeline_publish_ms": {"object_store": sync_ms["lag1"], "torch_dist": sync_ms["lag1_torch_dist"]}})
     out = Path(cfg.run.output_dir) / "bench.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
@@ -168,14 +173,15 @@ def _weight_sync_ratio(cfg: DictConfig, repeats: int = 5) -> dict:
             "full_mb": mb(full)}
 
 
-def _pipeline_throughput(overrides: list[str], tmp: str, steps: int = 20) -> dict[int, float]:
+def _pipeline_runs(overrides: list[str], tmp: str, steps: int = 20) -> dict[str, dict]:
+    """Pipeline summaries of three short Stage-2 runs: lag 0 and lag 1 (object store), lag 1 (torch_dist)."""
     from anyflow_ray.jobs import distill
 
     out = {}
-    for lag in (0, 1):
+    for name, lag, sync in (("lag0", 0, "object_store"), ("lag1", 1, "object_store"), ("lag1_torch_dist", 1, "torch_dist")):
         run_cfg = load_config(None, [*overrides, f"distill.max_policy_lag={lag}", f"distill.steps={steps}",
-                                     f"distill.output={tmp}/stage2-lag{lag}", "distill.resume=false",
-                                     f"distill.save_every={steps}", "rollout.num_actors=1", "run.wandb_mode=disabled"])
-        summary_path = distill.run(run_cfg) / "pipeline_summary.json"
-        out[lag] = json.loads(summary_path.read_text())["learner_steps_per_s"]
+                                     f"distill.output={tmp}/stage2-{name}", "distill.resume=false",
+                                     f"distill.weight_sync={sync}", f"distill.save_every={steps}",
+                                     "rollout.num_actors=1", "run.wandb_mode=disabled"])
+        out[name] = json.loads((distill.run(run_cfg) / "pipeline_summary.json").read_text())
     return out

@@ -3,7 +3,8 @@
 Rollout actors (``rollout.num_actors``) make trajectories with the current student by backward
 simulation and push refs into the TrajectoryBuffer; the driver takes batches no older than
 ``distill.max_policy_lag`` versions, hands them to the learner group, and every ``distill.sync_every``
-steps publishes the student's trainable weights (object store) as a new version. With lag 0 the
+steps publishes the student's trainable weights as a new version (``distill.weight_sync``: through the
+object store, or a torch.distributed broadcast; see ``weight_sync.py``). With lag 0 the
 driver alternates strictly (rollouts with the current version, then a learner step); with lag >= 1
 rollouts overlap learning. A rollout actor that dies is restarted by Ray and loads the newest weights.
 """
@@ -19,9 +20,11 @@ import ray
 from omegaconf import DictConfig, OmegaConf
 
 from anyflow_ray import checkpoint as ckpt_io
+from anyflow_ray.config import ConfigError
 from anyflow_ray.jobs.common import log, prepare, progress
 from anyflow_ray.jobs.pipeline_metrics import PipelineMetrics
 from anyflow_ray.jobs.ray_runtime import init_ray
+from anyflow_ray.jobs.weight_sync import make_weight_sync
 from anyflow_ray.metrics import MetricsLogger
 
 
@@ -54,7 +57,7 @@ class RolloutFleet:
             if i not in busy:
                 self.submit(i)
 
-    def collect(self, timeout: float) -> list[dict]:
+    def collect(self, timeout: float, resubmit: bool = True) -> list[dict]:
         """Finished rollouts' metadata; a rollout whose actor died is resubmitted (Ray restarts it)."""
         if not self.pending:
             return []
@@ -63,12 +66,18 @@ class RolloutFleet:
         for ref in done:
             index, kind = self.pending.pop(ref)
             try:
-                out.append(ray.get(ref))
+                result = ray.get(ref)
+                if result.get("skipped"):  # a restarted actor waiting for collective weights
+                    if resubmit:
+                        self.submit(index, kind)
+                    continue
+                out.append(result)
                 self.produced += 1
             except ray.exceptions.RayActorError:
                 self.failed_tasks += 1
                 log.warning("rollout actor %d died; Ray restarts it with the newest weights", index)
-                self.submit(index, kind)
+                if resubmit:
+                    self.submit(index, kind)
         return out
 
 
@@ -79,6 +88,9 @@ def run(cfg: DictConfig) -> Path:
     from learners.group import LearnerGroup
 
     dc = cfg.distill
+    if cfg.learner.zero_stage >= 3:
+        raise ConfigError(f"learner.zero_stage={cfg.learner.zero_stage}: Stage 2 publishes the student's trainable "
+                          "parameters whole from rank 0, which ZeRO-3 partitions; use a stage <= 2 for distill")
     out, _, _ = prepare(cfg, dc.output)
     init_ray(cfg)
     group = LearnerGroup(cfg, "stage2", worker_cls=DistillWorker)
@@ -88,15 +100,15 @@ def run(cfg: DictConfig) -> Path:
     try:
         start = group.run("load_latest", str(out))[0] if dc.resume else 0
         version = _resumed_version(out) if start else 0
-        registry.publish.remote(version, group.run_on(0, "publish_weights"))
-        fleet = RolloutFleet(cfg, buffer, registry, start)
+        sync = make_weight_sync(cfg, group, registry)
+        fleet = sync.start(version, lambda: RolloutFleet(cfg, buffer, registry, start))
         metrics = PipelineMetrics()
         logger = MetricsLogger(out, "stage2", cfg)
         logger.add_sink(metrics.record)
         bar = progress(range(start, dc.steps), initial=start, total=dc.steps, desc="stage2")
-        loop_start = time.perf_counter()
+        loop_start, sync_times = time.perf_counter(), []
         for step in bar:
-            batch = _next_batch(cfg, fleet, buffer, version, group.num_ranks)
+            batch = _next_batch(cfg, fleet, buffer, version, group.num_ranks, sync)
             t0 = time.perf_counter()
             results = group.run("train_step", step, batch["generator"], batch["critic"])
             learn_s = time.perf_counter() - t0
@@ -104,10 +116,9 @@ def run(cfg: DictConfig) -> Path:
             buffer.report.remote(**counts)
             sync_s = 0.0
             if (step + 1) % dc.sync_every == 0:
-                t1 = time.perf_counter()
                 version += 1
-                ray.get(registry.publish.remote(version, group.run_on(0, "publish_weights")))
-                sync_s = time.perf_counter() - t1
+                sync_s = sync.publish(version, fleet)
+                sync_times.append(sync_s)
             stats = ray.get(buffer.summary.remote())
             values = {**results[0], **counts, "version": version, "learner_step_s": learn_s, "sync_s": sync_s,
                       "policy_lag": batch["lag"], "buffer_depth": stats["depth"], "failed_rollouts": fleet.failed_tasks,
@@ -119,6 +130,7 @@ def run(cfg: DictConfig) -> Path:
                 group.run("save", str(out), step + 1, weight_version=version)
         loop_s = time.perf_counter() - loop_start
         _drain(fleet, buffer, float(cfg.learner.timeout_s))
+        sync.heal(version, fleet)  # an actor restarted after the last broadcast gets the final version too
         summary = ray.get(buffer.summary.remote())
         summary["learner_steps_per_s"] = (dc.steps - start) / loop_s if loop_s > 0 else 0.0
         summary["actor_versions"] = ray.get([a.current_version.remote() for a in fleet.actors])  # waits for restarts
@@ -127,6 +139,9 @@ def run(cfg: DictConfig) -> Path:
         summary["restarts"] = len(starts) - len(fleet.actors)
         summary["versions_at_start"] = starts
         summary["loaded_versions"] = ray.get(registry.loaded_versions.remote())
+        summary["weight_sync"] = {"backend": sync.name, "publishes": len(sync_times),
+                                  "mean_s": sum(sync_times) / max(1, len(sync_times)),
+                                  "group_reforms": getattr(sync, "reforms", 0)}
         (out / "pipeline_summary.json").write_text(json.dumps(summary, indent=2))
         logger.close()
         group.run_on(0, "export_pipeline", str(out))
@@ -138,7 +153,7 @@ def run(cfg: DictConfig) -> Path:
     return out
 
 
-def _next_batch(cfg: DictConfig, fleet: RolloutFleet, buffer, version: int, ranks: int) -> dict:
+def _next_batch(cfg: DictConfig, fleet: RolloutFleet, buffer, version: int, ranks: int, sync) -> dict:
     """One generator and one critic trajectory per rank, fresh enough for ``max_policy_lag``."""
     need = {"generator": ranks, "critic": ranks}
     if cfg.distill.max_policy_lag == 0:  # strict alternation: rollouts only with the current weights
@@ -154,6 +169,7 @@ def _next_batch(cfg: DictConfig, fleet: RolloutFleet, buffer, version: int, rank
         if cfg.distill.max_policy_lag > 0:
             fleet.keep_busy()
         fleet.collect(timeout=0.05)
+        sync.heal(version, fleet)
         for kind in need:
             missing = need[kind] - len(taken[kind])
             if missing:
@@ -168,7 +184,7 @@ def _drain(fleet: RolloutFleet, buffer, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while fleet.pending and time.monotonic() < deadline:
         ray.get(buffer.flush.remote())
-        fleet.collect(timeout=0.2)
+        fleet.collect(timeout=0.2, resubmit=False)
     ray.get(buffer.flush.remote())
     if fleet.pending:
         raise TimeoutError(f"rollout actors did not finish within {timeout_s:.0f}s of the last step")

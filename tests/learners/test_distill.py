@@ -106,3 +106,76 @@ def test_a_dead_learner_rank_stops_the_run_and_the_run_resumes_with_its_weight_v
     resumed = [r for r in records if r["step"] > 2][-4:]
     assert [r["step"] for r in resumed] == [3, 4, 5, 6]
     assert [r["stage2/version"] for r in resumed] == [3, 4, 5, 6]
+
+
+def test_torch_dist_broadcast_gives_each_actor_the_learners_trainable_weights(ray_local, prepared_run, tmp_path):
+    """distill.weight_sync=torch_dist: learner rank 0 + 2 rollout actors in a gloo group of their own."""
+    from actors.buffer import TrajectoryBuffer
+    from actors.weights import WeightRegistry
+    from anyflow_ray.jobs.distill import RolloutFleet
+    from anyflow_ray.jobs.weight_sync import CollectiveSync
+
+    cfg = run_cfg(prepared_run, "distill.weight_sync=torch_dist", "rollout.num_actors=2")
+    group = LearnerGroup(cfg, "stage2", worker_cls=DistillWorker)
+    buffer = ray.remote(TrajectoryBuffer).remote(8, 1)
+    registry = ray.remote(WeightRegistry).remote()
+    fleet = None
+    try:
+        sync = CollectiveSync(cfg, group, registry)
+        fleet = sync.start(0, lambda: RolloutFleet(cfg, buffer, registry))
+        assert ray.get([a.current_version.remote() for a in fleet.actors]) == [0, 0]
+        # move the learner's weights, then broadcast them as version 1
+        gen = [ray.put({"prompt_idx": torch.tensor([0, 1]), "num_steps": 2, "k": 0, "z_k": torch.randn(2, 3, 8, 16, 16),
+                        "T_k": torch.full((2,), 1000.0), "T_next": torch.full((2,), 833.0)})]
+        group.run("train_step", 0, [gen], [])
+        learner = group.run_on(0, "trainable_state")
+        before = ray.get(fleet.actors[0].state_of.remote(sorted(learner)))
+        assert any(not torch.equal(before[n], learner[n]) for n in learner)
+        sync.publish(1, fleet)
+        for actor in fleet.actors:
+            held = ray.get(actor.state_of.remote(sorted(learner)))
+            assert all(torch.equal(held[n], learner[n]) for n in learner)
+        assert ray.get(registry.loaded_versions.remote()) == {"rollout-0": 1, "rollout-1": 1}
+        assert ray.get(registry.latest.remote())[0] == 1
+    finally:
+        for actor in ([*fleet.actors] if fleet else []) + [buffer, registry]:
+            ray.kill(actor, no_restart=True)
+        group.shutdown()
+
+
+def test_torch_dist_sync_reforms_its_group_when_an_actor_restarts(ray_local, prepared_run, tmp_path, monkeypatch):
+    from anyflow_ray.jobs import distill
+
+    calls = {"n": 0}
+    original = distill.RolloutFleet.submit
+
+    def submit_and_kill_once(self, actor_index, kind=None):
+        original(self, actor_index, kind)
+        calls["n"] += 1
+        if calls["n"] == 5:
+            ray.kill(self.actors[actor_index], no_restart=False)
+            calls["killed"] = True
+
+    monkeypatch.setattr(distill.RolloutFleet, "submit", submit_and_kill_once)
+    cfg = run_cfg(prepared_run, f"distill.output={tmp_path}/s2", "distill.steps=6", "distill.save_every=6",
+                  "rollout.num_actors=2", "distill.max_policy_lag=1", "distill.weight_sync=torch_dist")
+    out = distill.run(cfg)
+    summary = json.loads((out / "pipeline_summary.json").read_text())
+    _summary_balances(summary)
+    assert calls.get("killed") and summary["restarts"] == 1, summary
+    assert summary["trained"] + summary["lost"] == 12 and summary["rejected"] == 0
+    sync = summary["weight_sync"]
+    assert sync["backend"] == "torch_dist" and sync["publishes"] == 6 and sync["group_reforms"] >= 1, sync
+    assert summary["actor_versions"] == [6, 6]
+    assert summary["loaded_versions"] == {"rollout-0": 6, "rollout-1": 6}
+    assert [v for _, v in summary["versions_at_start"]] == [-1, -1, -1]  # collective: nothing to pull at start
+
+
+def test_distill_refuses_zero_3_before_any_work(prepared_run, tmp_path):
+    from anyflow_ray.config import ConfigError
+    from anyflow_ray.jobs import distill
+
+    cfg = run_cfg(prepared_run, f"distill.output={tmp_path}/s2", "learner.zero_stage=3")
+    with pytest.raises(ConfigError, match="learner.zero_stage=3"):
+        distill.run(cfg)
+    assert not (tmp_path / "s2").exists()

@@ -1,0 +1,161 @@
+"""How the Stage-2 driver hands a new weight version to the rollout actors (``distill.weight_sync``).
+
+``object_store`` (default): learner rank 0 ``ray.put``s the trainable parameters, the registry keeps
+the ref, and each actor pulls the newest version between rollouts. Asynchronous; a restarted actor
+pulls the newest version in its constructor.
+
+``torch_dist``: learner rank 0 broadcasts the trainable parameters, packed per dtype, over a process
+group of its own with every rollout actor (gloo on the CPU, nccl on GPUs; ``actors/collective.py``).
+Synchronous: each actor takes the broadcast after its current rollout. Membership is fixed per epoch,
+so when an actor is restarted (or dies mid-broadcast) the driver forms a new epoch and sends the current
+version again; until then the restarted actor makes no trajectories. The registry still records each
+version, so the driver's check of the versions actors loaded is the same for both backends.
+"""
+
+from __future__ import annotations
+
+import time
+
+import ray
+from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
+
+from anyflow_ray.jobs.common import log
+
+
+class ObjectStoreSync:
+    name = "object_store"
+
+    def __init__(self, cfg, group, registry):
+        self.group, self.registry = group, registry
+
+    def start(self, version: int, make_fleet):
+        """Publish the first version before the actors exist: each pulls it in its constructor."""
+        self.publish(version, None)
+        return make_fleet()
+
+    def publish(self, version: int, fleet) -> float:
+        start = time.perf_counter()
+        ray.get(self.registry.publish.remote(version, self.group.run_on(0, "publish_weights")))
+        return time.perf_counter() - start
+
+    def heal(self, version: int, fleet) -> None:
+        """Nothing to do: a restarted actor pulls the newest version itself."""
+
+
+class CollectiveSync:
+    name = "torch_dist"
+
+    def __init__(self, cfg, group, registry, attempts: int = 3):
+        self.group, self.registry = group, registry
+        self.backend, self.timeout = _group_backend(cfg, group), float(cfg.distill.sync_timeout_s)
+        self.attempts = attempts
+        self.layout = group.run_on(0, "weight_layout")
+        self.epoch = -1
+        self.failures_seen = -1  # fleet.failed_tasks when the current epoch formed
+        self.published = -1
+        self.reforms = 0
+
+    def start(self, version: int, make_fleet):
+        """The actors must exist before the first broadcast; until it lands they make nothing."""
+        fleet = make_fleet()
+        self.publish(version, fleet)
+        return fleet
+
+    def publish(self, version: int, fleet) -> float:
+        """Broadcast ``version`` to every actor, re-forming the group first if its members changed."""
+        start = time.perf_counter()
+        for attempt in range(1, self.attempts + 1):
+            try:
+                if not self._members_current(fleet) or fleet.failed_tasks != self.failures_seen:
+                    self._form(fleet)
+                root = self.group.workers[0].broadcast_weights.remote()
+                receivers = [actor.receive_weights.remote(version) for actor in fleet.actors]
+                self._wait(root, receivers, f"broadcast of weight version {version}")
+                break
+            except (RayActorError, RayTaskError) as err:  # an actor died or lost its peer mid-collective
+                if attempt == self.attempts:
+                    raise RuntimeError(f"weight broadcast of version {version} failed {attempt} times; "
+                                       f"last error: {err}") from err
+                log.warning("weight broadcast of version %d failed (%s); re-forming the group", version,
+                            type(err).__name__)
+                self.failures_seen = -1
+        if version > self.published:
+            ray.get(self.registry.publish.remote(version, None))
+            self.published = version
+        return time.perf_counter() - start
+
+    def heal(self, version: int, fleet) -> None:
+        """An actor was restarted since the group formed: bring it in and send it the current version."""
+        if self.epoch < 0 or fleet.failed_tasks == self.failures_seen:
+            return
+        if self._members_current(fleet):  # the failure was seen already (e.g. during a broadcast)
+            self.failures_seen = fleet.failed_tasks
+        else:
+            log.info("a rollout actor restarted; re-forming the weight group and re-sending version %d", version)
+            self.publish(version, fleet)
+
+    # -- internals ----------------------------------------------------------------------------
+    def _members_current(self, fleet) -> bool:
+        """Whether every actor process is in the current epoch; waits (bounded) for restarting actors."""
+        deadline = time.monotonic() + 2 * self.timeout
+        while True:
+            try:
+                epochs = ray.get([actor.weight_group_epoch.remote() for actor in fleet.actors],
+                                 timeout=max(1.0, deadline - time.monotonic()))
+                return all(epoch == self.epoch for epoch in epochs)
+            except ActorUnavailableError:  # being restarted by Ray: ask again shortly
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+
+    def _form(self, fleet) -> None:
+        self.epoch += 1
+        self.reforms += self.epoch > 0
+        actors = fleet.actors
+        failures = fleet.failed_tasks
+        ray.get([actor.accept_weight_layout.remote(self.layout) for actor in actors], timeout=2 * self.timeout)
+        host, port = self.group.run_on(0, "weight_group_address")
+        size = len(actors) + 1
+        root = self.group.workers[0].open_weight_group.remote(host, port, size, self.epoch, self.backend)
+        members = [actor.join_weight_group.remote(host, port, rank, size, self.epoch, self.backend)
+                   for rank, actor in enumerate(actors, start=1)]
+        self._wait(root, members, f"forming weight group epoch {self.epoch}")
+        self.failures_seen = failures
+
+    def _wait(self, root, members: list, what: str):
+        """All refs, in a bounded time; a dead or failing learner rank 0 is a learner error."""
+        from learners.group import LearnerGroupError
+
+        refs = [root, *members]
+        _, pending = ray.wait(refs, num_returns=len(refs), timeout=2 * self.timeout)
+        if pending:
+            raise LearnerGroupError(f"{what}: {len(pending)} of {len(refs)} members gave no answer within "
+                                    f"{2 * self.timeout:.0f}s (distill.sync_timeout_s={self.timeout:g})")
+        member_errors = []
+        for ref in members:
+            try:
+                ray.get(ref)
+            except (RayActorError, RayTaskError) as err:
+                member_errors.append(err)
+        try:
+            ray.get(root)
+        except RayActorError as err:
+            raise LearnerGroupError(f"learner rank 0 died during the {what}: {err}") from err
+        except RayTaskError as err:
+            if not member_errors:  # the root failed on its own: not a membership problem
+                raise LearnerGroupError(f"learner rank 0 failed in the {what}: {err.cause!r}") from err
+            raise member_errors[0] from err
+        if member_errors:
+            raise member_errors[0]
+
+
+def _group_backend(cfg, group) -> str:
+    """One backend for every member: nccl only when learner rank 0 and all actors hold the student on a GPU."""
+    if cfg.distill.sync_backend != "auto":
+        return cfg.distill.sync_backend
+    learner_on_gpu = group.info[0]["device"].startswith("cuda")  # where rank 0 runs, not the driver
+    return "nccl" if learner_on_gpu and cfg.rollout.gpus_per_actor > 0 else "gloo"
+
+
+def make_weight_sync(cfg, group, registry):
+    return (CollectiveSync if cfg.distill.weight_sync == "torch_dist" else ObjectStoreSync)(cfg, group, registry)
