@@ -49,6 +49,12 @@ def build_model(cfg: DictConfig, job: str, dtype: torch.dtype) -> torch.nn.Modul
     return model
 
 
+def grad_norm_of(params: list[torch.nn.Parameter]) -> float:
+    """The 2-norm over all gradients (before clipping)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+
+
 def deepspeed_config(cfg: DictConfig, job: str, micro_batch: int, dtype: torch.dtype) -> dict:
     settings = job_settings(cfg, job)
     return {
@@ -141,13 +147,16 @@ class LearnerWorker:
         if not torch.isfinite(loss):
             raise FloatingPointError(f"rank {self.rank}: non-finite loss {loss.item()} at step {step}")
         self.engine.backward(loss)
+        # ZeRO-0 with a torch optimizer: DeepSpeed clips but does not keep the norm, so take it here
+        # (gradients are whole and already averaged over ranks after backward); ZeRO >= 1 reports its own.
+        local_norm = grad_norm_of(self.trainable) if self.cfg.learner.zero_stage == 0 else None
         self.engine.step()
         self.ema.update()
         mean_loss = loss.detach().float().clone()
         if self.world_size > 1:
             dist.all_reduce(mean_loss)
             mean_loss /= self.world_size
-        grad_norm = self.engine.get_global_grad_norm()
+        grad_norm = local_norm if local_norm is not None else self.engine.get_global_grad_norm()
         return {**metrics, "loss": float(mean_loss), "lr": self.scheduler.get_last_lr()[0],
                 "grad_norm": float(grad_norm) if grad_norm is not None else float("nan")}
 

@@ -23,11 +23,15 @@ def test_one_and_two_ranks_take_the_same_stage1_step(ray_local, prepared_run, tm
         group = LearnerGroup(run_cfg(prepared_run, f"learner.num_ranks={ranks}"), "stage1")
         try:
             assert [i["rank"] for i in group.info] == list(range(ranks))
-            losses = _train(group, [0, 1])
+            steps = [group.run("train_step", s) for s in (0, 1)]
             group.run_on(0, "export_pipeline", str(tmp_path / f"r{ranks}"))
         finally:
             group.shutdown()
-        results[ranks] = losses
+        # every rank reports the same (global) loss and gradient norm
+        for step in steps:
+            assert {(r["loss"], r["grad_norm"]) for r in step} == {(step[0]["loss"], step[0]["grad_norm"])}
+        results[ranks] = [x for r in steps for x in (r[0]["loss"], r[0]["grad_norm"])]
+    assert all(norm > 0 and math.isfinite(norm) for norm in results[1][1::2])
     assert results[1] == pytest.approx(results[2], rel=1e-4)
     one = AnyFlowPipeline.from_pretrained(tmp_path / "r1").transformer.state_dict()
     two = AnyFlowPipeline.from_pretrained(tmp_path / "r2").transformer.state_dict()
