@@ -191,8 +191,11 @@ def dmd_loss(x_hat: torch.Tensor, critic: torch.nn.Module, teacher: torch.nn.Mod
     x_sigma = add_noise(x_hat.detach(), randn_like(x_hat, generator), T)
     x_fake = x0_prediction(critic, x_sigma, T, context)
     x_cond = x0_prediction(teacher, x_sigma, T, context)
-    x_null = x0_prediction(teacher, x_sigma, T, uncond.to(context.dtype).expand_as(context))
-    x_real = x_null + guidance * (x_cond - x_null)
+    if guidance == 1.0:  # no CFG: the unconditional pass would cancel out
+        x_real = x_cond
+    else:
+        x_null = x0_prediction(teacher, x_sigma, T, uncond.to(context.dtype).expand_as(context))
+        x_real = x_null + guidance * (x_cond - x_null)
     scale = (x_hat.detach().float() - x_real).abs().flatten(1).mean(dim=1).clamp_min(1e-6)
     grad = (x_fake - x_real) / broadcast_time(scale, x_fake)
     target = (x_hat.detach().float() - grad).detach()
