@@ -18,14 +18,16 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from anyflow_ray.device import collective_backend
+
 Layout = list[tuple[str, tuple[int, ...], str]]
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
     """``auto`` is nccl on a GPU, gloo on the CPU; a GPU-only backend on the CPU is refused."""
     if backend == "auto":
-        return "nccl" if device.type == "cuda" else "gloo"
-    if backend == "nccl" and device.type != "cuda":
+        return collective_backend(device)
+    if backend == "nccl" and collective_backend(device) != "nccl":
         raise ValueError(f"distill.sync_backend=nccl needs the student on a GPU; it is on {device}")
     if backend not in ("gloo", "nccl"):
         raise ValueError(f"distill.sync_backend must be auto, gloo or nccl, got {backend!r}")

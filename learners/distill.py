@@ -239,6 +239,6 @@ class DistillWorker(LearnerWorker):
             raise RuntimeError("broadcast_weights before open_weight_group")
         start = time.perf_counter()
         named = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
-        device = torch.device("cuda", torch.cuda.current_device()) if group.backend == "nccl" else torch.device("cpu")
+        device = self.device if group.backend == "nccl" else torch.device("cpu")
         group.broadcast(pack(named, layout_of(named), device))
         return time.perf_counter() - start
