@@ -34,14 +34,20 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
-class WeightGroup:
-    """One member's handle on the weight-broadcast group of one epoch."""
+def host_store(host: str, size: int, timeout_s: float) -> dist.TCPStore:
+    """The group's store on rank 0, on a port the OS picks (no pick-then-bind race)."""
+    return dist.TCPStore(host, 0, world_size=size, is_master=True, timeout=timedelta(seconds=timeout_s),
+                         wait_for_workers=False)
 
-    def __init__(self, host: str, port: int, rank: int, size: int, epoch: int, backend: str, timeout_s: float):
+
+class WeightGroup:
+    """One member's handle on the weight-broadcast group of one epoch (rank 0 passes the store it hosts)."""
+
+    def __init__(self, host: str, port: int, rank: int, size: int, epoch: int, backend: str, timeout_s: float,
+                 store: dist.TCPStore | None = None):
         timeout = timedelta(seconds=timeout_s)
-        # rank 0 hosts the store; everyone waits at most ``timeout`` for the others to arrive
-        self.store = dist.TCPStore(host, port, world_size=size, is_master=rank == 0, timeout=timeout,
-                                   wait_for_workers=False)
+        self.store = store if store is not None else dist.TCPStore(host, port, world_size=size, is_master=False,
+                                                                   timeout=timeout)
         prefixed = dist.PrefixStore(f"anyflow-weights/{epoch}", self.store)
         if backend == "nccl":
             options = dist.ProcessGroupNCCL.Options()
@@ -50,11 +56,22 @@ class WeightGroup:
         else:
             self.group = dist.ProcessGroupGloo(prefixed, rank, size, timeout)
         self.rank, self.size, self.epoch, self.backend = rank, size, epoch, backend
+        if backend == "nccl":  # NCCL connects lazily: connect now, so a member that cannot join fails here
+            self.broadcast([torch.zeros(1, device=torch.device("cuda", torch.cuda.current_device()))])
 
     def broadcast(self, buffers: list[torch.Tensor]) -> None:
-        """In place: rank 0's buffers overwrite everyone else's."""
+        """In place: rank 0's buffers overwrite everyone else's. Returns when the data has arrived."""
         for buf in buffers:
             self.group.broadcast(buf, 0).wait()
+        if self.backend == "nccl":  # wait() only orders the GPU stream; wait for the copy itself
+            torch.cuda.synchronize(buffers[0].device)
+
+    def close(self) -> None:
+        """Release the communicator now rather than at garbage collection (matters for nccl)."""
+        shutdown = getattr(self.group, "shutdown", None)
+        if self.backend == "nccl" and shutdown is not None:
+            shutdown()
+        self.group = None
 
 
 def layout_of(named: dict[str, torch.Tensor]) -> Layout:
@@ -81,14 +98,15 @@ def empty_buffers(layout: Layout, device: torch.device) -> list[torch.Tensor]:
 
 
 def check_layout(params: dict[str, torch.nn.Parameter], layout: Layout) -> None:
-    """Refuse a layout this model cannot take, naming the first bad parameter."""
-    for name, shape, dtype in layout:
+    """Refuse a layout this model cannot take, naming the first bad parameter. Dtypes may differ (a bf16
+    learner feeding fp32 CPU actors): the receiver casts when it unpacks."""
+    for name, shape, _ in layout:
         if name not in params:
             raise KeyError(f"broadcast weights name a parameter this student lacks: {name!r}")
         p = params[name]
-        if tuple(p.shape) != tuple(shape) or str(p.dtype).removeprefix("torch.") != dtype:
-            raise ValueError(f"broadcast parameter {name!r} is {dtype}{list(shape)}, this student's is "
-                             f"{p.dtype}{list(p.shape)}")
+        if tuple(p.shape) != tuple(shape):
+            raise ValueError(f"broadcast parameter {name!r} has shape {list(shape)}, this student's is "
+                             f"{list(p.shape)}")
 
 
 @torch.no_grad()

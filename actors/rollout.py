@@ -8,6 +8,7 @@ their refs go to the ``TrajectoryBuffer``. Newer weights are loaded between roll
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 
@@ -37,10 +38,13 @@ class RolloutActor:
         clips = read_shards(Path(self.cfg.data.root) / "train")
         self.embeddings, self.clip_shape = clips.embeddings, tuple(clips.videos.shape[1:])
         self.version = -1
+        self.lock = threading.Lock()  # weights change only between trajectories
         self.load_latest_weights()
         ray.get(self.registry.report_started.remote(actor_id, self.version))
 
+    @ray.method(concurrency_group="weights")
     def current_version(self) -> int:
+        """The weight version held now (answered even while a rollout waits for buffer space)."""
         return self.version
 
     def state_of(self, names: list[str]) -> dict[str, torch.Tensor]:
@@ -55,28 +59,37 @@ class RolloutActor:
             missing = set(state) - set(dict(self.student.named_parameters()))
             if missing:
                 raise KeyError(f"published weights name unknown parameters: {sorted(missing)[:3]}")
-            self.student.load_state_dict(state, strict=False)
-            self.version = version
-            self.registry.report_loaded.remote(self.actor_id, version)
+            with self.lock:
+                self.student.load_state_dict(state, strict=False)
+                self.version = version
+            ray.get(self.registry.report_loaded.remote(self.actor_id, version))
         return self.version
 
-    # torch.distributed backend (actors/collective.py): join an epoch's group, then receive broadcasts
+    # torch.distributed backend (actors/collective.py). These methods run in their own concurrency
+    # group ("weights"), so a broadcast is taken even while a rollout waits for buffer space; the lock
+    # keeps a rollout from ever seeing half-loaded weights.
+    @ray.method(concurrency_group="weights")
     def accept_weight_layout(self, layout: list) -> None:
         """Checked before the group forms, so a mismatch fails fast instead of stalling the root."""
         check_layout(dict(self.student.named_parameters()), layout)
         self.weight_layout = layout
 
+    @ray.method(concurrency_group="weights")
     def weight_group_epoch(self) -> int:
         """The epoch this process joined (-1: none, e.g. after a restart)."""
         group = getattr(self, "weight_group", None)
         return -1 if group is None else group.epoch
 
+    @ray.method(concurrency_group="weights")
     def join_weight_group(self, host: str, port: int, rank: int, size: int, epoch: int, backend: str) -> int:
+        if getattr(self, "weight_group", None) is not None:
+            self.weight_group.close()
         self.weight_group = None
         backend = resolve_backend(backend, self.device)
         self.weight_group = WeightGroup(host, port, rank, size, epoch, backend, float(self.cfg.distill.sync_timeout_s))
         return epoch
 
+    @ray.method(concurrency_group="weights")
     def receive_weights(self, version: int) -> int:
         """Take part in rank 0's broadcast of ``version``; load it and report what was loaded."""
         if getattr(self, "weight_group", None) is None:
@@ -85,9 +98,10 @@ class RolloutActor:
         params = dict(self.student.named_parameters())
         buffers = empty_buffers(layout, self.device if self.weight_group.backend == "nccl" else torch.device("cpu"))
         self.weight_group.broadcast(buffers)
-        unpack_into(params, layout, [b.to(self.device) for b in buffers])
-        self.version = version
-        self.registry.report_loaded.remote(self.actor_id, version)
+        with self.lock:
+            unpack_into(params, layout, [b.to(self.device) for b in buffers])
+            self.version = version
+        ray.get(self.registry.report_loaded.remote(self.actor_id, version))
         return version
 
     @torch.no_grad()
@@ -98,12 +112,13 @@ class RolloutActor:
         idx = torch.randint(len(self.embeddings), (self.cfg.rollout.batch_size,), generator=gen)
         context = self.embeddings[idx].to(self.device, self.dtype)
         noise = torch.randn((len(idx), *self.clip_shape), generator=gen).to(self.device, self.dtype)
-        state = prefix(self.student, noise, context, n, k, self.cfg.schedule.shift)
-        payload = {"prompt_idx": idx, "num_steps": n, "k": k, "z_k": state.z_k.cpu(), "T_k": state.T_k.cpu(),
-                   "T_next": state.T_next.cpu(), "version": self.version}
-        if kind == "critic":
-            payload["x_hat"] = finish(self.student, state, context)[1].cpu()
-        elif self.cfg.distill.grad_scope == "all":
+        with self.lock:
+            state = prefix(self.student, noise, context, n, k, self.cfg.schedule.shift)
+            payload = {"prompt_idx": idx, "num_steps": n, "k": k, "z_k": state.z_k.cpu(), "T_k": state.T_k.cpu(),
+                       "T_next": state.T_next.cpu(), "version": self.version}
+            if kind == "critic":
+                payload["x_hat"] = finish(self.student, state, context)[1].cpu()
+        if kind != "critic" and self.cfg.distill.grad_scope == "all":
             payload["noise"] = noise.cpu()
         return payload
 
@@ -121,10 +136,11 @@ class RolloutActor:
         payload = self.make_trajectory(kind, seed)
         ref = ray.put(payload)
         waited = 0.0
-        while not ray.get(self.buffer.put.remote([ref], self.version, kind, self.actor_id)):
+        version = payload["version"]  # the weights it was made with (a broadcast may land meanwhile)
+        while not ray.get(self.buffer.put.remote([ref], version, kind, self.actor_id)):
             if waited > max_wait_s:
                 raise TimeoutError(f"{self.actor_id}: buffer stayed full for {max_wait_s:.0f}s")
             time.sleep(0.05)
             waited += 0.05
-        return {"actor": self.actor_id, "kind": kind, "version": self.version, "num_steps": payload["num_steps"],
+        return {"actor": self.actor_id, "kind": kind, "version": version, "num_steps": payload["num_steps"],
                 "k": payload["k"], "seconds": time.perf_counter() - start}

@@ -12,7 +12,6 @@ Trajectories that cannot be fetched (lost with their actor) or fail validation a
 from __future__ import annotations
 
 import copy
-import socket
 import time
 
 import ray
@@ -25,7 +24,7 @@ from anyflow_ray.losses import critic_loss, dmd_loss
 from anyflow_ray.models.loading import load_transformer
 from anyflow_ray.objectives import Stage1Objective
 from anyflow_ray.models.lora import apply_lora
-from actors.collective import WeightGroup, layout_of, pack, resolve_backend
+from actors.collective import WeightGroup, host_store, layout_of, pack, resolve_backend
 from learners.worker import LearnerWorker, deepspeed_config
 
 REQUIRED = {"generator": ("prompt_idx", "num_steps", "k", "z_k", "T_k", "T_next"),
@@ -215,22 +214,25 @@ class DistillWorker(LearnerWorker):
     def weight_layout(self) -> list:
         return layout_of({n: p for n, p in self.model.named_parameters() if p.requires_grad})
 
-    def weight_group_address(self) -> tuple[str, int]:
-        """(ip, free port) for the weight group's store: always an OS-chosen port, never learner.master_port."""
-        with socket.socket() as s:
-            s.bind(("", 0))
-            port = s.getsockname()[1]
-        return ray.util.get_node_ip_address(), port
+    def weight_group_address(self, size: int) -> tuple[str, int]:
+        """Host the store of the next group (OS-chosen port, never learner.master_port); its (ip, port)."""
+        self.close_weight_group()
+        self._weight_store = host_store(ray.util.get_node_ip_address(), size, float(self.cfg.distill.sync_timeout_s))
+        return ray.util.get_node_ip_address(), self._weight_store.port
 
     def open_weight_group(self, host: str, port: int, size: int, epoch: int, backend: str) -> str:
-        """Host the store and join as rank 0; returns once every rollout actor has joined."""
-        self.close_weight_group()
+        """Join as rank 0 of the store from ``weight_group_address``; returns once every actor has joined."""
         backend = resolve_backend(backend, self.device)
-        self.weight_group = WeightGroup(host, port, 0, size, epoch, backend, float(self.cfg.distill.sync_timeout_s))
+        self.weight_group = WeightGroup(host, port, 0, size, epoch, backend, float(self.cfg.distill.sync_timeout_s),
+                                        store=self._weight_store)
         return backend
 
     def close_weight_group(self) -> None:
-        self.weight_group = None  # dropping the handle tears the group (and, on rank 0, the store) down
+        group = getattr(self, "weight_group", None)
+        if group is not None:
+            group.close()
+        self.weight_group = None
+        self._weight_store = None  # the store goes with its last handle
 
     def broadcast_weights(self) -> float:
         """Send the trainable parameters to every member; the seconds it took."""

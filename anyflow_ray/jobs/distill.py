@@ -36,14 +36,17 @@ class RolloutFleet:
 
         rc = cfg.rollout
         plain = OmegaConf.to_container(cfg, resolve=True)
-        remote = ray.remote(RolloutActor).options(num_cpus=rc.cpus_per_actor, num_gpus=rc.gpus_per_actor,
-                                                  max_restarts=-1, max_task_retries=0)
+        # weight-sync calls get a concurrency group of their own, so they are served while a rollout
+        # waits for buffer space (actors/rollout.py)
+        remote = ray.remote(concurrency_groups={"weights": 1})(RolloutActor).options(
+            num_cpus=rc.cpus_per_actor, num_gpus=rc.gpus_per_actor, max_restarts=-1, max_task_retries=0)
         self.actors = [remote.remote(plain, f"rollout-{i}", buffer, registry) for i in range(rc.num_actors)]
         self.pending: dict = {}
         # rollout seeds continue where a resumed run left off (at most 64 rollouts per learner step)
         self.seeds = itertools.count((cfg.run.seed * 1_000_003 + start_step) * 64)
         self.kinds = itertools.cycle(["generator", "critic"])
         self.failed_tasks = 0
+        self.saw_skipped = False  # a rollout came back unmade: some actor holds no weights yet
         self.produced = 0
 
     def submit(self, actor_index: int, kind: str | None = None) -> None:
@@ -68,6 +71,7 @@ class RolloutFleet:
             try:
                 result = ray.get(ref)
                 if result.get("skipped"):  # a restarted actor waiting for collective weights
+                    self.saw_skipped = True
                     if resubmit:
                         self.submit(index, kind)
                     continue

@@ -17,8 +17,9 @@ from __future__ import annotations
 import time
 
 import ray
-from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
+from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError
 
+from anyflow_ray.config import ConfigError
 from anyflow_ray.jobs.common import log
 
 
@@ -72,7 +73,9 @@ class CollectiveSync:
                 receivers = [actor.receive_weights.remote(version) for actor in fleet.actors]
                 self._wait(root, receivers, f"broadcast of weight version {version}")
                 break
-            except (RayActorError, RayTaskError) as err:  # an actor died or lost its peer mid-collective
+            except (RayActorError, RayTaskError, GetTimeoutError) as err:  # an actor died / lost its peer
+                if isinstance(err, RayTaskError) and isinstance(err.cause, (ValueError, KeyError)):
+                    raise  # a layout or backend the members cannot take: retrying will not help
                 if attempt == self.attempts:
                     raise RuntimeError(f"weight broadcast of version {version} failed {attempt} times; "
                                        f"last error: {err}") from err
@@ -85,14 +88,17 @@ class CollectiveSync:
         return time.perf_counter() - start
 
     def heal(self, version: int, fleet) -> None:
-        """An actor was restarted since the group formed: bring it in and send it the current version."""
-        if self.epoch < 0 or fleet.failed_tasks == self.failures_seen:
+        """An actor was restarted since the group formed: bring it in and send it the current version.
+
+        Noticed from a rollout lost with its actor, or from a rollout a fresh process skipped (an actor
+        that died while idle loses no rollout). Re-sending to members already current is harmless.
+        """
+        if self.epoch < 0 or (fleet.failed_tasks == self.failures_seen and not fleet.saw_skipped):
             return
-        if self._members_current(fleet):  # the failure was seen already (e.g. during a broadcast)
-            self.failures_seen = fleet.failed_tasks
-        else:
-            log.info("a rollout actor restarted; re-forming the weight group and re-sending version %d", version)
-            self.publish(version, fleet)
+        log.info("a rollout actor restarted; re-forming the weight group if needed and re-sending version %d",
+                 version)
+        fleet.saw_skipped = False
+        self.publish(version, fleet)
 
     # -- internals ----------------------------------------------------------------------------
     def _members_current(self, fleet) -> bool:
@@ -114,8 +120,8 @@ class CollectiveSync:
         actors = fleet.actors
         failures = fleet.failed_tasks
         ray.get([actor.accept_weight_layout.remote(self.layout) for actor in actors], timeout=2 * self.timeout)
-        host, port = self.group.run_on(0, "weight_group_address")
         size = len(actors) + 1
+        host, port = self.group.run_on(0, "weight_group_address", size)
         root = self.group.workers[0].open_weight_group.remote(host, port, size, self.epoch, self.backend)
         members = [actor.join_weight_group.remote(host, port, rank, size, self.epoch, self.backend)
                    for rank, actor in enumerate(actors, start=1)]
@@ -150,11 +156,16 @@ class CollectiveSync:
 
 
 def _group_backend(cfg, group) -> str:
-    """One backend for every member: nccl only when learner rank 0 and all actors hold the student on a GPU."""
+    """One backend for every member: nccl only when learner rank 0 and every actor own a GPU."""
+    learner_on_gpu = group.info[0]["device"].startswith("cuda")  # where rank 0 runs, not the driver
+    actors_on_gpu = cfg.rollout.gpus_per_actor >= 1  # NCCL refuses two ranks on one GPU
+    if cfg.distill.sync_backend == "nccl" and not (learner_on_gpu and actors_on_gpu):
+        raise ConfigError(f"distill.sync_backend=nccl needs learner rank 0 on a GPU (it is on "
+                          f"{group.info[0]['device']}) and rollout.gpus_per_actor >= 1 (it is "
+                          f"{cfg.rollout.gpus_per_actor}); use gloo or auto")
     if cfg.distill.sync_backend != "auto":
         return cfg.distill.sync_backend
-    learner_on_gpu = group.info[0]["device"].startswith("cuda")  # where rank 0 runs, not the driver
-    return "nccl" if learner_on_gpu and cfg.rollout.gpus_per_actor > 0 else "gloo"
+    return "nccl" if learner_on_gpu and actors_on_gpu else "gloo"
 
 
 def make_weight_sync(cfg, group, registry):

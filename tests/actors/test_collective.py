@@ -1,18 +1,12 @@
 """The torch.distributed weight-broadcast group (gloo), its packing and its layout checks."""
 
-import socket
 import threading
 
 import pytest
 import torch
 
-from actors.collective import WeightGroup, check_layout, empty_buffers, layout_of, pack, resolve_backend, unpack_into
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from actors.collective import (WeightGroup, check_layout, empty_buffers, host_store, layout_of, pack, resolve_backend,
+                               unpack_into)
 
 
 def _mixed_state(seed: int) -> dict[str, torch.Tensor]:
@@ -42,6 +36,12 @@ def test_a_layout_the_receiver_cannot_take_is_refused_by_name():
     bad = [(n, (9, 9) if n == "a.weight" else s, d) for n, s, d in layout]
     with pytest.raises(ValueError, match="a.weight"):
         check_layout(params, bad)
+    # another dtype is fine (a bf16 learner, fp32 actors): unpacking casts
+    check_layout(params, [(n, s, "bfloat16") for n, s, _ in layout])
+    buffers = pack({k: v.to(torch.bfloat16) for k, v in params.items()}, [(n, s, "bfloat16") for n, s, _ in layout],
+                   torch.device("cpu"))
+    unpack_into(params, [(n, s, "bfloat16") for n, s, _ in layout], buffers)
+    assert params["a.weight"].dtype == torch.float32
 
 
 def test_backend_resolution():
@@ -56,12 +56,14 @@ def test_gloo_group_broadcasts_from_rank_0_to_every_member_and_reforms_by_epoch(
     src = _mixed_state(0)
     layout = layout_of(src)
     for epoch in range(2):
-        port, size = _free_port(), 3
+        size = 3
+        store = host_store("127.0.0.1", size, timeout_s=30)  # rank 0 hosts it on an OS-chosen port
         received, errors = {}, []
 
-        def member(rank, port=port, epoch=epoch):
+        def member(rank, port=store.port, epoch=epoch, store=store):
             try:
-                group = WeightGroup("127.0.0.1", port, rank, size, epoch, "gloo", timeout_s=30)
+                group = WeightGroup("127.0.0.1", port, rank, size, epoch, "gloo", timeout_s=30,
+                                    store=store if rank == 0 else None)
                 buffers = pack(src, layout, torch.device("cpu")) if rank == 0 else empty_buffers(layout, torch.device("cpu"))
                 group.broadcast(buffers)
                 params = {k: torch.nn.Parameter(torch.zeros_like(v)) for k, v in src.items()}

@@ -108,35 +108,44 @@ def test_a_dead_learner_rank_stops_the_run_and_the_run_resumes_with_its_weight_v
     assert [r["stage2/version"] for r in resumed] == [3, 4, 5, 6]
 
 
-def test_torch_dist_broadcast_gives_each_actor_the_learners_trainable_weights(ray_local, prepared_run, tmp_path):
-    """distill.weight_sync=torch_dist: learner rank 0 + 2 rollout actors in a gloo group of their own."""
+def test_torch_dist_broadcast_gives_each_actor_the_learners_weights_even_mid_rollout(ray_local, prepared_run):
+    """distill.weight_sync=torch_dist: learner rank 0 + 2 rollout actors in a gloo group of their own. The
+    broadcast carries exactly the learner's trainable tensors, and lands even while an actor's rollout
+    waits inside it for buffer space (no deadlock)."""
     from actors.buffer import TrajectoryBuffer
     from actors.weights import WeightRegistry
     from anyflow_ray.jobs.distill import RolloutFleet
     from anyflow_ray.jobs.weight_sync import CollectiveSync
 
-    cfg = run_cfg(prepared_run, "distill.weight_sync=torch_dist", "rollout.num_actors=2")
+    cfg = run_cfg(prepared_run, "distill.weight_sync=torch_dist", "rollout.num_actors=2", "distill.sync_timeout_s=30")
     group = LearnerGroup(cfg, "stage2", worker_cls=DistillWorker)
-    buffer = ray.remote(TrajectoryBuffer).remote(8, 1)
+    buffer = ray.remote(TrajectoryBuffer).remote(1, 1)  # room for one trajectory
     registry = ray.remote(WeightRegistry).remote()
     fleet = None
     try:
         sync = CollectiveSync(cfg, group, registry)
         fleet = sync.start(0, lambda: RolloutFleet(cfg, buffer, registry))
         assert ray.get([a.current_version.remote() for a in fleet.actors]) == [0, 0]
+        # fill the buffer, then leave a second rollout waiting inside actor 0 for space
+        assert ray.get(fleet.actors[0].rollout.remote("critic", 1))["version"] == 0
+        blocked = fleet.actors[0].rollout.remote("critic", 2, 60.0)
+        assert not ray.wait([blocked], timeout=3)[0]
         # move the learner's weights, then broadcast them as version 1
         gen = [ray.put({"prompt_idx": torch.tensor([0, 1]), "num_steps": 2, "k": 0, "z_k": torch.randn(2, 3, 8, 16, 16),
                         "T_k": torch.full((2,), 1000.0), "T_next": torch.full((2,), 833.0)})]
         group.run("train_step", 0, [gen], [])
         learner = group.run_on(0, "trainable_state")
-        before = ray.get(fleet.actors[0].state_of.remote(sorted(learner)))
+        before = ray.get(fleet.actors[1].state_of.remote(sorted(learner)))
         assert any(not torch.equal(before[n], learner[n]) for n in learner)
-        sync.publish(1, fleet)
+        sync.publish(1, fleet)  # actor 0 takes it in its "weights" concurrency group
+        assert ray.get([a.current_version.remote() for a in fleet.actors]) == [1, 1]
+        assert ray.get(registry.loaded_versions.remote()) == {"rollout-0": 1, "rollout-1": 1}
+        assert ray.get(registry.latest.remote())[0] == 1
+        ray.get(buffer.take.remote("critic", 1, 1))  # room: the waiting rollout lands, stamped with its v0
+        assert ray.get(blocked, timeout=60)["version"] == 0
         for actor in fleet.actors:
             held = ray.get(actor.state_of.remote(sorted(learner)))
             assert all(torch.equal(held[n], learner[n]) for n in learner)
-        assert ray.get(registry.loaded_versions.remote()) == {"rollout-0": 1, "rollout-1": 1}
-        assert ray.get(registry.latest.remote())[0] == 1
     finally:
         for actor in ([*fleet.actors] if fleet else []) + [buffer, registry]:
             ray.kill(actor, no_restart=True)
