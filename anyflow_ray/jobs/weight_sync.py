@@ -6,9 +6,10 @@ pulls the newest version in its constructor.
 
 ``torch_dist``: learner rank 0 broadcasts the trainable parameters, packed per dtype, over a process
 group of its own with every rollout actor (gloo on the CPU, nccl on GPUs; ``actors/collective.py``).
-Synchronous: each actor takes the broadcast after its current rollout. Membership is fixed per epoch,
-so when an actor is restarted (or dies mid-broadcast) the driver forms a new epoch and sends the current
-version again; until then the restarted actor makes no trajectories. The registry still records each
+Synchronous for the driver; each actor serves the weight calls in a concurrency group of their own,
+so a broadcast lands between two trajectories even while a rollout waits for buffer space. Membership
+is fixed per epoch, so when an actor is restarted (or dies mid-broadcast) the driver forms a new epoch
+and sends the current version again; until then the restarted actor makes no trajectories. The registry still records each
 version, so the driver's check of the versions actors loaded is the same for both backends.
 """
 

@@ -17,6 +17,22 @@ def _summary_balances(s):
     assert s["taken"] == s["trained"] + s["lost"] + s["rejected"]
 
 
+def _kill_an_actor_at_submit(monkeypatch, fleet_cls, nth: int) -> dict:
+    """Kill the actor that just got the ``nth`` rollout (it dies with it in flight; Ray restarts it)."""
+    calls = {"n": 0}
+    original = fleet_cls.submit
+
+    def submit_and_kill_once(self, actor_index, kind=None):
+        original(self, actor_index, kind)
+        calls["n"] += 1
+        if calls["n"] == nth:
+            ray.kill(self.actors[actor_index], no_restart=False)
+            calls["killed"] = True
+
+    monkeypatch.setattr(fleet_cls, "submit", submit_and_kill_once)
+    return calls
+
+
 @pytest.mark.parametrize("lag", [0, 1])
 def test_distill_pipeline_runs_and_its_books_balance(ray_local, prepared_run, tmp_path, lag):
     from anyflow_ray.jobs import distill
@@ -40,17 +56,7 @@ def test_distill_pipeline_runs_and_its_books_balance(ray_local, prepared_run, tm
 def test_a_killed_rollout_actor_is_restarted_and_the_run_finishes(ray_local, prepared_run, tmp_path, monkeypatch):
     from anyflow_ray.jobs import distill
 
-    calls = {"n": 0}
-    original = distill.RolloutFleet.submit
-
-    def submit_and_kill_once(self, actor_index, kind=None):
-        original(self, actor_index, kind)
-        calls["n"] += 1
-        if calls["n"] == 4:
-            ray.kill(self.actors[actor_index], no_restart=False)  # dies with a rollout in flight; Ray restarts it
-            calls["killed"] = True
-
-    monkeypatch.setattr(distill.RolloutFleet, "submit", submit_and_kill_once)
+    calls = _kill_an_actor_at_submit(monkeypatch, distill.RolloutFleet, 4)
     cfg = run_cfg(prepared_run, f"distill.output={tmp_path}/s2", "distill.steps=8", "distill.save_every=8",
                   "rollout.num_actors=1", "distill.max_policy_lag=1")
     out = distill.run(cfg)
@@ -155,17 +161,7 @@ def test_torch_dist_broadcast_gives_each_actor_the_learners_weights_even_mid_rol
 def test_torch_dist_sync_reforms_its_group_when_an_actor_restarts(ray_local, prepared_run, tmp_path, monkeypatch):
     from anyflow_ray.jobs import distill
 
-    calls = {"n": 0}
-    original = distill.RolloutFleet.submit
-
-    def submit_and_kill_once(self, actor_index, kind=None):
-        original(self, actor_index, kind)
-        calls["n"] += 1
-        if calls["n"] == 5:
-            ray.kill(self.actors[actor_index], no_restart=False)
-            calls["killed"] = True
-
-    monkeypatch.setattr(distill.RolloutFleet, "submit", submit_and_kill_once)
+    calls = _kill_an_actor_at_submit(monkeypatch, distill.RolloutFleet, 5)
     cfg = run_cfg(prepared_run, f"distill.output={tmp_path}/s2", "distill.steps=6", "distill.save_every=6",
                   "rollout.num_actors=2", "distill.max_policy_lag=1", "distill.weight_sync=torch_dist")
     out = distill.run(cfg)
