@@ -217,8 +217,9 @@ class DistillWorker(LearnerWorker):
     def weight_group_address(self, size: int) -> tuple[str, int]:
         """Host the store of the next group (OS-chosen port, never learner.master_port); its (ip, port)."""
         self.close_weight_group()
-        self._weight_store = host_store(ray.util.get_node_ip_address(), size, float(self.cfg.distill.sync_timeout_s))
-        return ray.util.get_node_ip_address(), self._weight_store.port
+        host = ray.util.get_node_ip_address()
+        self._weight_store = host_store(host, size, float(self.cfg.distill.sync_timeout_s))
+        return host, self._weight_store.port
 
     def open_weight_group(self, host: str, port: int, size: int, epoch: int, backend: str) -> str:
         """Join as rank 0 of the store from ``weight_group_address``; returns once every actor has joined."""

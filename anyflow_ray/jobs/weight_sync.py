@@ -55,7 +55,11 @@ class CollectiveSync:
         self.epoch = -1
         self.failures_seen = -1  # fleet.failed_tasks when the current epoch formed
         self.published = -1
-        self.reforms = 0
+
+    @property
+    def reforms(self) -> int:
+        """Groups formed after the first one (each epoch is one formation)."""
+        return max(self.epoch, 0)
 
     def start(self, version: int, make_fleet):
         """The actors must exist before the first broadcast; until it lands they make nothing."""
@@ -117,7 +121,6 @@ class CollectiveSync:
 
     def _form(self, fleet) -> None:
         self.epoch += 1
-        self.reforms += self.epoch > 0
         actors = fleet.actors
         failures = fleet.failed_tasks
         ray.get([actor.accept_weight_layout.remote(self.layout) for actor in actors], timeout=2 * self.timeout)
