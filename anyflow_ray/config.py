@@ -151,6 +151,7 @@ class DistillConfig:
     budgets: list[int] = field(default_factory=lambda: [2, 4, 8, 16, 50])
     grad_scope: str = "last"  # last: grad through the k-th step and the jump to 0; all: prefix too
     real_batch: int = 8  # Stage-1 co-training batch (global, multiple of 4), added at equal weight
+    num_ranks: int = 0  # learner ranks of Stage 2; 0 = learner.num_ranks (rollout actors share the nodes)
     sync_every: int = 1  # learner steps between weight broadcasts
     weight_sync: str = "object_store"  # object_store: rank 0 ray.puts, actors pull; torch_dist: a collective group
     sync_backend: str = "auto"  # torch_dist only: auto (nccl on GPUs, gloo on the CPU), gloo or nccl
@@ -302,11 +303,19 @@ def validate(cfg: DictConfig) -> None:
     _require(dc.sync_timeout_s > 0, "distill.sync_timeout_s", dc.sync_timeout_s, "must be > 0")
     _require(len(dc.budgets) > 0 and all(int(n) >= 1 for n in dc.budgets), "distill.budgets", list(dc.budgets),
              "must be a non-empty list of ints >= 1")
-    _require(dc.real_batch > 0 and dc.real_batch % 4 == 0 and dc.real_batch % cfg.learner.num_ranks == 0,
-             "distill.real_batch", dc.real_batch, "must be a positive multiple of 4 and of learner.num_ranks")
+    _require(dc.num_ranks >= 0, "distill.num_ranks", dc.num_ranks, "must be >= 0 (0: learner.num_ranks)")
+    ranks = distill_ranks(cfg)
+    _require(dc.real_batch > 0 and dc.real_batch % 4 == 0 and dc.real_batch % ranks == 0,
+             "distill.real_batch", dc.real_batch, f"must be a positive multiple of 4 and of the {ranks} Stage-2 "
+             f"learner rank(s)")
     _require(cfg.rollout.num_actors >= 1, "rollout.num_actors", cfg.rollout.num_actors, "must be >= 1")
     _require(cfg.rollout.batch_size >= 1, "rollout.batch_size", cfg.rollout.batch_size, "must be >= 1")
     _require(cfg.rollout.cpus_per_actor > 0, "rollout.cpus_per_actor", cfg.rollout.cpus_per_actor, "must be > 0")
+
+
+def distill_ranks(cfg: DictConfig) -> int:
+    """Learner ranks of Stage 2: ``distill.num_ranks``, or ``learner.num_ranks`` when that is 0."""
+    return int(cfg.distill.num_ranks or cfg.learner.num_ranks)
 
 
 def save_config(cfg: DictConfig, out_dir: str | Path) -> Path:

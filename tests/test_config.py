@@ -4,7 +4,7 @@ import sys
 import pytest
 import yaml
 
-from anyflow_ray.config import ConfigError, load_config, save_config
+from anyflow_ray.config import ConfigError, distill_ranks, load_config, save_config
 
 
 def test_tiny_and_real_configs_load():
@@ -30,10 +30,18 @@ def test_overrides_apply_and_interpolations_resolve():
     ("eval.steps=[0,2]", "eval.steps"),
     ("nonsense", "nonsense"),
     ("eval.models=[${teacher.output}]", "eval.models"),  # YAML parse error, not a traceback
+    ("distill.num_ranks=-1", "distill.num_ranks"),
+    ("distill.num_ranks=3", "distill.real_batch"),  # 16 clips cannot be split over 3 ranks
 ])
 def test_bad_keys_and_values_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_config("configs/tiny.yaml", [override])
+
+
+def test_stage2_learner_ranks_default_to_the_learner_groups():
+    assert distill_ranks(load_config("configs/tiny.yaml")) == 1  # the tiny default keeps a core for rollouts
+    assert distill_ranks(load_config("configs/tiny.yaml", ["distill.num_ranks=0", "learner.num_ranks=4"])) == 4
+    assert distill_ranks(load_config("configs/tiny.yaml", ["distill.num_ranks=2", "learner.num_ranks=4"])) == 2
 
 
 def test_unknown_key_in_yaml_file_is_refused(tmp_path):

@@ -20,7 +20,7 @@ import ray
 from omegaconf import DictConfig, OmegaConf
 
 from anyflow_ray import checkpoint as ckpt_io
-from anyflow_ray.config import ConfigError
+from anyflow_ray.config import ConfigError, distill_ranks
 from anyflow_ray.jobs.common import log, prepare, progress
 from anyflow_ray.jobs.pipeline_metrics import PipelineMetrics
 from anyflow_ray.jobs.ray_runtime import init_ray
@@ -97,7 +97,7 @@ def run(cfg: DictConfig) -> Path:
                           "parameters whole from rank 0, which ZeRO-3 partitions; use a stage <= 2 for distill")
     out, _, _ = prepare(cfg, dc.output)
     init_ray(cfg)
-    group = LearnerGroup(cfg, "stage2", worker_cls=DistillWorker)
+    group = LearnerGroup(cfg, "stage2", num_ranks=distill_ranks(cfg), worker_cls=DistillWorker)
     buffer = ray.remote(TrajectoryBuffer).options(num_cpus=0).remote(dc.buffer_capacity, dc.max_policy_lag)
     registry = ray.remote(WeightRegistry).options(num_cpus=0).remote()
     fleet = None

@@ -11,7 +11,7 @@ from anyflow_ray.metrics import read_metrics
 from anyflow_ray.pipeline import AnyFlowPipeline
 
 SMALL = ["model.tiny.num_layers=1", "model.tiny.ffn_dim=32", "data.num_train=64", "data.num_heldout=32",
-         "data.shard_size=40", "teacher.steps=6", "teacher.batch_size=8", "teacher.log_every=2",
+         "data.shard_size=40", "teacher.steps=6", "teacher.batch_size=8", "learner.num_ranks=1", "teacher.log_every=2",
          "eval.steps=[1,2]", 'eval.models=["${teacher.output}"]', "eval.num_prompts=8", "eval.reference_steps=4", "eval.swd_projections=16",
          "sample.steps=[1,2]", 'sample.prompts=["a red circle moving left"]']
 

@@ -32,7 +32,7 @@ def test_tiny_pretrain_writes_loadable_checkpoints_and_metrics(tmp_path):
 
     small = [f"run.output_dir={tmp_path}", "model.tiny.num_layers=1", "model.tiny.ffn_dim=32", "data.num_train=32",
              "data.num_heldout=8", "pretrain.steps=4", "pretrain.global_batch=8", "pretrain.save_every=2",
-             "pretrain.log_every=2", "learner.cpus_per_rank=0.5"]
+             "pretrain.log_every=2", "learner.num_ranks=1", "learner.cpus_per_rank=0.5"]
     scaffold_untrained_run(load_config("configs/tiny.yaml", small))
     shutil.rmtree(tmp_path / "stage1")  # the job itself must write the student
     proc = subprocess.run([sys.executable, "-m", "anyflow_ray.cli", "pretrain", "--config", "configs/tiny.yaml",
