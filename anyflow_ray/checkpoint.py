@@ -79,8 +79,8 @@ def validate_checkpoint(ckpt: Path, world_size: int) -> dict:
                               f"start a new run from it instead of resuming")
     if meta.get("world_size") != world_size:
         raise CheckpointError(f"checkpoint {ckpt} was written by {meta.get('world_size')} ranks; this run has "
-                              f"{world_size} (resume with learner.num_ranks={meta.get('world_size')}, or distill.num_ranks "
-                              f"for Stage 2)")
+                              f"{world_size} (resume with learner.num_ranks={meta.get('world_size')}, "
+                              f"or distill.num_ranks for Stage 2)")
     for rank in range(world_size):
         _check_safetensors(rank_file(ckpt, rank))
     for weights in (ckpt / "transformer").glob("*") if (ckpt / "transformer").is_dir() else []:

@@ -2,11 +2,12 @@
 
 import math
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
 
-from anyflow_ray.checkpoint import CheckpointError
+from anyflow_ray.checkpoint import CheckpointError, validate_checkpoint
 from anyflow_ray.pipeline import AnyFlowPipeline
 from learners.group import LearnerGroup, LearnerGroupError
 from tests.learners.conftest import run_cfg
@@ -85,6 +86,8 @@ def test_corrupt_or_incomplete_checkpoints_are_refused(ray_local, prepared_run, 
         with pytest.raises(LearnerGroupError, match="rank-00000.safetensors.*not a valid safetensors"):
             group.run("load_latest", str(out))
         shutil.copy(tmp_path / "good", state)
+        with pytest.raises(CheckpointError, match=r"written by 1 ranks; this run has 2 .*learner\.num_ranks=1"):
+            validate_checkpoint(Path(ckpt), world_size=2)  # a resume with another group size
         (out / "checkpoints" / "step-000001" / "training_state" / "meta.json").unlink()
         with pytest.raises(LearnerGroupError, match="missing training_state/meta.json"):
             group.run("load_latest", str(out))
