@@ -9,8 +9,9 @@ group of its own with every rollout actor (gloo on the CPU, nccl on GPUs; ``acto
 Synchronous for the driver; each actor serves the weight calls in a concurrency group of their own,
 so a broadcast lands between two trajectories even while a rollout waits for buffer space. Membership
 is fixed per epoch, so when an actor is restarted (or dies mid-broadcast) the driver forms a new epoch
-and sends the current version again; until then the restarted actor makes no trajectories. The registry still records each
-version, so the driver's check of the versions actors loaded is the same for both backends.
+and sends the current version again; until then the restarted actor makes no trajectories. The
+registry still records each version, so the driver's check of the versions actors loaded is the same
+for both backends.
 """
 
 from __future__ import annotations
