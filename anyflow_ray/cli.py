@@ -22,6 +22,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sample": ("sample", "sample videos for each step count: GIF/MP4 per prompt and a contact sheet"),
     "evaluate": ("evaluate", "quality-vs-steps table, JSON and plot"),
     "bench": ("bench", "benchmarks: learner step time through Ray + DeepSpeed vs a plain PyTorch loop"),
+    "bench-scale": ("bench_scale", "real Wan2.1 architecture, random weights (GPU): backward simulation vs "
+                    "full rollout, a bf16 training step"),
     "demo": ("demo", "make-tiny -> data -> teacher -> Stage 1 -> Stage 2 -> samples -> evaluation (tiny)"),
 }
 
@@ -37,6 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "pretrain":
             cmd.add_argument("--dry-run", action="store_true", help="meta-device model: counts, DeepSpeed "
                              "config and memory estimate, no weights, no training")
+        if name == "bench-scale":
+            cmd.add_argument("--steps", default="8,16,50", help="step budgets N compared (default: 8,16,50)")
+            cmd.add_argument("--layers", type=int, default=None, help="fewer transformer blocks than the "
+                             "architecture's (a quick check on a CPU)")
     return parser
 
 
@@ -64,6 +70,16 @@ def main(argv: list[str] | None = None) -> int:
     extra = {"out": args.out} if args.command == "make-tiny" else {}
     if args.command == "pretrain":
         extra = {"dry_run": args.dry_run}
+    if args.command == "bench-scale":
+        try:
+            steps = tuple(int(n) for n in args.steps.split(","))
+        except ValueError:
+            steps = ()
+        if not steps or min(steps) < 1 or (args.layers is not None and args.layers < 1):
+            print(f"anyflow-ray bench-scale: --steps must be positive integers separated by commas (got "
+                  f"{args.steps!r}) and --layers >= 1 (got {args.layers})", file=sys.stderr)
+            return 2
+        extra = {"steps": steps, "num_layers": args.layers}
     module.run(cfg, **extra)
     return 0
 

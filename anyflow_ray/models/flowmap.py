@@ -49,7 +49,6 @@ class WanFlowMapTransformer3DModel(WanTransformer3DModel):
     def from_base(cls, base: WanTransformer3DModel, gate: float = 0.25) -> "WanFlowMapTransformer3DModel":
         """Wrap a pretrained single-time Wan transformer: copy its weights, E_r := copy of E_t."""
         config = {k: v for k, v in base.config.items() if not k.startswith("_")}
-        param = next(base.parameters())
         with torch.device("meta"):
             model = cls(**config, flow_map_gate=gate)
         state = base.state_dict()
@@ -60,7 +59,8 @@ class WanFlowMapTransformer3DModel(WanTransformer3DModel):
         for name, buf in base.named_buffers():
             module_name, _, leaf = name.rpartition(".")
             model.get_submodule(module_name)._buffers[leaf] = buf.clone()
-        model.to(dtype=param.dtype)
+        # Every tensor now has the base's dtype, including the modules a bf16 Wan keeps in fp32
+        # (time embedders, norms): no blanket cast.
         return model
 
     def time_embedding(self, T: torch.Tensor, R: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

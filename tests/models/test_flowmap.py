@@ -44,6 +44,17 @@ def test_r_embedder_is_a_copy_with_its_own_storage(tiny_model_dir):
     assert flow.config.flow_map_gate == 0.25
 
 
+def test_a_bf16_base_keeps_its_fp32_modules_in_the_flow_map(tiny_model_dir):
+    # from_pretrained(torch_dtype=bf16) keeps Wan's time embedders and norms in fp32; the wrapper must too.
+    base = load_transformer(tiny_model_dir, dtype=torch.bfloat16)
+    dtypes = {name: p.dtype for name, p in base.named_parameters()}
+    assert {torch.float32, torch.bfloat16} <= set(dtypes.values())
+    flow = WanFlowMapTransformer3DModel.from_base(base)
+    for name, p in flow.named_parameters():
+        expected = dtypes[name.replace("time_embedder_r.", "time_embedder.")]
+        assert p.dtype == expected, name
+
+
 def test_call_model_dispatches_on_model_kind(tiny_model_dir):
     base = _perturbed_base(tiny_model_dir)
     flow = WanFlowMapTransformer3DModel.from_base(base)
