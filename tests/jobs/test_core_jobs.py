@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from anyflow_ray.cli import main
 from anyflow_ray.data.shards import read_shards
 from anyflow_ray.metrics import read_metrics
 from anyflow_ray.pipeline import AnyFlowPipeline
@@ -27,8 +28,9 @@ def cli(command, run_dir, *extra):
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     run = tmp_path_factory.mktemp("run")
-    for command in ("make-tiny", "data", "teacher"):
-        cli(command, run)
+    for command in ("make-tiny", "data"):  # in-process through the same CLI entry point: no interpreter start-up
+        assert main([command, "--config", "configs/tiny.yaml", f"run.output_dir={run}", *SMALL]) == 0
+    cli("teacher", run)  # a subprocess: it starts Ray, which must not outlive it inside the test process
     return run
 
 
