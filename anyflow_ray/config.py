@@ -1,9 +1,10 @@
 """One config tree: OmegaConf structured configs (dataclasses), YAML files, ``key=value`` overrides.
 
 ``load_config("configs/tiny.yaml", ["train.steps=200"])`` merges YAML and overrides onto the
-dataclass schema. An unknown key or a value of the wrong type fails with OmegaConf's message (which
-names the key); ``validate`` then checks ranges and names the offending key too. Nothing runs
-before the config is valid.
+dataclass schema; a YAML file may start from another with ``extends: other.yaml`` (its own keys
+win). An unknown key or a value of the wrong type fails with OmegaConf's message (which names the
+key); ``validate`` then checks ranges and names the offending key too. Nothing runs before the
+config is valid.
 """
 
 from __future__ import annotations
@@ -220,10 +221,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     try:
         merged = schema
         if path is not None:
-            path = Path(path)
-            if not path.is_file():
-                raise ConfigError(f"config file not found: {path}")
-            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+            merged = OmegaConf.merge(merged, _load_yaml(Path(path)))
         for item in overrides:
             if "=" not in item:
                 raise ConfigError(f"override {item!r} is not of the form key=value")
@@ -238,6 +236,25 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     validate(merged)
     OmegaConf.set_readonly(merged, True)
     return merged
+
+
+def _load_yaml(path: Path, extended_by: tuple[Path, ...] = ()) -> DictConfig:
+    """A YAML config merged onto the file its top-level ``extends:`` names (relative to its folder)."""
+    where = f" (extended by {extended_by[-1]})" if extended_by else ""
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}{where}")
+    if path.resolve() in {p.resolve() for p in extended_by}:
+        chain = " -> ".join(str(p) for p in (*extended_by, path))
+        raise ConfigError(f"config 'extends' cycle: {chain}")
+    node = OmegaConf.load(path)
+    if not isinstance(node, DictConfig):
+        raise ConfigError(f"config file {path}: expected a mapping of keys, got a {type(node).__name__}")
+    parent = node.pop("extends", None)
+    if parent is None:
+        return node
+    if not isinstance(parent, str) or not parent:
+        raise ConfigError(f"extends={parent!r} in {path}: must be the path of another YAML config")
+    return OmegaConf.merge(_load_yaml(path.parent / parent, (*extended_by, path)), node)
 
 
 def _require(ok: bool, key: str, value: Any, why: str) -> None:
@@ -255,8 +272,9 @@ def validate(cfg: DictConfig) -> None:
     _require(cfg.run.threads >= 1, "run.threads", cfg.run.threads, "must be >= 1")
     patch = list(cfg.model.tiny.patch_size)
     _require(len(patch) == 3 and all(p >= 1 for p in patch), "model.tiny.patch_size", patch, "must be 3 positive ints")
-    _require(cfg.data.height % patch[1] == 0 and cfg.data.width % patch[2] == 0, "data.height/width",
-             (cfg.data.height, cfg.data.width), f"must be divisible by the patch size {patch}")
+    _require(cfg.data.frames % patch[0] == 0 and cfg.data.height % patch[1] == 0 and cfg.data.width % patch[2] == 0,
+             "data.frames/height/width", (cfg.data.frames, cfg.data.height, cfg.data.width),
+             f"must be divisible by model.tiny.patch_size={patch}")
     for key in ("num_train", "num_heldout", "frames", "height", "width", "shard_size"):
         _require(cfg.data[key] >= 1, f"data.{key}", cfg.data[key], "must be >= 1")
     for key in ("steps", "batch_size", "warmup", "log_every"):

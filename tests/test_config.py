@@ -17,6 +17,19 @@ def test_tiny_and_real_configs_load():
         assert cfg.model.full_size in ("1.3b", "14b")
 
 
+def test_the_wide_tiny_config_is_the_tiny_default_with_a_wider_model():
+    wide = load_config("configs/tiny-wide.yaml")
+    tiny = load_config("configs/tiny.yaml", ["run.output_dir=outputs/tiny-wide"])
+    assert wide.teacher.output == "outputs/tiny-wide/teacher"
+    changed = {key for key, value in wide.model.tiny.items() if tiny.model.tiny[key] != value}
+    assert changed == {"num_attention_heads", "attention_head_dim", "ffn_dim", "patch_size"}
+    assert list(wide.model.tiny.patch_size) == [2, 4, 4]
+    assert wide.model.tiny.num_attention_heads * wide.model.tiny.attention_head_dim == 128
+    assert {key for key, value in wide.teacher.items() if tiny.teacher[key] != value} == {"steps", "lr", "save_every"}
+    for section in ("run", "schedule", "data", "learner", "pretrain", "rollout", "distill", "sample", "eval"):
+        assert wide[section] == tiny[section], section  # the rest is tiny.yaml's
+
+
 def test_overrides_apply_and_interpolations_resolve():
     cfg = load_config("configs/tiny.yaml", ["teacher.steps=7", "run.output_dir=/tmp/x"])
     assert cfg.teacher.steps == 7
@@ -32,10 +45,12 @@ def test_overrides_apply_and_interpolations_resolve():
     ("eval.models=[${teacher.output}]", "eval.models"),  # YAML parse error, not a traceback
     ("distill.num_ranks=-1", "distill.num_ranks"),
     ("distill.num_ranks=3", "distill.real_batch"),  # 16 clips cannot be split over 3 ranks
+    ("data.frames=7", "data.frames"),  # configs/tiny-wide.yaml puts two frames in a patch
 ])
 def test_bad_keys_and_values_name_the_key(override, key):
+    config = "configs/tiny-wide.yaml" if override.startswith("data.frames") else "configs/tiny.yaml"
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-        load_config("configs/tiny.yaml", [override])
+        load_config(config, [override])
 
 
 def test_stage2_learner_ranks_default_to_the_learner_groups():
@@ -64,3 +79,27 @@ def test_cli_fails_before_work_with_the_key_named(tmp_path):
     assert proc.returncode == 2
     assert "bogus" in proc.stderr
     assert not (tmp_path / "teacher").exists()
+
+
+def test_a_config_extends_another_and_its_own_keys_win(tmp_path):
+    (tmp_path / "base.yaml").write_text("teacher:\n  steps: 11\n  lr: 0.5\nrun:\n  output_dir: /tmp/base\n")
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    (sub / "child.yaml").write_text("extends: ../base.yaml\nteacher:\n  steps: 22\n")
+    cfg = load_config(sub / "child.yaml", ["run.seed=3"])
+    assert (cfg.teacher.steps, cfg.teacher.lr, cfg.run.output_dir, cfg.run.seed) == (22, 0.5, "/tmp/base", 3)
+    assert cfg.teacher.output == "/tmp/base/teacher"  # interpolations resolve after the whole chain
+    assert "extends" not in cfg
+
+
+def test_extends_refuses_a_missing_parent_a_cycle_and_a_non_path(tmp_path):
+    (tmp_path / "orphan.yaml").write_text("extends: nowhere.yaml\n")
+    with pytest.raises(ConfigError, match=r"nowhere\.yaml \(extended by .*orphan\.yaml\)"):
+        load_config(tmp_path / "orphan.yaml")
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "num.yaml").write_text("extends: 3\n")
+    with pytest.raises(ConfigError, match="extends=3"):
+        load_config(tmp_path / "num.yaml")

@@ -36,6 +36,22 @@ def test_diagonal_equals_base_model_exactly(tiny_model_dir, seed):
     assert not torch.allclose(off_diagonal, expected)  # r is really an input
 
 
+def test_diagonal_equals_base_model_with_two_frame_patches(tmp_path):
+    from anyflow_ray.config import load_config
+    from anyflow_ray.models.loading import make_tiny
+
+    folder = make_tiny(tmp_path / "wide", load_config("configs/tiny-wide.yaml").model.tiny, channels=3)
+    base = _perturbed_base(folder)
+    assert tuple(base.config.patch_size) == (2, 4, 4)
+    flow = WanFlowMapTransformer3DModel.from_base(base)
+    z, T, context = _inputs()
+    with torch.no_grad():
+        expected = base(z, T, context, return_dict=False)[0]
+        got = flow(z, T, context, timestep_r=T, return_dict=False)[0]
+    assert expected.shape == z.shape
+    assert torch.equal(got, expected)
+
+
 def test_r_embedder_is_a_copy_with_its_own_storage(tiny_model_dir):
     flow = WanFlowMapTransformer3DModel.from_base(_perturbed_base(tiny_model_dir))
     e_t, e_r = flow.condition_embedder.time_embedder, flow.condition_embedder.time_embedder_r
