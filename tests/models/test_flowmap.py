@@ -23,15 +23,21 @@ def _perturbed_base(folder):
     return base
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_diagonal_equals_base_model_exactly(tiny_model_dir, seed):
-    base = _perturbed_base(tiny_model_dir)
+def _base_diagonal_and_off_diagonal(folder, seed=0):
+    """Outputs of a perturbed base model and of its flow map at r = t and at r = 0.3 t."""
+    base = _perturbed_base(folder)
     flow = WanFlowMapTransformer3DModel.from_base(base)
     z, T, context = _inputs(seed=seed)
     with torch.no_grad():
         expected = base(z, T, context, return_dict=False)[0]
         got = flow(z, T, context, timestep_r=T, return_dict=False)[0]
         off_diagonal = flow(z, T, context, timestep_r=0.3 * T, return_dict=False)[0]
+    return expected, got, off_diagonal
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_diagonal_equals_base_model_exactly(tiny_model_dir, seed):
+    expected, got, off_diagonal = _base_diagonal_and_off_diagonal(tiny_model_dir, seed)
     assert torch.equal(got, expected)
     assert not torch.allclose(off_diagonal, expected)  # r is really an input
 
@@ -40,16 +46,12 @@ def test_diagonal_equals_base_model_with_two_frame_patches(tmp_path):
     from anyflow_ray.config import load_config
     from anyflow_ray.models.loading import make_tiny
 
-    folder = make_tiny(tmp_path / "wide", load_config("configs/tiny-wide.yaml").model.tiny, channels=3)
-    base = _perturbed_base(folder)
-    assert tuple(base.config.patch_size) == (2, 4, 4)
-    flow = WanFlowMapTransformer3DModel.from_base(base)
-    z, T, context = _inputs()
-    with torch.no_grad():
-        expected = base(z, T, context, return_dict=False)[0]
-        got = flow(z, T, context, timestep_r=T, return_dict=False)[0]
-    assert expected.shape == z.shape
+    tiny = load_config("configs/tiny-wide.yaml").model.tiny
+    assert list(tiny.patch_size) == [2, 4, 4]
+    expected, got, off_diagonal = _base_diagonal_and_off_diagonal(make_tiny(tmp_path / "wide", tiny, channels=3))
+    assert expected.shape == _inputs()[0].shape
     assert torch.equal(got, expected)
+    assert not torch.allclose(off_diagonal, expected)
 
 
 def test_r_embedder_is_a_copy_with_its_own_storage(tiny_model_dir):
