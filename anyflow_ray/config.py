@@ -119,6 +119,9 @@ class PretrainConfig:
     fd_delta: float = 5.0
     uncond_prob: float = 0.1
     derivative: str = "fd"  # fd | jvp
+    # v in the target: "data" (eps - x0, ALGORITHM §4) or "teacher" (the frozen teacher's velocity at
+    # (z, T, c): the same expected target with a perfect teacher, no single-clip variance, one more call)
+    target: str = "data"
     save_every: int = 500
     log_every: int = 25
     resume: bool = True  # continue from <output>/checkpoints/latest when present
@@ -303,6 +306,7 @@ def validate(cfg: DictConfig) -> None:
     _require(cfg.teacher.batch_size % cfg.learner.num_ranks == 0, "teacher.batch_size", cfg.teacher.batch_size,
              f"must be divisible by learner.num_ranks={cfg.learner.num_ranks}")
     _require(pc.derivative in ("fd", "jvp"), "pretrain.derivative", pc.derivative, "must be fd or jvp")
+    _require(pc.target in ("data", "teacher"), "pretrain.target", pc.target, "must be data or teacher")
     _require(len(pc.betas) == 2 and all(0 <= b < 1 for b in pc.betas), "pretrain.betas", list(pc.betas),
              "must be two numbers in [0, 1)")
     _require(pc.guidance >= 1.0, "pretrain.guidance", pc.guidance, "must be >= 1")

@@ -51,6 +51,14 @@ class FlowMapLossConfig:
     uncond_prob: float = 0.1
     derivative: str = "fd"  # "fd" (central difference, the default) or "jvp" (torch.func.jvp, exact)
     norm_eps: float = 1e-5
+    # The velocity v in the target and in the derivative's direction. "data": eps - x0 (ALGORITHM §4).
+    # "teacher": the frozen teacher's conditional velocity at (z, T, c), i.e. its estimate of
+    # E[eps - x0 | z, c]; the derivative is linear in v, so the expected target and the fixed point are
+    # the data target's when the teacher is exact, without the variance of a single x0 (one more call).
+    target: str = "data"
+
+
+VELOCITY_TARGETS = ("data", "teacher")
 
 
 def split_positions(global_batch: int) -> tuple[int, int]:
@@ -121,13 +129,15 @@ def fused_guidance(model: torch.nn.Module, z: torch.Tensor, T: torch.Tensor, R: 
 
 
 def adaptive_normalise(losses: torch.Tensor, diagonal: torch.Tensor, eps: float = 1e-5,
-                       all_reduce=None) -> tuple[torch.Tensor, torch.Tensor]:
+                       all_reduce=None, reference: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Off-diagonal l_i <- l_i sg(m / (l_i + eps)), m = mean l over diagonal samples of *all* ranks.
 
+    ``reference``: per-sample losses whose diagonal mean is m (default ``losses`` themselves).
     ``all_reduce(tensor)`` sums a tensor over ranks in place (None: one process). Returns (losses, m).
     """
+    reference = losses if reference is None else reference
     with torch.no_grad():
-        stats = torch.stack([(losses.detach() * diagonal).sum(), diagonal.sum().to(losses.dtype)])
+        stats = torch.stack([(reference.detach() * diagonal).sum(), diagonal.sum().to(losses.dtype)])
         if all_reduce is not None:
             all_reduce(stats)
         m = stats[0] / stats[1].clamp_min(1.0)
@@ -137,29 +147,54 @@ def adaptive_normalise(losses: torch.Tensor, diagonal: torch.Tensor, eps: float 
 
 def flowmap_terms(model: torch.nn.Module, x0: torch.Tensor, context: torch.Tensor, uncond: torch.Tensor,
                   global_indices: torch.Tensor, global_batch: int, seeds: list[int], weight: Beta08Weight,
-                  cfg: FlowMapLossConfig = FlowMapLossConfig()) -> dict[str, torch.Tensor]:
-    """Steps 1-7 of ALGORITHM §4 for this rank's slice: times, fused prediction, target, weighted losses."""
+                  cfg: FlowMapLossConfig = FlowMapLossConfig(),
+                  teacher: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
+    """Steps 1-7 of ALGORITHM §4 for this rank's slice: times, fused prediction, target, weighted losses.
+
+    ``per_sample_fm`` is the diagonal's flow-matching loss against the data velocity eps - x0 whatever
+    ``cfg.target`` is: its mean is the scale the adaptive normalisation brings every off-diagonal loss to
+    (with the teacher's velocity as target a student that starts as the teacher has a diagonal loss near
+    0, which would switch the off-diagonal terms off).
+    """
+    if cfg.target not in VELOCITY_TARGETS:
+        raise ValueError(f"pretrain.target must be one of {VELOCITY_TARGETS}, got {cfg.target!r}")
+    if cfg.target == "teacher" and teacher is None:
+        raise ValueError("pretrain.target='teacher' needs the teacher model (pretrain.init)")
     T, R, drop, noise = draw_times_and_noise(x0, seeds, global_indices, global_batch, cfg)
     context = torch.where(drop[:, None, None], uncond.to(context.dtype).expand_as(context), context)
     z = add_noise(x0, noise, T)
-    v = velocity_target(x0, noise).float()
+    v_data = velocity_target(x0, noise).float()
+    if cfg.target == "teacher":
+        with torch.no_grad():
+            v = call_model(teacher, z, T, context).float()
+    else:
+        v = v_data
     u_hat = fused_guidance(model, z, T, R, context, uncond, cfg.guidance)
     D = total_derivative(model, z, v.to(z.dtype), T, R, context, cfg.derivative, cfg.delta) / cfg.guidance
     target = v - broadcast_time(T - R, v) * D  # MeanFlow identity; = v on the diagonal
-    per_sample = weight(T) * (u_hat.float() - target).pow(2).flatten(1).mean(dim=1)
-    return {"T": T, "R": R, "v": v, "u_hat": u_hat, "target": target, "per_sample": per_sample}
+    w = weight(T)
+    per_sample = w * (u_hat.float() - target).pow(2).flatten(1).mean(dim=1)
+    if cfg.target == "data":
+        per_sample_fm = per_sample
+    else:
+        per_sample_fm = w * (u_hat.detach().float() - v_data).pow(2).flatten(1).mean(dim=1)
+    return {"T": T, "R": R, "v": v, "u_hat": u_hat, "target": target, "per_sample": per_sample,
+            "per_sample_fm": per_sample_fm}
 
 
 def flowmap_loss(model: torch.nn.Module, x0: torch.Tensor, context: torch.Tensor, uncond: torch.Tensor,
                  global_indices: torch.Tensor, global_batch: int, seeds: list[int], weight: Beta08Weight,
-                 cfg: FlowMapLossConfig = FlowMapLossConfig(), all_reduce=None) -> tuple[torch.Tensor, dict]:
+                 cfg: FlowMapLossConfig = FlowMapLossConfig(), all_reduce=None,
+                 teacher: torch.nn.Module | None = None) -> tuple[torch.Tensor, dict]:
     """Stage-1 loss of this rank's slice of a global batch; its mean over ranks is the global mean.
 
-    1 forward with grad + 3 without (unconditional branch, two finite-difference points).
+    1 forward with grad + 3 without (unconditional branch, two finite-difference points), + 1 teacher
+    call with ``cfg.target == "teacher"``.
     """
-    terms = flowmap_terms(model, x0, context, uncond, global_indices, global_batch, seeds, weight, cfg)
+    terms = flowmap_terms(model, x0, context, uncond, global_indices, global_batch, seeds, weight, cfg, teacher)
     diagonal = terms["T"] == terms["R"]
-    normalised, m = adaptive_normalise(terms["per_sample"], diagonal, cfg.norm_eps, all_reduce)
+    normalised, m = adaptive_normalise(terms["per_sample"], diagonal, cfg.norm_eps, all_reduce,
+                                       reference=terms["per_sample_fm"])
     metrics = {"diag_loss_mean": float(m), "raw_loss": float(terms["per_sample"].detach().mean()),
                "frac_diagonal": float(diagonal.float().mean())}
     return normalised.mean(), metrics

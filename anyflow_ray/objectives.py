@@ -60,16 +60,21 @@ class TeacherObjective:
 
 
 class Stage1Objective:
-    """ALGORITHM §4: forward flow-map training with guidance fusion and adaptive normalisation."""
+    """ALGORITHM §4: forward flow-map training with guidance fusion and adaptive normalisation.
+
+    ``teacher``: the frozen single-time teacher, needed (and only used) with ``pretrain.target=teacher``.
+    """
 
     name = "stage1"
 
-    def __init__(self, data: TrainData, cfg: DictConfig):
+    def __init__(self, data: TrainData, cfg: DictConfig, teacher: torch.nn.Module | None = None):
         pc = cfg.pretrain
-        self.data, self.cfg = data, cfg
+        self.data, self.cfg, self.teacher = data, cfg, teacher
         self.global_batch = pc.global_batch
         self.loss_cfg = FlowMapLossConfig(shift=cfg.schedule.shift, guidance=pc.guidance, delta=pc.fd_delta,
-                                          uncond_prob=pc.uncond_prob, derivative=pc.derivative)
+                                          uncond_prob=pc.uncond_prob, derivative=pc.derivative, target=pc.target)
+        if pc.target == "teacher" and teacher is None:
+            raise ValueError("pretrain.target=teacher: the Stage-1 objective needs the teacher model")
         self.weight = Beta08Weight(cfg.schedule.shift)
 
     def loss(self, model, step: int, rank: int = 0, world_size: int = 1, all_reduce=None):
@@ -78,7 +83,7 @@ class Stage1Objective:
                                                        world_size, device, dtype)
         seeds = sample_seeds(self.cfg.run.seed, step, positions)
         return flowmap_loss(model, x0, context, self.data.uncond.to(device, dtype), positions, self.global_batch,
-                            seeds, self.weight, self.loss_cfg, all_reduce=all_reduce)
+                            seeds, self.weight, self.loss_cfg, all_reduce=all_reduce, teacher=self.teacher)
 
 
 OBJECTIVES = {"teacher": TeacherObjective, "stage1": Stage1Objective}

@@ -73,7 +73,7 @@ class DistillWorker(LearnerWorker):
         self.teacher = teacher.to(self.device).eval().requires_grad_(False)
         data = self._load_data()
         self.data = data
-        self.objective = Stage1Objective(data, self._co_training_cfg())
+        self.objective = Stage1Objective(data, self._co_training_cfg(), teacher=self.teacher)
         self.engines = {}
         for name, model in (("student", student), ("critic", critic)):
             params = [p for p in model.parameters() if p.requires_grad]

@@ -45,6 +45,7 @@ def test_overrides_apply_and_interpolations_resolve():
     ("eval.models=[${teacher.output}]", "eval.models"),  # YAML parse error, not a traceback
     ("distill.num_ranks=-1", "distill.num_ranks"),
     ("distill.num_ranks=3", "distill.real_batch"),  # 16 clips cannot be split over 3 ranks
+    ("pretrain.target=oracle", "pretrain.target"),
 ])
 def test_bad_keys_and_values_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

@@ -57,6 +57,58 @@ def test_on_the_diagonal_the_target_is_v(tiny_cfg):
     assert not torch.allclose(terms["target"][~diag], terms["v"][~diag])
 
 
+def _teacher_and_student(tiny_cfg):
+    """A random single-time Wan teacher and the flow map made from it (equal on the diagonal)."""
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(3)
+    teacher = WanTransformer3DModel(**tiny_transformer_config(tiny_cfg.model.tiny, 3))
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    return teacher.eval().requires_grad_(False), WanFlowMapTransformer3DModel.from_base(teacher)
+
+
+def test_teacher_target_is_the_teacher_velocity_and_keeps_the_data_loss_scale(tiny_cfg):
+    teacher, student = _teacher_and_student(tiny_cfg)
+    x0, c, u = _batch(8)
+    idx, seeds = torch.arange(8), sample_seeds(0, 0, torch.arange(8))
+    cfg = FlowMapLossConfig(guidance=1.0, target="teacher")
+    terms = flowmap_terms(student, x0, c, u, idx, 8, seeds, Beta08Weight(), cfg, teacher=teacher)
+    data = flowmap_terms(student, x0, c, u, idx, 8, seeds, Beta08Weight(), FlowMapLossConfig(guidance=1.0))
+    diag = terms["T"] == terms["R"]
+    # v is the teacher's velocity at the same (z, T, c), not eps - x0; on the diagonal the target is v
+    assert not torch.allclose(terms["v"], data["v"])
+    assert torch.equal(terms["target"][diag], terms["v"][diag])
+    # a student made from the teacher already meets the diagonal target ...
+    assert terms["per_sample"][diag].max() < 1e-8
+    assert terms["per_sample"][~diag].min() > 1e-6
+    # ... so the normaliser keeps the data flow-matching scale: off-diagonal terms equal the data-target
+    # diagonal mean in value and still carry gradient
+    assert torch.equal(terms["per_sample_fm"][diag], data["per_sample"][diag].detach())
+    loss, metrics = flowmap_loss(student, x0, c, u, idx, 8, seeds, Beta08Weight(), cfg, teacher=teacher)
+    m = float(data["per_sample"][diag].mean())
+    assert metrics["diag_loss_mean"] == pytest.approx(m, rel=1e-5)
+    off = terms["per_sample"][~diag].detach()
+    expected = (terms["per_sample"][diag].sum() + (off * m / (off + 1e-5)).sum()) / 8
+    assert float(loss) == pytest.approx(float(expected), rel=1e-5)
+    assert float(expected) == pytest.approx(4 * m / 8, rel=0.01)
+    loss.backward()
+    assert sum(float(p.grad.abs().sum()) for p in student.parameters() if p.grad is not None) > 0
+
+
+def test_teacher_target_needs_a_teacher_and_a_known_name(tiny_cfg):
+    model = _tiny_flow_map(tiny_cfg)
+    x0, c, u = _batch(4)
+    idx = torch.arange(4)
+    with pytest.raises(ValueError, match="needs the teacher"):
+        flowmap_terms(model, x0, c, u, idx, 4, sample_seeds(0, 0, idx), Beta08Weight(),
+                      FlowMapLossConfig(target="teacher"))
+    with pytest.raises(ValueError, match="'oracle'"):
+        flowmap_terms(model, x0, c, u, idx, 4, sample_seeds(0, 0, idx), Beta08Weight(),
+                      FlowMapLossConfig(target="oracle"))
+
+
 def test_adaptive_normalisation_sets_off_diagonal_losses_to_the_diagonal_mean():
     losses = torch.tensor([0.5, 1.5, 3.0, 0.2, 7.0, 0.01], requires_grad=True)
     diagonal = torch.tensor([True, True, False, False, False, False])

@@ -92,7 +92,10 @@ def _plain_loop_step_times(cfg: DictConfig) -> list[float]:
     torch.set_num_threads(cfg.run.threads)
     tokenizer, encoder = load_text_encoder(cfg.model.base)
     uncond = encode_prompts(tokenizer, encoder, [UNCONDITIONAL_PROMPT], text_max_length(cfg.model.base))
-    objective = Stage1Objective(TrainData(read_shards(Path(cfg.data.root) / "train"), uncond), cfg)
+    teacher = None
+    if cfg.pretrain.target == "teacher":  # as the learner (LearnerWorker._objective_models)
+        teacher = load_transformer(cfg.pretrain.init, flow_map=False).eval().requires_grad_(False)
+    objective = Stage1Objective(TrainData(read_shards(Path(cfg.data.root) / "train"), uncond), cfg, teacher)
     model = load_transformer(cfg.pretrain.init, flow_map=True, gate=cfg.model.gate)
     pc = cfg.pretrain
     trainer = SimpleTrainer(model, lr=pc.lr, betas=tuple(pc.betas), warmup=pc.warmup, grad_clip=pc.grad_clip,

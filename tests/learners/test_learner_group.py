@@ -41,7 +41,8 @@ def test_one_and_two_ranks_take_the_same_stage1_step(ray_local, prepared_run, tm
 
 
 def test_resume_reproduces_the_next_losses(ray_local, prepared_run, tmp_path):
-    cfg = run_cfg(prepared_run, "learner.num_ranks=1")
+    # the paper's data target here (the tiny config's teacher target runs in the test above)
+    cfg = run_cfg(prepared_run, "learner.num_ranks=1", "pretrain.target=data")
     group = LearnerGroup(cfg, "stage1")
     try:
         straight = _train(group, range(5))
