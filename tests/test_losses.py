@@ -87,7 +87,7 @@ def test_teacher_target_is_the_teacher_velocity_and_keeps_the_data_loss_scale(ti
     # diagonal mean in value and still carry gradient
     assert torch.equal(terms["per_sample_fm"][diag], data["per_sample"][diag].detach())
     loss, metrics = flowmap_loss(student, x0, c, u, idx, 8, seeds, Beta08Weight(), cfg, teacher=teacher)
-    m = float(data["per_sample"][diag].mean())
+    m = float(data["per_sample"][diag].detach().mean())
     assert metrics["diag_loss_mean"] == pytest.approx(m, rel=1e-5)
     off = terms["per_sample"][~diag].detach()
     expected = (terms["per_sample"][diag].sum() + (off * m / (off + 1e-5)).sum()) / 8
