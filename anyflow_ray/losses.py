@@ -188,8 +188,8 @@ def flowmap_loss(model: torch.nn.Module, x0: torch.Tensor, context: torch.Tensor
                  teacher: torch.nn.Module | None = None) -> tuple[torch.Tensor, dict]:
     """Stage-1 loss of this rank's slice of a global batch; its mean over ranks is the global mean.
 
-    1 forward with grad + 3 without (unconditional branch, two finite-difference points), + 1 teacher
-    call with ``cfg.target == "teacher"``.
+    1 forward with grad + 3 without (unconditional branch, skipped at guidance 1; two finite-difference
+    points), + 1 teacher call with ``cfg.target == "teacher"``.
     """
     terms = flowmap_terms(model, x0, context, uncond, global_indices, global_batch, seeds, weight, cfg, teacher)
     diagonal = terms["T"] == terms["R"]
