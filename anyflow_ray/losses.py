@@ -153,8 +153,8 @@ def flowmap_terms(model: torch.nn.Module, x0: torch.Tensor, context: torch.Tenso
 
     ``per_sample_fm`` is the diagonal's flow-matching loss against the data velocity eps - x0 whatever
     ``cfg.target`` is: its mean is the scale the adaptive normalisation brings every off-diagonal loss to
-    (with the teacher's velocity as target a student that starts as the teacher has a diagonal loss near
-    0, which would switch the off-diagonal terms off).
+    (with the teacher's velocity as target and no fused CFG, a student that starts as the teacher has a
+    diagonal loss of 0, which would switch the off-diagonal terms off).
     """
     if cfg.target not in VELOCITY_TARGETS:
         raise ValueError(f"pretrain.target must be one of {VELOCITY_TARGETS}, got {cfg.target!r}")
