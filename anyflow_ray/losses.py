@@ -53,8 +53,9 @@ class FlowMapLossConfig:
     norm_eps: float = 1e-5
     # The velocity v in the target and in the derivative's direction. "data": eps - x0 (ALGORITHM §4).
     # "teacher": the frozen teacher's conditional velocity at (z, T, c), i.e. its estimate of
-    # E[eps - x0 | z, c]; the derivative is linear in v, so the expected target and the fixed point are
-    # the data target's when the teacher is exact, without the variance of a single x0 (one more call).
+    # E[eps - x0 | z, c]; the derivative is linear in v (exactly for jvp, up to O(delta^2) for fd), so
+    # the expected target and the fixed point are the data target's when the teacher is exact, without
+    # the variance of a single x0 (one more call).
     target: str = "data"
 
 
@@ -151,15 +152,15 @@ def flowmap_terms(model: torch.nn.Module, x0: torch.Tensor, context: torch.Tenso
                   teacher: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
     """Steps 1-7 of ALGORITHM §4 for this rank's slice: times, fused prediction, target, weighted losses.
 
-    ``per_sample_fm`` is the diagonal's flow-matching loss against the data velocity eps - x0 whatever
-    ``cfg.target`` is: its mean is the scale the adaptive normalisation brings every off-diagonal loss to
+    ``per_sample_fm`` is the flow-matching loss against the data velocity eps - x0 whatever ``cfg.target``
+    is (only its diagonal entries are used): their mean is the scale the adaptive normalisation brings every off-diagonal loss to
     (with the teacher's velocity as target and no fused CFG, a student that starts as the teacher has a
     diagonal loss of 0, which would switch the off-diagonal terms off).
     """
     if cfg.target not in VELOCITY_TARGETS:
         raise ValueError(f"pretrain.target must be one of {VELOCITY_TARGETS}, got {cfg.target!r}")
     if cfg.target == "teacher" and teacher is None:
-        raise ValueError("pretrain.target='teacher' needs the teacher model (pretrain.init)")
+        raise ValueError("pretrain.target='teacher' needs the teacher model, none was given")
     T, R, drop, noise = draw_times_and_noise(x0, seeds, global_indices, global_batch, cfg)
     context = torch.where(drop[:, None, None], uncond.to(context.dtype).expand_as(context), context)
     z = add_noise(x0, noise, T)
@@ -197,6 +198,9 @@ def flowmap_loss(model: torch.nn.Module, x0: torch.Tensor, context: torch.Tensor
                                        reference=terms["per_sample_fm"])
     metrics = {"diag_loss_mean": float(m), "raw_loss": float(terms["per_sample"].detach().mean()),
                "frac_diagonal": float(diagonal.float().mean())}
+    if cfg.target != "data":  # m is the data scale; this is the diagonal loss actually trained (this rank)
+        trained = (terms["per_sample"].detach() * diagonal).sum() / diagonal.sum().clamp_min(1)
+        metrics["diag_target_loss"] = float(trained)
     return normalised.mean(), metrics
 
 

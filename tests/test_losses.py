@@ -1,3 +1,4 @@
+import copy
 import os
 
 import pytest
@@ -66,7 +67,9 @@ def _teacher_and_student(tiny_cfg):
     with torch.no_grad():
         for p in teacher.parameters():
             p.add_(0.02 * torch.randn_like(p))
-    return teacher.eval().requires_grad_(False), WanFlowMapTransformer3DModel.from_base(teacher)
+    # from_base shares the base's storage: give the student its own copy, as loading it from disk does
+    student = WanFlowMapTransformer3DModel.from_base(copy.deepcopy(teacher))
+    return teacher.eval().requires_grad_(False), student
 
 
 def test_teacher_target_is_the_teacher_velocity_and_keeps_the_data_loss_scale(tiny_cfg):
@@ -89,6 +92,7 @@ def test_teacher_target_is_the_teacher_velocity_and_keeps_the_data_loss_scale(ti
     loss, metrics = flowmap_loss(student, x0, c, u, idx, 8, seeds, Beta08Weight(), cfg, teacher=teacher)
     m = float(data["per_sample"][diag].detach().mean())
     assert metrics["diag_loss_mean"] == pytest.approx(m, rel=1e-5)
+    assert metrics["diag_target_loss"] < 1e-8
     off = terms["per_sample"][~diag].detach()
     expected = (terms["per_sample"][diag].detach().sum() + (off * m / (off + 1e-5)).sum()) / 8
     assert float(loss.detach()) == pytest.approx(float(expected), rel=1e-5)
