@@ -152,10 +152,11 @@ def flowmap_terms(model: torch.nn.Module, x0: torch.Tensor, context: torch.Tenso
                   teacher: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
     """Steps 1-7 of ALGORITHM §4 for this rank's slice: times, fused prediction, target, weighted losses.
 
-    ``per_sample_fm`` is the flow-matching loss against the data velocity eps - x0 whatever ``cfg.target``
-    is (only its diagonal entries are used): their mean is the scale the adaptive normalisation brings every off-diagonal loss to
-    (with the teacher's velocity as target and no fused CFG, a student that starts as the teacher has a
-    diagonal loss of 0, which would switch the off-diagonal terms off).
+    ``per_sample_fm`` is the flow-matching loss against the data velocity eps - x0 whatever
+    ``cfg.target`` is; only its diagonal entries are used: their mean is the scale the adaptive
+    normalisation brings every off-diagonal loss to (with the teacher's velocity as target and no fused
+    CFG, a student that starts as the teacher has a diagonal loss of 0, which would switch the
+    off-diagonal terms off).
     """
     if cfg.target not in VELOCITY_TARGETS:
         raise ValueError(f"pretrain.target must be one of {VELOCITY_TARGETS}, got {cfg.target!r}")

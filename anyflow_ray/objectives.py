@@ -89,6 +89,17 @@ class Stage1Objective:
 OBJECTIVES = {"teacher": TeacherObjective, "stage1": Stage1Objective}
 
 
+def objective_models(cfg: DictConfig, job: str, device=None, dtype: torch.dtype | None = None) -> dict:
+    """Frozen models an objective needs besides the trained one, as keyword arguments of its
+    constructor: the teacher (``pretrain.init``) for Stage 1 with ``pretrain.target=teacher``."""
+    if job == "stage1" and cfg.pretrain.target == "teacher":
+        from anyflow_ray.models.loading import load_transformer
+
+        teacher = load_transformer(cfg.pretrain.init, flow_map=False, dtype=dtype)
+        return {"teacher": teacher.to(device).eval().requires_grad_(False)}
+    return {}
+
+
 def _device_dtype(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
     p = next(model.parameters())
     return p.device, p.dtype

@@ -23,7 +23,7 @@ from anyflow_ray.device import collective_backend, resolve_device, resolve_dtype
 from anyflow_ray.models.loading import load_text_encoder, load_transformer, text_max_length
 from anyflow_ray.models.lora import apply_lora
 from anyflow_ray.models.text import UNCONDITIONAL_PROMPT, encode_prompts
-from anyflow_ray.objectives import OBJECTIVES, TrainData
+from anyflow_ray.objectives import OBJECTIVES, TrainData, objective_models
 from anyflow_ray.pipeline import save_as_pipeline
 from anyflow_ray.training import EMA, warmup_lambda
 
@@ -114,20 +114,13 @@ class LearnerWorker:
         optimizer = torch.optim.AdamW(self.trainable, lr=settings.lr, betas=tuple(settings.betas),
                                       weight_decay=settings.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_lambda(settings.warmup))
-        self.objective = OBJECTIVES[self.job](self._load_data(), self.cfg, **self._objective_models())
+        self.objective = OBJECTIVES[self.job](self._load_data(), self.cfg,
+                                              **objective_models(self.cfg, self.job, self.device, self.dtype))
         micro = self.objective.global_batch // self.world_size
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler,
             config=deepspeed_config(self.cfg, self.job, micro, self.dtype), dist_init_required=False)
         self.model = model
-
-    def _objective_models(self) -> dict[str, torch.nn.Module]:
-        """Frozen models the objective needs besides the trained one: the teacher for Stage 1 with
-        ``pretrain.target=teacher``."""
-        if self.job == "stage1" and self.cfg.pretrain.target == "teacher":
-            teacher = load_transformer(self.cfg.pretrain.init, flow_map=False, dtype=self.dtype)
-            return {"teacher": teacher.to(self.device).eval().requires_grad_(False)}
-        return {}
 
     def _ema_decay(self) -> float:
         return job_settings(self.cfg, self.job).ema
