@@ -154,7 +154,8 @@ class DistillConfig:
     dmd_guidance: float = 4.0  # CFG of the real score in x0 form
     budgets: list[int] = field(default_factory=lambda: [2, 4, 8, 16, 50])
     grad_scope: str = "last"  # last: grad through the k-th step and the jump to 0; all: prefix too
-    real_batch: int = 8  # Stage-1 co-training batch (global, multiple of 4), added at equal weight
+    real_batch: int = 8  # Stage-1 co-training batch (global, multiple of 4)
+    real_weight: float = 1.0  # weight of the Stage-1 co-training loss against the DMD loss (the reference: 1)
     num_ranks: int = 0  # learner ranks of Stage 2; 0 = learner.num_ranks (rollout actors share the nodes)
     sync_every: int = 1  # learner steps between weight broadcasts
     weight_sync: str = "object_store"  # object_store: rank 0 ray.puts, actors pull; torch_dist: a collective group
@@ -325,6 +326,7 @@ def validate(cfg: DictConfig) -> None:
     _require(dc.sync_timeout_s > 0, "distill.sync_timeout_s", dc.sync_timeout_s, "must be > 0")
     _require(len(dc.budgets) > 0 and all(int(n) >= 1 for n in dc.budgets), "distill.budgets", list(dc.budgets),
              "must be a non-empty list of ints >= 1")
+    _require(dc.real_weight >= 0, "distill.real_weight", dc.real_weight, "must be >= 0")
     _require(dc.num_ranks >= 0, "distill.num_ranks", dc.num_ranks, "must be >= 0 (0: learner.num_ranks)")
     ranks = distill_ranks(cfg)
     _require(dc.real_batch > 0 and dc.real_batch % 4 == 0 and dc.real_batch % ranks == 0,

@@ -4,7 +4,7 @@ Student G (trainable, from the Stage-1 EMA), frozen teacher R (real score), crit
 of the teacher). Per step, on trajectories made by the rollout actors:
   generator update: re-run the real k-th step and the jump to 0 from the actor's z_k with gradient
     (``grad_scope: all`` recomputes the prefix from the noise too), DMD loss with CFG on R, plus the
-    Stage-1 loss on a real batch at equal weight;
+    Stage-1 loss on a real batch times ``distill.real_weight`` (the reference: 1, equal weight);
   critic update: flow matching of F on a fresh critic trajectory's x_hat (one per generator update).
 Trajectories that cannot be fetched (lost with their actor) or fail validation are counted, never used.
 """
@@ -169,7 +169,7 @@ class DistillWorker(LearnerWorker):
         all_reduce = torch.distributed.all_reduce if self.world_size > 1 else None
         real_loss, real_info = self.objective.loss(student.module, step, self.rank, self.world_size, all_reduce)
         dmd = torch.stack(dmd_terms).mean() if dmd_terms else torch.zeros((), device=self.device)
-        total = dmd + real_loss
+        total = dmd + self.cfg.distill.real_weight * real_loss
         student.backward(total)
         student.step()
         self.ema.update()

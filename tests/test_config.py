@@ -44,6 +44,7 @@ def test_overrides_apply_and_interpolations_resolve():
     ("nonsense", "nonsense"),
     ("eval.models=[${teacher.output}]", "eval.models"),  # YAML parse error, not a traceback
     ("distill.num_ranks=-1", "distill.num_ranks"),
+    ("distill.real_weight=-1", "distill.real_weight"),
     ("distill.num_ranks=3", "distill.real_batch"),  # 16 clips cannot be split over 3 ranks
     ("pretrain.target=oracle", "pretrain.target"),
 ])

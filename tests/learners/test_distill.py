@@ -71,8 +71,8 @@ def test_a_killed_rollout_actor_is_restarted_and_the_run_finishes(ray_local, pre
     assert v_again >= 1  # the restarted actor came back with newer weights than the initial ones
 
 
-def test_nan_and_misshapen_trajectories_are_rejected_and_counted(ray_local, prepared_run):
-    group = LearnerGroup(run_cfg(prepared_run), "stage2", worker_cls=DistillWorker)
+def test_bad_trajectories_are_rejected_and_the_good_one_trains_on_the_weighted_loss(ray_local, prepared_run):
+    group = LearnerGroup(run_cfg(prepared_run, "distill.real_weight=3.0"), "stage2", worker_cls=DistillWorker)
     try:
         good = {"prompt_idx": torch.tensor([0, 1]), "num_steps": 2, "k": 0, "z_k": torch.randn(2, 3, 8, 16, 16),
                 "T_k": torch.full((2,), 1000.0), "T_next": torch.full((2,), 833.0)}
@@ -83,6 +83,9 @@ def test_nan_and_misshapen_trajectories_are_rejected_and_counted(ray_local, prep
         result = group.run("train_step", 0, refs, [])[0]
         assert (result["trained"], result["rejected"], result["lost"]) == (1, 2, 0)
         assert torch.isfinite(torch.tensor(result["loss"]))
+        # the generator trains on DMD + real_weight x the co-training loss
+        assert result["real_loss"] > 0 and result["dmd_loss"] >= 0
+        assert result["loss"] == pytest.approx(result["dmd_loss"] + 3.0 * result["real_loss"], rel=1e-5)
     finally:
         group.shutdown()
 
