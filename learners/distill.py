@@ -169,7 +169,7 @@ class DistillWorker(LearnerWorker):
         all_reduce = torch.distributed.all_reduce if self.world_size > 1 else None
         real_loss, real_info = self.objective.loss(student.module, step, self.rank, self.world_size, all_reduce)
         dmd = torch.stack(dmd_terms).mean() if dmd_terms else torch.zeros((), device=self.device)
-        total = dmd + self.cfg.distill.real_weight * real_loss
+        total = dmd + self.cfg.distill.real_weight * real_loss  # logged as "loss"; the two parts unweighted
         student.backward(total)
         student.step()
         self.ema.update()

@@ -84,7 +84,7 @@ def test_bad_trajectories_are_rejected_and_the_good_one_trains_on_the_weighted_l
         assert (result["trained"], result["rejected"], result["lost"]) == (1, 2, 0)
         assert torch.isfinite(torch.tensor(result["loss"]))
         # the generator trains on DMD + real_weight x the co-training loss
-        assert result["real_loss"] > 0 and result["dmd_loss"] >= 0
+        assert result["real_loss"] > 0
         assert result["loss"] == pytest.approx(result["dmd_loss"] + 3.0 * result["real_loss"], rel=1e-5)
     finally:
         group.shutdown()
