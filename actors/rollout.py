@@ -22,6 +22,7 @@ from anyflow_ray.data.shards import read_shards
 from anyflow_ray.device import resolve_device, resolve_dtype, set_threads
 from anyflow_ray.models.loading import load_transformer
 from anyflow_ray.models.lora import apply_lora
+from anyflow_ray.storage import Storage, job_inputs
 
 
 class RolloutActor:
@@ -29,8 +30,10 @@ class RolloutActor:
         self.cfg = OmegaConf.create(cfg)
         set_threads(self.cfg.rollout.threads)
         self.actor_id, self.buffer, self.registry = actor_id, buffer, registry
-        self.device = resolve_device("cuda" if self.cfg.rollout.gpus_per_actor > 0 else "cpu")
+        self.gpu_ids = [str(i) for i in ray.get_gpu_ids()]
+        self.device = resolve_device(self.cfg.run.device, len(self.gpu_ids))  # resolved in this process
         self.dtype = resolve_dtype(self.cfg.run.precision, self.device)
+        Storage.of(self.cfg).fetch_all(job_inputs(self.cfg, "stage2"))  # what this node lacks (run.storage)
         student = load_transformer(self.cfg.distill.init, flow_map=True, gate=self.cfg.model.gate, dtype=self.dtype)
         if self.cfg.model.lora.enabled:  # the same adapters as the learner, so published names match
             apply_lora(student, self.cfg.model.lora)
@@ -46,6 +49,12 @@ class RolloutActor:
     def current_version(self) -> int:
         """The weight version held now (answered even while a rollout waits for buffer space)."""
         return self.version
+
+    @ray.method(concurrency_group="weights")
+    def whereabouts(self) -> dict:
+        """Where this process runs and what it resolved for itself: node, GPUs given by Ray, device."""
+        return {"actor": self.actor_id, "node_id": ray.get_runtime_context().get_node_id(),
+                "gpu_ids": self.gpu_ids, "device": str(self.device)}
 
     def state_of(self, names: list[str]) -> dict[str, torch.Tensor]:
         """The named student parameters as this actor holds them (for checks and debugging)."""
@@ -122,11 +131,13 @@ class RolloutActor:
             payload["noise"] = noise.cpu()
         return payload
 
-    def rollout(self, kind: str, seed: int, max_wait_s: float = 600.0) -> dict:
-        """Make one trajectory and push its ref into the buffer (waits while the buffer is full).
+    def rollout(self, kind: str, seed: int) -> dict:
+        """Make one trajectory and push its ref into the buffer, awaiting space while it is full.
 
-        With ``weight_sync=torch_dist`` a process that has not yet received weights (fresh after a
-        restart, before the driver re-forms the group) makes nothing: it returns ``skipped``.
+        There is no time-out on that wait: the buffer answers when the learner takes a batch, or with
+        False when the run ends (the trajectory is then discarded, never counted as accepted). With
+        ``weight_sync=torch_dist`` a process that has not yet received weights (fresh after a restart,
+        before the driver re-forms the group) makes nothing: it returns ``skipped``.
         """
         self.load_latest_weights()
         if self.version < 0:
@@ -134,13 +145,7 @@ class RolloutActor:
             return {"actor": self.actor_id, "kind": kind, "version": self.version, "skipped": True}
         start = time.perf_counter()
         payload = self.make_trajectory(kind, seed)
-        ref = ray.put(payload)
-        waited = 0.0
         version = payload["version"]  # the weights it was made with (a broadcast may land meanwhile)
-        while not ray.get(self.buffer.put.remote([ref], version, kind, self.actor_id)):
-            if waited > max_wait_s:
-                raise TimeoutError(f"{self.actor_id}: buffer stayed full for {max_wait_s:.0f}s")
-            time.sleep(0.05)
-            waited += 0.05
+        accepted = ray.get(self.buffer.put.remote([ray.put(payload)], version, kind, self.actor_id))
         return {"actor": self.actor_id, "kind": kind, "version": version, "num_steps": payload["num_steps"],
-                "k": payload["k"], "seconds": time.perf_counter() - start}
+                "k": payload["k"], "seconds": time.perf_counter() - start, "closed": not accepted}

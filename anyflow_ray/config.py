@@ -97,7 +97,9 @@ class LearnerConfig:
     num_ranks: int = 1
     zero_stage: int = 0
     cpus_per_rank: float = 1.0
-    gpus_per_rank: float = -1.0  # -1: one GPU per rank when run.device resolves to cuda, else none
+    # GPUs per rank: "auto" = 1 when the cluster has GPUs (0.5 with rollout.colocate), else 0; or a
+    # number. Read from the cluster's resources by the driver, never from the driver's own hardware.
+    gpus_per_rank: str = "auto"
     timeout_s: float = 900.0  # start-up and collective time-out: a dead or stuck rank fails the group
     master_port: int = 0  # 0: rank 0 picks a free port
 
@@ -133,7 +135,10 @@ class RolloutConfig:
     """Stage-2 rollout actors: scale independently of the learner ranks."""
     num_actors: int = 1
     cpus_per_actor: float = 0.5
-    gpus_per_actor: float = 0.0
+    gpus_per_actor: str = "auto"  # "auto" = 1 when the cluster has GPUs (0.5 with colocate), else 0; or a number
+    # share the learner ranks' GPUs: each rollout actor is placed in a learner rank's bundle (actor i with
+    # rank i mod num_ranks), e.g. 0.5 + 0.5 of a GPU, for clusters with fewer GPUs than roles
+    colocate: bool = False
     threads: int = 1
     batch_size: int = 8  # clips per trajectory
 
@@ -162,7 +167,7 @@ class DistillConfig:
     sync_backend: str = "auto"  # torch_dist only: auto (nccl on GPUs, gloo on the CPU), gloo or nccl
     sync_timeout_s: float = 120.0  # torch_dist only: forming the group and each broadcast
     max_policy_lag: int = 1  # 0: strict on-policy alternation; 1: one-step-off
-    buffer_capacity: int = 16
+    buffer_capacity: int = 0  # trajectories; 0 = sized from the demand: 2 x ranks x (max_policy_lag + 1), >= actors
     save_every: int = 100
     log_every: int = 10
     resume: bool = True
@@ -195,12 +200,20 @@ class EvalConfig:
 @dataclass
 class RunConfig:
     output_dir: str = "outputs/tiny"
+    # "" : run.output_dir is the storage (a local folder; on a cluster a mount every node shares).
+    # s3://bucket/prefix, gs://..., file:///abs/path: the durable storage root for nodes that share no
+    # disk; run.output_dir is then each node's staging mirror of it (anyflow_ray/storage.py)
+    storage: str = ""
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "auto"  # auto (fp32 on CPU, bf16 on GPU) | fp32 | bf16
     wandb_mode: str = "offline"  # overridden by WANDB_MODE when set
     wandb_project: str = "anyflow-ray"
     threads: int = 2
+    keep_checkpoints: int = 2  # newest <output>/checkpoints/step-* folders kept after `latest` moves
+    # the cluster grows on demand (ray up's autoscaler, KubeRay autoscaling): wait for nodes instead of
+    # refusing at once a placement that the nodes present now cannot hold
+    autoscaling: bool = False
 
 
 @dataclass
@@ -274,6 +287,7 @@ def validate(cfg: DictConfig) -> None:
     _require(cfg.run.device in ("auto", "cpu", "cuda"), "run.device", cfg.run.device, "must be auto, cpu or cuda")
     _require(cfg.run.precision in ("auto", "fp32", "bf16"), "run.precision", cfg.run.precision, "must be auto, fp32 or bf16")
     _require(cfg.run.threads >= 1, "run.threads", cfg.run.threads, "must be >= 1")
+    _require(cfg.run.keep_checkpoints >= 1, "run.keep_checkpoints", cfg.run.keep_checkpoints, "must be >= 1")
     patch = list(cfg.model.tiny.patch_size)
     _require(len(patch) == 3 and all(p >= 1 for p in patch), "model.tiny.patch_size", patch, "must be 3 positive ints")
     _require(cfg.data.frames % patch[0] == 0 and cfg.data.height % patch[1] == 0 and cfg.data.width % patch[2] == 0,
@@ -295,6 +309,8 @@ def validate(cfg: DictConfig) -> None:
     _require(cfg.run.wandb_mode in ("offline", "online", "disabled"), "run.wandb_mode", cfg.run.wandb_mode,
              "must be offline, online or disabled")
     _require(not cfg.extra, "extra", cfg.extra, "is reserved and must be empty")
+    _require(cfg.run.storage == "" or "://" in cfg.run.storage, "run.storage", cfg.run.storage,
+             "must be empty (run.output_dir is the storage) or a URI such as s3://bucket/prefix or file:///abs/path")
     _require(cfg.learner.num_ranks >= 1, "learner.num_ranks", cfg.learner.num_ranks, "must be >= 1")
     _require(cfg.learner.zero_stage in (0, 1, 2, 3), "learner.zero_stage", cfg.learner.zero_stage, "must be 0, 1, 2 or 3")
     _require(cfg.learner.cpus_per_rank > 0, "learner.cpus_per_rank", cfg.learner.cpus_per_rank, "must be > 0")
@@ -315,8 +331,9 @@ def validate(cfg: DictConfig) -> None:
     for key in ("steps", "save_every", "log_every"):
         _require(pc[key] >= 1, f"pretrain.{key}", pc[key], "must be >= 1")
     dc = cfg.distill
-    for key in ("steps", "save_every", "log_every", "sync_every", "buffer_capacity"):
+    for key in ("steps", "save_every", "log_every", "sync_every"):
         _require(dc[key] >= 1, f"distill.{key}", dc[key], "must be >= 1")
+    _require(dc.buffer_capacity >= 0, "distill.buffer_capacity", dc.buffer_capacity, "must be >= 0 (0: from the demand)")
     _require(dc.max_policy_lag >= 0, "distill.max_policy_lag", dc.max_policy_lag, "must be >= 0")
     _require(dc.grad_scope in ("last", "all"), "distill.grad_scope", dc.grad_scope, "must be last or all")
     _require(dc.weight_sync in ("object_store", "torch_dist"), "distill.weight_sync", dc.weight_sync,
@@ -334,7 +351,32 @@ def validate(cfg: DictConfig) -> None:
              f"learner rank(s)")
     _require(cfg.rollout.num_actors >= 1, "rollout.num_actors", cfg.rollout.num_actors, "must be >= 1")
     _require(cfg.rollout.batch_size >= 1, "rollout.batch_size", cfg.rollout.batch_size, "must be >= 1")
-    _require(cfg.rollout.cpus_per_actor > 0, "rollout.cpus_per_actor", cfg.rollout.cpus_per_actor, "must be > 0")
+    _require(cfg.rollout.cpus_per_actor >= 0, "rollout.cpus_per_actor", cfg.rollout.cpus_per_actor, "must be >= 0")
+    for key in ("learner.gpus_per_rank", "rollout.gpus_per_actor"):
+        value = OmegaConf.select(cfg, key)
+        _require(value == "auto" or _is_amount(value), key, value, "must be auto or a number >= 0")
+    if cfg.rollout.colocate:
+        for key in ("learner.gpus_per_rank", "rollout.gpus_per_actor"):
+            value = OmegaConf.select(cfg, key)
+            _require(value == "auto" or float(value) < 1, key, value,
+                     "must be auto or below 1 with rollout.colocate (learner and actor share one GPU)")
+
+
+def _is_amount(value: str) -> bool:
+    try:
+        return float(value) >= 0
+    except ValueError:
+        return False
+
+
+def gpu_amount(value: str, cluster_gpus: float, colocate: bool) -> float:
+    """A ``gpus_per_rank`` / ``gpus_per_actor`` value as a number: ``auto`` is 1 GPU (0.5 when a learner
+    rank and a rollout actor share one) when the cluster has any, else 0."""
+    if value != "auto":
+        return float(value)
+    if cluster_gpus <= 0:
+        return 0.0
+    return 0.5 if colocate else 1.0
 
 
 def distill_ranks(cfg: DictConfig) -> int:

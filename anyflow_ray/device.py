@@ -7,12 +7,21 @@ import os
 import torch
 
 
-def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` -> cuda when available, else cpu. Asking for cuda without one is an error."""
+def resolve_device(name: str = "auto", gpus_assigned: int | None = None) -> torch.device:
+    """``auto`` -> cuda when available, else cpu. Asking for cuda without one is an error.
+
+    ``gpus_assigned``: how many GPUs the scheduler gave this process (Ray actors pass
+    ``len(ray.get_gpu_ids())``); 0 keeps ``auto`` on the CPU even on a GPU node, so a process that
+    asked for no GPU never lands on ``cuda:0`` unaccounted.
+    """
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        usable = torch.cuda.is_available() and gpus_assigned != 0
+        return torch.device("cuda" if usable else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("run.device=cuda but no CUDA device is available")
+    if name == "cuda" and gpus_assigned == 0:
+        raise RuntimeError("run.device=cuda but this process was given no GPU (learner.gpus_per_rank / "
+                           "rollout.gpus_per_actor resolve to 0: the cluster reports no GPU)")
     return torch.device(name)
 
 

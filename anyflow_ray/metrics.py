@@ -13,12 +13,20 @@ from typing import Callable
 
 from omegaconf import DictConfig, OmegaConf
 
+from anyflow_ray.storage import Storage
+
 
 class MetricsLogger:
+    """Appends to ``<out>/metrics.jsonl`` (a resumed run continues its record). With ``run.storage`` set
+    the record is fetched first when this node lacks it, and ``sync``/``close`` upload it (and the
+    wandb folder) to storage; the driver is its one writer."""
+
     def __init__(self, out_dir: str | Path, job: str, cfg: DictConfig | None = None, use_wandb: bool = True):
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.out_dir / "metrics.jsonl"
+        self.storage = Storage.of(cfg) if cfg is not None else Storage("", self.out_dir)
+        self.storage.fetch(self.path)
         self._file = self.path.open("a")
         self._sinks: list[Callable[[int, dict], None]] = []
         self._wandb = None
@@ -38,11 +46,24 @@ class MetricsLogger:
         for sink in self._sinks:
             sink(step, values)
 
+    def sync(self) -> None:
+        """Upload the record so far to ``run.storage`` (after each checkpoint; nothing when storage is off)."""
+        self._file.flush()
+        if self.storage.enabled:
+            self.storage.upload(self.path)
+
     def close(self) -> None:
+        """Idempotent: drivers call it on success and again on the way out of a failed run."""
+        if self._file.closed:
+            return
         self._file.close()
         if self._wandb is not None:
             self._wandb.finish()
             self._wandb = None
+        if self.storage.enabled:
+            self.storage.upload(self.path)
+            if (self.out_dir / "wandb").is_dir():
+                self.storage.upload(self.out_dir / "wandb")
 
 
 def _start_wandb(out_dir: Path, job: str, cfg: DictConfig):

@@ -12,6 +12,7 @@ With a ``WanFlowMapTransformer3DModel`` each step is one flow-map jump; with a p
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -124,3 +125,11 @@ def save_as_pipeline(transformer: torch.nn.Module, base: str, out: str) -> str:
                            text_max_length=text_max_length(base))
     pipe.save_pretrained(str(out), safe_serialization=True)
     return str(out)
+
+
+def pipeline_files(folder: str | Path) -> list[str]:
+    """What ``save_pretrained`` wrote into ``folder``: model_index.json and one sub-folder per component."""
+    import json
+
+    index = json.loads((Path(folder) / "model_index.json").read_text())
+    return ["model_index.json", *sorted(k for k in index if not k.startswith("_") and (Path(folder) / k).is_dir())]

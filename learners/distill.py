@@ -12,13 +12,13 @@ Trajectories that cannot be fetched (lost with their actor) or fail validation a
 from __future__ import annotations
 
 import copy
+import math
 import time
 
 import ray
 import torch
 from ray.exceptions import GetTimeoutError, ObjectLostError, OwnerDiedError
 
-from anyflow_ray import checkpoint as ckpt_io
 from anyflow_ray.backward_sim import RolloutState, finish, prefix
 from anyflow_ray.losses import critic_loss, dmd_loss
 from anyflow_ray.models.loading import load_transformer
@@ -91,22 +91,8 @@ class DistillWorker(LearnerWorker):
     def _ema_decay(self) -> float:
         return self.cfg.distill.ema
 
-    def _extra_state(self) -> dict[str, torch.Tensor]:
-        critic = self.engines["critic"]
-        params = [p for p in critic.module.parameters() if p.requires_grad]
-        out = {f"critic.param.{i}": p for i, p in enumerate(params)}
-        out.update({f"critic.{k}": v for k, v in ckpt_io.optimizer_tensors(critic.optimizer, params).items()})
-        return out
-
-    def _load_extra_state(self, tensors: dict[str, torch.Tensor]) -> None:
-        critic = self.engines["critic"]
-        params = [p for p in critic.module.parameters() if p.requires_grad]
-        with torch.no_grad():
-            for i, p in enumerate(params):
-                p.copy_(tensors[f"critic.param.{i}"])
-        prefix_len = len("critic.")
-        ckpt_io.load_optimizer_tensors(critic.optimizer, params, {k[prefix_len:]: v for k, v in tensors.items()
-                                                                  if k.startswith("critic.opt.")})
+    def checkpoint_engines(self) -> dict:
+        return dict(self.engines)  # training_state/student, training_state/critic
 
     def _co_training_cfg(self):
         from omegaconf import OmegaConf
@@ -170,10 +156,9 @@ class DistillWorker(LearnerWorker):
         real_loss, real_info = self.objective.loss(student.module, step, self.rank, self.world_size, all_reduce)
         dmd = torch.stack(dmd_terms).mean() if dmd_terms else torch.zeros((), device=self.device)
         total = dmd + self.cfg.distill.real_weight * real_loss  # logged as "loss"; the two parts unweighted
-        student.backward(total)
-        student.step()
-        self.ema.update()
 
+        # the critic's loss reads trajectories and the critic only, so it can be formed before the student
+        # steps (same values, same random draws): both losses are checked before anything is applied
         critic = self.engines["critic"]
         critic.train()
         crit_terms = []
@@ -182,15 +167,37 @@ class DistillWorker(LearnerWorker):
             loss, _ = critic_loss(critic.module, payload["x_hat"].to(self.device, self.dtype), context, rng,
                                   self.cfg.schedule.shift)
             crit_terms.append(loss)
+        crit = torch.stack(crit_terms).mean() if crit_terms else None
+        versions = sorted({int(p["version"]) for p in gen_payloads + crit_payloads if "version" in p})
+        self._refuse_non_finite(step, {"generator": total, "dmd": dmd, "co-training": real_loss, "critic": crit},
+                                versions)
+
+        student.backward(total)
+        student.step()
+        self.ema.update()
         crit_value = float("nan")
-        if self._all_ranks_have(bool(crit_terms)):  # else skip this critic update on every rank together
-            crit = torch.stack(crit_terms).mean()
+        if self._all_ranks_have(crit is not None):  # else skip this critic update on every rank together
             critic.backward(crit)
             critic.step()
             crit_value = float(crit.detach())
         return {"loss": float(total.detach()), "dmd_loss": float(dmd.detach()), "real_loss": float(real_loss.detach()),
                 "critic_loss": crit_value, **{k: v for k, v in metrics.items()},
                 **{f"diag/{k}": v for k, v in real_info.items()}, **counts}
+
+    def _refuse_non_finite(self, step: int, losses: dict, versions: list[int]) -> None:
+        """Raise FloatingPointError on every rank when any rank's loss is NaN/Inf (a collective), before
+        a backward: no gradient, optimizer step, EMA update or weight publication happens for the step."""
+        values = {name: float(loss.detach()) for name, loss in losses.items() if loss is not None}
+        finite = all(math.isfinite(v) for v in values.values())
+        bad = torch.zeros(self.world_size, device=self.device)
+        bad[self.rank] = 0.0 if finite else 1.0
+        if self.world_size > 1:
+            torch.distributed.all_reduce(bad)
+        if bad.any():
+            ranks = [r for r in range(self.world_size) if bad[r] > 0]
+            shown = " ".join(f"{name}={value:.4g}" for name, value in values.items())
+            raise FloatingPointError(f"non-finite loss at step {step + 1} on learner rank(s) {ranks} (this is rank "
+                                     f"{self.rank}: {shown}; trajectory weight versions {versions}).")
 
     def _all_ranks_have(self, flag: bool) -> bool:
         """True when ``flag`` holds on every rank (a collective: every rank must call it)."""

@@ -16,27 +16,30 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from anyflow_ray.device import resolve_device
+from learners.placement import Placement, alive_nodes, check, plan
 from learners.worker import LearnerWorker
 
 
 class LearnerGroupError(RuntimeError):
-    pass
+    """A rank failed, died or timed out; ``cause`` is the rank's own exception when it raised one."""
+
+    def __init__(self, message: str, cause: BaseException | None = None):
+        super().__init__(message)
+        self.cause = cause
 
 
 class LearnerGroup:
-    def __init__(self, cfg: DictConfig, job: str, num_ranks: int | None = None, worker_cls: type = LearnerWorker):
+    def __init__(self, cfg: DictConfig, job: str, num_ranks: int | None = None, worker_cls: type = LearnerWorker,
+                 placement: Placement | None = None):
         self.cfg, self.job = cfg, job
         self.num_ranks = int(num_ranks or cfg.learner.num_ranks)
         self.timeout = float(cfg.learner.timeout_s)
-        gpus = cfg.learner.gpus_per_rank
-        if gpus < 0:
-            gpus = 1.0 if resolve_device(cfg.run.device).type == "cuda" else 0.0
-        bundle = {"CPU": float(cfg.learner.cpus_per_rank), **({"GPU": float(gpus)} if gpus else {})}
-        self.placement = placement_group([bundle] * self.num_ranks, strategy="PACK")
+        self.plan = placement or plan(cfg, self.num_ranks)
+        check(self.plan, alive_nodes(), bool(cfg.run.autoscaling))
+        self.placement = placement_group([self.plan.bundle] * self.num_ranks, strategy="PACK")
         try:
-            self._wait(self.placement.ready(), "placement group (not enough CPUs/GPUs in the cluster for "
-                       f"{self.num_ranks} x {bundle}?)")
+            self._wait(self.placement.ready(), f"placement group ({self.plan.describe()}; the cluster has "
+                       f"{ray.available_resources()} free now)")
         except LearnerGroupError:
             self.shutdown()
             raise
@@ -45,7 +48,7 @@ class LearnerGroup:
         remote_cls = ray.remote(worker_cls)
         plain_cfg = OmegaConf.to_container(cfg, resolve=True)
         self.workers = [
-            remote_cls.options(num_cpus=bundle["CPU"], num_gpus=bundle.get("GPU", 0), max_restarts=0,
+            remote_cls.options(num_cpus=self.plan.rank_cpus, num_gpus=self.plan.rank_gpus, max_restarts=0,
                                runtime_env={"env_vars": env}, name=None,
                                scheduling_strategy=PlacementGroupSchedulingStrategy(
                                    self.placement, placement_group_bundle_index=rank)).remote(
@@ -86,7 +89,7 @@ class LearnerGroup:
                     raise LearnerGroupError(f"learner rank {rank_of[ref]} died during {what!r}: {err}") from err
                 except RayTaskError as err:
                     raise LearnerGroupError(f"learner rank {rank_of[ref]} failed in {what!r}: "
-                                            f"{err.cause!r}") from err
+                                            f"{err.cause!r}", cause=err.cause) from err
         return ray.get(refs)
 
     def _wait(self, ref, what: str):
@@ -96,6 +99,10 @@ class LearnerGroup:
             raise LearnerGroupError(f"timed out after {self.timeout:.0f}s waiting for {what}") from err
         except RayActorError as err:
             raise LearnerGroupError(f"learner failed to start ({what}): {err}") from err
+
+    def bundle_strategy(self, index: int) -> PlacementGroupSchedulingStrategy:
+        """Scheduling into rank ``index``'s bundle (for rollout actors colocated with that rank)."""
+        return PlacementGroupSchedulingStrategy(self.placement, placement_group_bundle_index=index)
 
     def shutdown(self) -> None:
         for worker in getattr(self, "workers", []):

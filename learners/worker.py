@@ -4,13 +4,19 @@ It owns the model (teacher or flow-map student), a DeepSpeed engine around it (Z
 config; fp32 on the CPU, bf16 on GPUs; gradient clipping; AdamW with linear warm-up), an EMA of the
 trainable parameters, optional LoRA (peft) and gradient checkpointing, and the training data. One
 worker class serves every job; the job only picks the objective (``anyflow_ray.objectives``).
+
+Checkpoints (layout in ``anyflow_ray.checkpoint``) go through DeepSpeed's own ``save_checkpoint`` /
+``load_checkpoint`` for every engine (any ZeRO stage, fp32 or bf16), plus the EMA, the RNG state, the
+weight version and the driver's state; DeepSpeed's pickles are read with ``restricted_torch_load``.
 """
 
 from __future__ import annotations
 
 import copy
 import os
+import pickle
 import socket
+from pathlib import Path
 from datetime import timedelta
 
 import torch
@@ -24,7 +30,8 @@ from anyflow_ray.models.loading import load_text_encoder, load_transformer, text
 from anyflow_ray.models.lora import apply_lora
 from anyflow_ray.models.text import UNCONDITIONAL_PROMPT, encode_prompts
 from anyflow_ray.objectives import OBJECTIVES, TrainData, objective_models
-from anyflow_ray.pipeline import save_as_pipeline
+from anyflow_ray.pipeline import pipeline_files, save_as_pipeline
+from anyflow_ray.storage import Storage, job_inputs
 from anyflow_ray.training import EMA, warmup_lambda
 
 
@@ -53,6 +60,26 @@ def grad_norm_of(params: list[torch.nn.Parameter]) -> float:
     """The 2-norm over all gradients (before clipping)."""
     grads = [p.grad for p in params if p.grad is not None]
     return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+
+
+def deepspeed_pickle_types() -> list:
+    """The non-tensor types DeepSpeed's engine checkpoints hold (ZeRO 0-3, fp32 and bf16; DeepSpeed 0.19)."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+def restricted_torch_load(path, map_location=None):
+    """DeepSpeed's checkpoint reader with the least trust it allows: torch's weights-only unpickler with
+    an allow-list of DeepSpeed's own types (DeepSpeed itself calls ``torch.load(weights_only=False)``)."""
+    try:
+        with torch.serialization.safe_globals(deepspeed_pickle_types()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ckpt_io.CheckpointError(f"{path} holds objects outside the allow-list of DeepSpeed checkpoint "
+                                      f"types; refusing to unpickle it ({str(err).splitlines()[-1]})") from err
 
 
 def deepspeed_config(cfg: DictConfig, job: str, micro_batch: int, dtype: torch.dtype) -> dict:
@@ -91,16 +118,21 @@ class LearnerWorker:
 
         os.environ.update(RANK=str(self.rank), WORLD_SIZE=str(self.world_size), LOCAL_RANK="0",
                           MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
-        self.device = resolve_device(self.cfg.run.device)
+        import ray
+
+        gpu_ids = [str(i) for i in ray.get_gpu_ids()]
+        self.device = resolve_device(self.cfg.run.device, len(gpu_ids))  # this process's GPUs, not the driver's
         self.dtype = resolve_dtype(self.cfg.run.precision, self.device)
         timeout = timedelta(seconds=float(self.cfg.learner.timeout_s))
         deepspeed.init_distributed(dist_backend=collective_backend(self.device), auto_mpi_discovery=False,
                                    timeout=timeout, rank=self.rank, world_size=self.world_size)
         torch.manual_seed(self.cfg.run.seed)
+        Storage.of(self.cfg).fetch_all(job_inputs(self.cfg, self.job))  # what this node lacks (run.storage)
         self._build()
         self.ema = EMA(self.trainable, self._ema_decay())
         model = self.model
-        return {"rank": self.rank, "device": str(self.device), "dtype": str(self.dtype),
+        return {"rank": self.rank, "device": str(self.device), "dtype": str(self.dtype), "gpu_ids": gpu_ids,
+                "node_id": ray.get_runtime_context().get_node_id(),
                 "trainable": sum(p.numel() for p in self.trainable),
                 "total": sum(p.numel() for p in model.parameters())}
 
@@ -125,12 +157,9 @@ class LearnerWorker:
     def _ema_decay(self) -> float:
         return job_settings(self.cfg, self.job).ema
 
-    def _extra_state(self) -> dict[str, torch.Tensor]:
-        """Tensors beyond the student's (e.g. the Stage-2 critic) for checkpoints."""
-        return {}
-
-    def _load_extra_state(self, tensors: dict[str, torch.Tensor]) -> None:
-        pass
+    def checkpoint_engines(self) -> dict:
+        """The DeepSpeed engines a checkpoint holds, by folder name under ``training_state/``."""
+        return {"model": self.engine}
 
     def _load_data(self) -> TrainData:
         from pathlib import Path
@@ -162,57 +191,98 @@ class LearnerWorker:
                 "grad_norm": float(grad_norm) if grad_norm is not None else float("nan")}
 
     # -- checkpoints --------------------------------------------------------------------------
-    @property
-    def resumable(self) -> bool:
-        """Training state is saved for fp32 ZeRO-0 engines, whose optimizer holds the parameters themselves.
-        (bf16 keeps fp32 master copies inside DeepSpeed and ZeRO >= 1 partitions them: not supported yet.)"""
-        return self.cfg.learner.zero_stage == 0 and self.dtype == torch.float32
-
-    def save(self, root: str, step: int, weight_version: int = 0) -> str:
-        """Every rank writes its training state; rank 0 the EMA pipeline; ``latest`` after a barrier."""
+    def save(self, root: str, step: int, weight_version: int = 0, driver_state: dict | None = None) -> str:
+        """Every rank saves its engines' DeepSpeed state and its RNG (rank 0 also the EMA and the exported
+        pipeline); once all have, rank 0 writes meta.json, moves ``latest`` and drops old checkpoints.
+        ``driver_state``: JSON-able state of the driver (e.g. buffer statistics), returned on resume."""
         ckpt = ckpt_io.step_dir(root, step)
-        if self.resumable:
-            tensors = {f"param.{i}": p for i, p in enumerate(self.trainable)}
-            tensors.update(ckpt_io.optimizer_tensors(self.optimizer, self.trainable))
+        if self.rank == 0:
+            ckpt_io.clear_unfinished(root, ckpt)
+        self._barrier()
+        lora = bool(self.cfg.model.lora.enabled)
+        for name, engine in self.checkpoint_engines().items():
+            engine.save_checkpoint(str(ckpt_io.state_dir(ckpt)), tag=name, client_state={"step": step},
+                                   save_latest=False, exclude_frozen_parameters=lora)
+        tensors = {"rng.torch": torch.get_rng_state()}
+        if self.device.type != "cpu":
+            tensors["rng.device"] = torch.get_device_module(self.device).get_rng_state(self.device)
+        if self.rank == 0 or self.cfg.learner.zero_stage == 3:  # ZeRO <= 2: the same EMA on every rank
             tensors.update(self.ema.state_dict())
-            tensors["rng.torch"] = torch.get_rng_state()
-            tensors.update(self._extra_state())
-            ckpt_io.save_rank_state(ckpt, self.rank, tensors)
+        ckpt_io.save_rank_state(ckpt, self.rank, tensors)
         if self.rank == 0:
             self.export_pipeline(str(ckpt))
-            ckpt_io.save_meta(ckpt, {"step": step, "job": self.job, "world_size": self.world_size,
-                                     "scheduler_step": self.scheduler.last_epoch if self.scheduler else 0,
-                                     "zero_stage": self.cfg.learner.zero_stage, "resumable": self.resumable,
-                                     "weight_version": weight_version})
+        self._barrier()
+        files = ckpt_io.manifest(ckpt)  # every rank's files on a shared disk, this rank's own otherwise
+        if self.world_size > 1:
+            gathered = [None] * self.world_size
+            dist.all_gather_object(gathered, files)
+            files = {name: size for part in gathered for name, size in part.items()}
+        if self.rank == 0:
+            ckpt_io.save_meta(ckpt, {"format": ckpt_io.FORMAT, "step": step, "job": self.job,
+                                     "world_size": self.world_size, "zero_stage": self.cfg.learner.zero_stage,
+                                     "dtype": str(self.dtype), "engines": sorted(self.checkpoint_engines()),
+                                     "weight_version": weight_version, "driver_state": driver_state or {},
+                                     "files": files})
+            ckpt_io.write_latest(root, ckpt)
+            doomed = ckpt_io.rotate(root, int(self.cfg.run.keep_checkpoints))
+        self._upload_checkpoint(root, ckpt, doomed if self.rank == 0 else [])
+        return str(ckpt)
+
+    def _upload_checkpoint(self, root: str, ckpt, doomed: list) -> None:
+        """With ``run.storage``: each rank uploads the files it wrote (its ZeRO partition and rank file),
+        rank 0 the rest, then, once every rank is done, meta.json and the ``latest`` marker, and it drops
+        the rotated-out checkpoints from storage too."""
+        storage = Storage.of(self.cfg)
+        if not storage.enabled:
+            return
+        meta = ckpt_io.state_dir(ckpt) / "meta.json"
+        for path in sorted(p for p in ckpt.rglob("*") if p.is_file() and p != meta):
+            if ckpt_io.writer_rank(path.name) == self.rank:
+                storage.upload(path)
         self._barrier()
         if self.rank == 0:
-            ckpt_io.write_latest(root, ckpt)
-        return str(ckpt)
+            storage.upload(meta)
+            storage.upload(Path(root) / "checkpoints" / ckpt_io.LATEST)
+            for path in doomed:
+                storage.delete(path)
 
     def load_latest(self, root: str) -> int:
         """Resume from ``root``'s latest checkpoint; returns the next step (0 when there is none)."""
+        storage = Storage.of(self.cfg)  # with run.storage: the marker from storage, then what it names
+        if storage.fetch(Path(root) / "checkpoints" / ckpt_io.LATEST, refresh=True):
+            storage.fetch(Path(root) / "checkpoints" / (Path(root) / "checkpoints" / ckpt_io.LATEST).read_text().strip())
         ckpt = ckpt_io.find_latest(root)
         if ckpt is None:
             return 0
         meta = ckpt_io.validate_checkpoint(ckpt, self.world_size)
+        engines = self.checkpoint_engines()
+        if sorted(engines) != meta.get("engines"):
+            raise ckpt_io.CheckpointError(f"checkpoint {ckpt} holds engines {meta.get('engines')}, this "
+                                          f"{self.job} learner has {sorted(engines)}")
+        lora = bool(self.cfg.model.lora.enabled)
+        for name, engine in engines.items():
+            engine.checkpoint_engine.load = restricted_torch_load
+            path, _ = engine.load_checkpoint(str(ckpt_io.state_dir(ckpt)), tag=name, load_module_strict=not lora)
+            if path is None:
+                raise ckpt_io.CheckpointError(f"DeepSpeed found no {name} checkpoint in {ckpt_io.state_dir(ckpt)}")
         tensors = ckpt_io.load_rank_state(ckpt, self.rank)
-        with torch.no_grad():
-            for i, p in enumerate(self.trainable):
-                p.copy_(tensors[f"param.{i}"])
-        ckpt_io.load_optimizer_tensors(self.optimizer, self.trainable, tensors)
+        if not any(k.startswith("ema.") for k in tensors):
+            tensors.update(ckpt_io.load_rank_state(ckpt, 0))  # ZeRO <= 2: rank 0 holds the EMA
         self.ema.load_state_dict({k: v for k, v in tensors.items() if k.startswith("ema.")})
         torch.set_rng_state(tensors["rng.torch"])
-        self._load_extra_state(tensors)
-        if self.scheduler is None:
-            self._barrier()
-            return int(meta["step"])
-        self.scheduler.last_epoch = meta["scheduler_step"]
-        for group, lr_lambda, base in zip(self.optimizer.param_groups, self.scheduler.lr_lambdas,
-                                          self.scheduler.base_lrs):
-            group["lr"] = base * lr_lambda(meta["scheduler_step"])
-        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+        if "rng.device" in tensors and self.device.type != "cpu":
+            torch.get_device_module(self.device).set_rng_state(tensors["rng.device"], self.device)
         self._barrier()
         return int(meta["step"])
+
+    def checkpoint_meta(self, root: str) -> dict | None:
+        """``weight_version``, ``driver_state`` and ``step`` of ``root``'s latest checkpoint (None: none)."""
+        ckpt = ckpt_io.find_latest(root)
+        if ckpt is None:
+            return None
+        meta = ckpt_io.read_meta(ckpt)
+        return {"step": int(meta["step"]), "weight_version": int(meta.get("weight_version", 0)),
+                "driver_state": meta.get("driver_state") or {}}
 
     def export_pipeline(self, out: str) -> str:
         """The EMA weights as an AnyFlowPipeline folder (LoRA fused), loadable by ``from_pretrained``."""
@@ -222,6 +292,10 @@ class LearnerWorker:
             model.fuse_lora()
             model.unload_lora()
         save_as_pipeline(model.float(), self.cfg.model.base, out)
+        if Path(out).parent.name != "checkpoints":  # the run's final model (checkpoints upload in save)
+            storage = Storage.of(self.cfg)
+            for name in pipeline_files(out) if storage.enabled else []:
+                storage.upload(Path(out) / name)
         return out
 
     def _barrier(self) -> None:

@@ -44,9 +44,35 @@ def test_runtime_env():
     assert all(isinstance(v, str) for v in doc["env_vars"].values())
 
 
+def test_driver_adds_only_the_env_vars_the_submitted_job_lacks():
+    """Ray refuses a driver whose ray.init sets an env var the submitted job's runtime env sets too."""
+    import json
+
+    from anyflow_ray.jobs.ray_runtime import JOB_CONFIG_VAR, driver_runtime_env
+
+    cfg = load_config(None, [])
+    shipped = yaml.safe_load((CLUSTER / "runtime_env.yaml").read_text())
+    submitted = {JOB_CONFIG_VAR: json.dumps({"runtime_env": shipped})}
+    assert driver_runtime_env(cfg, submitted) == {}
+    partial = {JOB_CONFIG_VAR: json.dumps({"runtime_env": {"env_vars": {"WANDB_MODE": "online"}}})}
+    assert driver_runtime_env(cfg, partial) == {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}
+    alone = driver_runtime_env(cfg, {"WANDB_MODE": "disabled"})  # not submitted: the driver sets both
+    assert alone == {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled"}}
+
+
 def test_readme_and_submit_script_use_valid_commands():
     text = (CLUSTER / "README.md").read_text()
+    checked = 0
     for line in text.splitlines():
+        line = line.split("#")[0].strip()
         if line.startswith("ray job submit") and " -- " in line:
             _check_entrypoint(line.split(" -- ", 1)[1])
+            checked += 1
+        elif line.startswith("cluster/submit.sh "):  # submit.sh ADDRESS [flags --] command args
+            words = shlex.split(line)[2:]
+            words = words[words.index("--") + 1:] if "--" in words else words
+            if not words[-1].endswith("..."):
+                _check_entrypoint(" ".join(["anyflow-ray", *words]))
+                checked += 1
+    assert checked >= 3
     assert "anyflow-ray" in (CLUSTER / "submit.sh").read_text()

@@ -47,6 +47,7 @@ def test_overrides_apply_and_interpolations_resolve():
     ("distill.real_weight=-1", "distill.real_weight"),
     ("distill.num_ranks=3", "distill.real_batch"),  # 16 clips cannot be split over 3 ranks
     ("pretrain.target=oracle", "pretrain.target"),
+    ("run.keep_checkpoints=0", "run.keep_checkpoints"),
 ])
 def test_bad_keys_and_values_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

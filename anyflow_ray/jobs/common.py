@@ -12,6 +12,7 @@ from omegaconf import DictConfig
 
 from anyflow_ray.config import save_config
 from anyflow_ray.device import resolve_device, resolve_dtype, set_threads
+from anyflow_ray.storage import Storage
 
 log = logging.getLogger("anyflow_ray")
 
@@ -28,7 +29,7 @@ def prepare(cfg: DictConfig, out_dir: str | Path) -> tuple[Path, torch.device, t
     set_threads(cfg.run.threads)
     seed_everything(cfg.run.seed)
     out = Path(out_dir)
-    save_config(cfg, out)
+    Storage.of(cfg).upload(save_config(cfg, out))
     device = resolve_device(cfg.run.device)
     return out, device, resolve_dtype(cfg.run.precision, device)
 

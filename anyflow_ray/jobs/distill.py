@@ -26,21 +26,23 @@ from anyflow_ray.jobs.pipeline_metrics import PipelineMetrics
 from anyflow_ray.jobs.ray_runtime import init_ray
 from anyflow_ray.jobs.weight_sync import make_weight_sync
 from anyflow_ray.metrics import MetricsLogger
+from anyflow_ray.storage import Storage
 
 
 class RolloutFleet:
     """M rollout actors kept busy with generator/critic rollouts; a task lost with its actor is resubmitted."""
 
-    def __init__(self, cfg: DictConfig, buffer, registry, start_step: int = 0):
+    def __init__(self, cfg: DictConfig, buffer, registry, start_step: int = 0, placement=None, group=None,
+                 actor_cls: type | None = None):
         from actors.rollout import RolloutActor
 
-        rc = cfg.rollout
         plain = OmegaConf.to_container(cfg, resolve=True)
         # weight-sync calls get a concurrency group of their own, so they are served while a rollout
         # waits for buffer space (actors/rollout.py)
-        remote = ray.remote(concurrency_groups={"weights": 1})(RolloutActor).options(
-            num_cpus=rc.cpus_per_actor, num_gpus=rc.gpus_per_actor, max_restarts=-1, max_task_retries=0)
-        self.actors = [remote.remote(plain, f"rollout-{i}", buffer, registry) for i in range(rc.num_actors)]
+        remote = ray.remote(concurrency_groups={"weights": 1})(actor_cls or RolloutActor)
+        num_actors = cfg.rollout.num_actors
+        self.actors = [remote.options(max_restarts=-1, max_task_retries=0, **_actor_options(cfg, placement, group, i))
+                       .remote(plain, f"rollout-{i}", buffer, registry) for i in range(num_actors)]
         self.pending: dict = {}
         # rollout seeds continue where a resumed run left off (at most 64 rollouts per learner step)
         self.seeds = itertools.count((cfg.run.seed * 1_000_003 + start_step) * 64)
@@ -70,6 +72,8 @@ class RolloutFleet:
             index, kind = self.pending.pop(ref)
             try:
                 result = ray.get(ref)
+                if result.get("closed"):  # the run is ending: the buffer took nothing
+                    continue
                 if result.get("skipped"):  # a restarted actor waiting for collective weights
                     self.saw_skipped = True
                     if resubmit:
@@ -85,36 +89,60 @@ class RolloutFleet:
         return out
 
 
-def run(cfg: DictConfig) -> Path:
-    from actors.buffer import TrajectoryBuffer
+def _actor_options(cfg: DictConfig, placement, group, index: int) -> dict:
+    """Resources of rollout actor ``index``: its own, or a share of learner rank (index mod ranks)'s bundle."""
+    if placement is None:  # a fleet built outside a job (tests): CPU only
+        return {"num_cpus": float(cfg.rollout.cpus_per_actor)}
+    options = {"num_cpus": placement.actor_cpus, "num_gpus": placement.actor_gpus}
+    if placement.colocate:
+        options["scheduling_strategy"] = group.bundle_strategy(index % placement.num_ranks)
+    return options
+
+
+def run(cfg: DictConfig, worker_cls: type | None = None, actor_cls: type | None = None) -> Path:
+    """Stage 2 as a job. ``worker_cls`` / ``actor_cls`` replace the learner rank and the rollout actor
+    (the control-plane benchmark runs this very loop with calibrated sleeps in their place)."""
+    from actors.buffer import TrajectoryBuffer, auto_capacity
     from actors.weights import WeightRegistry
     from learners.distill import DistillWorker
-    from learners.group import LearnerGroup
+    from learners.group import LearnerGroup, LearnerGroupError
+    from learners.placement import plan
 
     dc = cfg.distill
     if cfg.learner.zero_stage >= 3:
         raise ConfigError(f"learner.zero_stage={cfg.learner.zero_stage}: Stage 2 publishes the student's trainable "
                           "parameters whole from rank 0, which ZeRO-3 partitions; use a stage <= 2 for distill")
     out, _, _ = prepare(cfg, dc.output)
-    init_ray(cfg)
-    group = LearnerGroup(cfg, "stage2", num_ranks=distill_ranks(cfg), worker_cls=DistillWorker)
-    buffer = ray.remote(TrajectoryBuffer).options(num_cpus=0).remote(dc.buffer_capacity, dc.max_policy_lag)
+    cfg = init_ray(cfg)
+    ranks = distill_ranks(cfg)
+    placement = plan(cfg, ranks, cfg.rollout.num_actors)
+    group = LearnerGroup(cfg, "stage2", num_ranks=ranks, worker_cls=worker_cls or DistillWorker, placement=placement)
+    capacity = dc.buffer_capacity or auto_capacity(2 * ranks, dc.max_policy_lag, cfg.rollout.num_actors)
+    buffer = ray.remote(TrajectoryBuffer).options(num_cpus=0).remote(capacity, dc.max_policy_lag)
     registry = ray.remote(WeightRegistry).options(num_cpus=0).remote()
-    fleet = None
+    fleet = logger = None
     try:
         start = group.run("load_latest", str(out))[0] if dc.resume else 0
-        version = _resumed_version(out) if start else 0
-        sync = make_weight_sync(cfg, group, registry)
-        fleet = sync.start(version, lambda: RolloutFleet(cfg, buffer, registry, start))
+        version, driver_state = _resumed_version(group, out) if start else (0, {})
+        if driver_state.get("buffer"):  # the buffer's counters continue the resumed run's
+            ray.get(buffer.restore_stats.remote(driver_state["buffer"]))
+        sync = make_weight_sync(cfg, group, registry, placement)
+        fleet = sync.start(version, lambda: RolloutFleet(cfg, buffer, registry, start, placement, group, actor_cls))
         metrics = PipelineMetrics()
         logger = MetricsLogger(out, "stage2", cfg)
         logger.add_sink(metrics.record)
         bar = progress(range(start, dc.steps), initial=start, total=dc.steps, desc="stage2")
         loop_start, sync_times = time.perf_counter(), []
         for step in bar:
+            fleet.seeds = itertools.count((cfg.run.seed * 1_000_003 + step) * 64)  # per step: exact resume
             batch = _next_batch(cfg, fleet, buffer, version, group.num_ranks, sync)
             t0 = time.perf_counter()
-            results = group.run("train_step", step, batch["generator"], batch["critic"])
+            try:
+                results = group.run("train_step", step, batch["generator"], batch["critic"])
+            except LearnerGroupError as err:
+                if not isinstance(err.cause, FloatingPointError):
+                    raise
+                _stop_on_non_finite(group, out, step, start, version, err)
             learn_s = time.perf_counter() - t0
             counts = {k: sum(r[k] for r in results) for k in ("trained", "lost", "rejected")}
             buffer.report.remote(**counts)
@@ -131,13 +159,14 @@ def run(cfg: DictConfig) -> Path:
             if (step + 1) % dc.log_every == 0 or step + 1 == dc.steps:
                 logger.log(step + 1, {f"stage2/{k}": v for k, v in values.items()})
             if (step + 1) % dc.save_every == 0 or step + 1 == dc.steps:
-                group.run("save", str(out), step + 1, weight_version=version)
+                group.run("save", str(out), step + 1, weight_version=version, driver_state={"buffer": stats})
+                logger.sync()
         loop_s = time.perf_counter() - loop_start
         _drain(fleet, buffer, float(cfg.learner.timeout_s))
         sync.heal(version, fleet)  # an actor restarted after the last broadcast gets the final version too
         summary = ray.get(buffer.summary.remote())
         summary["learner_steps_per_s"] = (dc.steps - start) / loop_s if loop_s > 0 else 0.0
-        summary["actor_versions"] = ray.get([a.current_version.remote() for a in fleet.actors])  # waits for restarts
+        summary["actor_versions"] = _actor_versions(fleet, float(cfg.learner.timeout_s))
         _check_loaded_versions(summary["actor_versions"], ray.get(registry.loaded_versions.remote()), version)
         starts = ray.get(registry.start_log.remote())
         summary["restarts"] = len(starts) - len(fleet.actors)
@@ -147,10 +176,13 @@ def run(cfg: DictConfig) -> Path:
                                   "mean_s": sum(sync_times) / max(1, len(sync_times)),
                                   "group_reforms": getattr(sync, "reforms", 0)}
         (out / "pipeline_summary.json").write_text(json.dumps(summary, indent=2))
+        Storage.of(cfg).upload(out / "pipeline_summary.json")
         logger.close()
         group.run_on(0, "export_pipeline", str(out))
         log.info("stage2: buffer accounting %s", summary)
     finally:
+        if logger is not None:  # a failed run's record reaches storage too
+            logger.close()
         for actor in ([*fleet.actors] if fleet is not None else []) + [buffer, registry]:
             ray.kill(actor, no_restart=True)
         group.shutdown()
@@ -184,14 +216,37 @@ def _next_batch(cfg: DictConfig, fleet: RolloutFleet, buffer, version: int, rank
 
 
 def _drain(fleet: RolloutFleet, buffer, timeout_s: float) -> None:
-    """Stop: flush what nobody will train on (counted as dropped at the end) so blocked puts return."""
+    """Stop: close the buffer (what nobody will train on counts as dropped at the end; waiting puts return
+    False), then let the rollouts in flight finish."""
+    ray.get(buffer.close.remote())
     deadline = time.monotonic() + timeout_s
     while fleet.pending and time.monotonic() < deadline:
-        ray.get(buffer.flush.remote())
         fleet.collect(timeout=0.2, resubmit=False)
-    ray.get(buffer.flush.remote())
     if fleet.pending:
         raise TimeoutError(f"rollout actors did not finish within {timeout_s:.0f}s of the last step")
+
+
+def _actor_versions(fleet: RolloutFleet, timeout_s: float) -> list[int]:
+    """The weight version each actor holds, waiting (bounded) for actors that Ray is restarting."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return ray.get([a.current_version.remote() for a in fleet.actors],
+                           timeout=max(1.0, deadline - time.monotonic()))
+        except ray.exceptions.ActorUnavailableError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+def _stop_on_non_finite(group, out: Path, step: int, start: int, version: int, err) -> None:
+    """A non-finite loss: nothing of this step was applied or published. Save the last good state
+    (unless it is the checkpoint this run resumed from) and stop, naming what happened."""
+    if step > start or ckpt_io.find_latest(out) is None:
+        group.run("save", str(out), step, weight_version=version)
+    raise RuntimeError(f"stage 2 stopped at step {step + 1}: {err.cause} The last good state (after {step} "
+                       f"steps) is checkpoint {ckpt_io.step_dir(out, step).name} in {out}; nothing of step "
+                       f"{step + 1} was applied or published.") from err
 
 
 def _check_loaded_versions(actor_versions: list[int], reported: dict[str, int], published: int) -> None:
@@ -202,7 +257,7 @@ def _check_loaded_versions(actor_versions: list[int], reported: dict[str, int], 
                                f"{reported.get(f'rollout-{i}')} (published: {published})")
 
 
-def _resumed_version(out: Path) -> int:
-    ckpt = ckpt_io.find_latest(out)
-    meta = json.loads((ckpt / "training_state" / "meta.json").read_text())
-    return int(meta.get("weight_version", 0))
+def _resumed_version(group, out: Path) -> tuple[int, dict]:
+    """Weight version and driver state (buffer statistics) of the checkpoint the group resumed from."""
+    meta = group.run_on(0, "checkpoint_meta", str(out))
+    return int(meta["weight_version"]), dict(meta["driver_state"])

@@ -16,8 +16,9 @@ def train_with_learners(cfg: DictConfig, job: str, out: Path, steps: int, save_e
     """Train ``job`` for ``steps`` steps on the learner group; the final EMA model is written to ``out``."""
     from learners.group import LearnerGroup
 
-    init_ray(cfg)
+    cfg = init_ray(cfg)
     group = LearnerGroup(cfg, job)
+    logger = None
     try:
         info = group.info[0]
         log.info("%s: %d rank(s) on %s (%s), %d/%d trainable parameters", job, group.num_ranks, info["device"],
@@ -34,9 +35,12 @@ def train_with_learners(cfg: DictConfig, job: str, out: Path, steps: int, save_e
                 logger.log(step + 1, {f"{job}/{k}": v for k, v in metrics.items()})
             if (step + 1) % save_every == 0 or step + 1 == steps:
                 group.run("save", str(out), step + 1)
+                logger.sync()
         logger.close()
         group.run_on(0, "export_pipeline", str(out))
     finally:
+        if logger is not None:  # a failed run's record reaches storage too
+            logger.close()
         group.shutdown()
     log.info("%s: EMA model written to %s", job, out)
     return out

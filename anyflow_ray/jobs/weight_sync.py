@@ -28,7 +28,7 @@ from anyflow_ray.jobs.common import log
 class ObjectStoreSync:
     name = "object_store"
 
-    def __init__(self, cfg, group, registry):
+    def __init__(self, cfg, group, registry, actor_gpus: float = 0.0):
         self.group, self.registry = group, registry
 
     def start(self, version: int, make_fleet):
@@ -48,9 +48,9 @@ class ObjectStoreSync:
 class CollectiveSync:
     name = "torch_dist"
 
-    def __init__(self, cfg, group, registry, attempts: int = 3):
+    def __init__(self, cfg, group, registry, actor_gpus: float = 0.0, attempts: int = 3):
         self.group, self.registry = group, registry
-        self.backend, self.timeout = _group_backend(cfg, group), float(cfg.distill.sync_timeout_s)
+        self.backend, self.timeout = _group_backend(cfg, group, actor_gpus), float(cfg.distill.sync_timeout_s)
         self.attempts = attempts
         self.layout = group.run_on(0, "weight_layout")
         self.epoch = -1
@@ -160,18 +160,20 @@ class CollectiveSync:
             raise member_errors[0]
 
 
-def _group_backend(cfg, group) -> str:
-    """One backend for every member: nccl only when learner rank 0 and every actor own a GPU."""
+def _group_backend(cfg, group, actor_gpus: float) -> str:
+    """One backend for every member: nccl only when learner rank 0 and every actor own a whole GPU."""
     learner_on_gpu = group.info[0]["device"].startswith("cuda")  # where rank 0 runs, not the driver
-    actors_on_gpu = cfg.rollout.gpus_per_actor >= 1  # NCCL refuses two ranks on one GPU
+    actors_on_gpu = actor_gpus >= 1  # NCCL refuses two ranks on one GPU (colocated actors share rank 0's)
     if cfg.distill.sync_backend == "nccl" and not (learner_on_gpu and actors_on_gpu):
         raise ConfigError(f"distill.sync_backend=nccl needs learner rank 0 on a GPU (it is on "
                           f"{group.info[0]['device']}) and rollout.gpus_per_actor >= 1 (it is "
-                          f"{cfg.rollout.gpus_per_actor}); use gloo or auto")
+                          f"{cfg.rollout.gpus_per_actor}, resolved to {actor_gpus:g}); use gloo or auto")
     if cfg.distill.sync_backend != "auto":
         return cfg.distill.sync_backend
     return "nccl" if learner_on_gpu and actors_on_gpu else "gloo"
 
 
-def make_weight_sync(cfg, group, registry):
-    return (CollectiveSync if cfg.distill.weight_sync == "torch_dist" else ObjectStoreSync)(cfg, group, registry)
+def make_weight_sync(cfg, group, registry, placement=None):
+    actor_gpus = placement.actor_gpus if placement is not None else 0.0
+    kind = CollectiveSync if cfg.distill.weight_sync == "torch_dist" else ObjectStoreSync
+    return kind(cfg, group, registry, actor_gpus)

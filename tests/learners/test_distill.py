@@ -117,6 +117,41 @@ def test_a_dead_learner_rank_stops_the_run_and_the_run_resumes_with_its_weight_v
     assert [r["stage2/version"] for r in resumed] == [3, 4, 5, 6]
 
 
+def test_a_stopped_run_resubmitted_continues_with_the_losses_of_an_uninterrupted_one(ray_local, prepared_run,
+                                                                                     tmp_path):
+    """ZeRO-2, strict alternation: 4 steps straight = 2 steps, then the same command with steps=4."""
+    from anyflow_ray.jobs import distill
+
+    common = ["distill.max_policy_lag=0", "rollout.num_actors=1", "learner.zero_stage=2", "distill.log_every=1",
+              "distill.save_every=2"]
+    straight = distill.run(run_cfg(prepared_run, f"distill.output={tmp_path}/straight", "distill.steps=4", *common))
+    out = tmp_path / "resumed"
+    distill.run(run_cfg(prepared_run, f"distill.output={out}", "distill.steps=2", *common))
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step-000002"
+    distill.run(run_cfg(prepared_run, f"distill.output={out}", "distill.steps=4", *common))
+
+    def records(path):
+        return {r["step"]: r for r in map(json.loads, (path / "metrics.jsonl").read_text().splitlines())}
+
+    want, got = records(straight), records(out)
+    assert sorted(got) == [1, 2, 3, 4]
+    for step in (3, 4):
+        for key in ("loss", "dmd_loss", "real_loss", "critic_loss"):
+            assert got[step][f"stage2/{key}"] == pytest.approx(want[step][f"stage2/{key}"], rel=1e-6), (step, key)
+        assert got[step]["stage2/version"] == want[step]["stage2/version"] == step
+    # the buffer's books continue the first part's (restored from the checkpoint's driver state)
+    s_want = json.loads((straight / "pipeline_summary.json").read_text())
+    s_got = json.loads((out / "pipeline_summary.json").read_text())
+    _summary_balances(s_got)
+    assert s_got["trained"] == s_want["trained"] == 8
+    for key in ("accepted", "taken", "trained"):
+        assert s_got[key] == s_want[key], key
+    meta = json.loads((out / "checkpoints" / "step-000004" / "training_state" / "meta.json").read_text())
+    assert meta["weight_version"] == 4 and meta["driver_state"]["buffer"]["trained"] == 8
+    assert {"student/mp_rank_00_model_states.pt",
+            "critic/zero_pp_rank_0_mp_rank_00_optim_states.pt"} <= set(meta["files"])
+
+
 def test_torch_dist_broadcast_gives_each_actor_the_learners_weights_even_mid_rollout(ray_local, prepared_run):
     """distill.weight_sync=torch_dist: learner rank 0 + 2 rollout actors in a gloo group of their own. The
     broadcast carries exactly the learner's trainable tensors, and lands even while an actor's rollout
@@ -137,7 +172,7 @@ def test_torch_dist_broadcast_gives_each_actor_the_learners_weights_even_mid_rol
         assert ray.get([a.current_version.remote() for a in fleet.actors]) == [0, 0]
         # fill the buffer, then leave a second rollout waiting inside actor 0 for space
         assert ray.get(fleet.actors[0].rollout.remote("critic", 1))["version"] == 0
-        blocked = fleet.actors[0].rollout.remote("critic", 2, 60.0)
+        blocked = fleet.actors[0].rollout.remote("critic", 2)
         assert not ray.wait([blocked], timeout=3)[0]
         # move the learner's weights, then broadcast them as version 1
         gen = [ray.put({"prompt_idx": torch.tensor([0, 1]), "num_steps": 2, "k": 0, "z_k": torch.randn(2, 3, 8, 16, 16),
@@ -187,3 +222,35 @@ def test_distill_refuses_zero_3_before_any_work(prepared_run, tmp_path):
     with pytest.raises(ConfigError, match="learner.zero_stage=3"):
         distill.run(cfg)
     assert not (tmp_path / "s2").exists()
+
+
+class NonFiniteAtStep3(DistillWorker):
+    """A learner rank whose student output turns to NaN at step 3 (as a diverging run's would)."""
+
+    def train_step(self, step, generator_refs=(), critic_refs=()):
+        self._poisoned = step == 2
+        return super().train_step(step, generator_refs, critic_refs)
+
+    def student_x_hat(self, payload):
+        x_hat, context = super().student_x_hat(payload)
+        return (x_hat * float("nan") if self._poisoned else x_hat), context
+
+
+def test_a_non_finite_loss_stops_before_anything_is_applied_and_leaves_the_last_good_state(
+        ray_local, prepared_run, tmp_path):
+    from anyflow_ray.jobs import distill
+
+    cfg = run_cfg(prepared_run, f"distill.output={tmp_path}/s2", "distill.steps=5", "distill.save_every=10",
+                  "distill.log_every=1", "distill.max_policy_lag=0")
+    with pytest.raises(RuntimeError, match=r"stopped at step 3: non-finite loss at step 3 on learner rank\(s\) \[0\]"
+                                           r".*generator=nan.*trajectory weight versions \[2\]") as err:
+        distill.run(cfg, worker_cls=NonFiniteAtStep3)
+    assert "step-000002" in str(err.value)
+    out = tmp_path / "s2"
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2] and records[-1]["stage2/version"] == 2  # v3 never published
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step-000002"
+    meta = json.loads((out / "checkpoints" / "step-000002" / "training_state" / "meta.json").read_text())
+    assert meta["step"] == 2 and meta["weight_version"] == 2
+    saved = AnyFlowPipeline.from_pretrained(out / "checkpoints" / "step-000002").transformer.state_dict()
+    assert all(torch.isfinite(t).all() for t in saved.values())

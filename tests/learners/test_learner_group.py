@@ -1,5 +1,6 @@
 """Real Ray actors running real DeepSpeed ranks (gloo on the CPU)."""
 
+import json
 import math
 import shutil
 from pathlib import Path
@@ -40,11 +41,16 @@ def test_one_and_two_ranks_take_the_same_stage1_step(ray_local, prepared_run, tm
         assert torch.allclose(one[name], two[name], rtol=1e-4, atol=1e-6), name
 
 
-def test_resume_reproduces_the_next_losses(ray_local, prepared_run, tmp_path):
+@pytest.mark.parametrize("precision, ranks", [("fp32", 2), ("bf16", 1)])
+def test_resume_reproduces_the_next_losses(ray_local, prepared_run, tmp_path, precision, ranks):
+    """ZeRO-2 through DeepSpeed's own checkpoints: 5 steps straight = 3 steps, save, a new group, 2 more.
+    Saving after every step with run.keep_checkpoints=2 keeps exactly the last two checkpoints."""
     # the paper's data target here (the tiny config's teacher target runs in the test above)
-    cfg = run_cfg(prepared_run, "learner.num_ranks=1", "pretrain.target=data")
+    cfg = run_cfg(prepared_run, f"learner.num_ranks={ranks}", "pretrain.target=data", "learner.zero_stage=2",
+                  f"run.precision={precision}", "run.keep_checkpoints=2")
     group = LearnerGroup(cfg, "stage1")
     try:
+        assert group.info[0]["dtype"] == {"fp32": "torch.float32", "bf16": "torch.bfloat16"}[precision]
         straight = _train(group, range(5))
     finally:
         group.shutdown()
@@ -53,13 +59,22 @@ def test_resume_reproduces_the_next_losses(ray_local, prepared_run, tmp_path):
     group = LearnerGroup(cfg, "stage1")
     try:
         assert group.run("load_latest", str(out))[0] == 0  # nothing to resume yet
-        first = _train(group, range(3))
-        group.run("save", str(out), 3)
+        first = []
+        for step in range(3):
+            first += _train(group, [step])
+            group.run("save", str(out), step + 1)
     finally:
         group.shutdown()
-    assert (out / "checkpoints" / "latest").read_text().strip() == "step-000003"
-    assert (out / "checkpoints" / "step-000003" / "transformer" / "diffusion_pytorch_model.safetensors").is_file()
-    AnyFlowPipeline.from_pretrained(out / "checkpoints" / "step-000003")  # a loadable pipeline
+    checkpoints = out / "checkpoints"
+    assert sorted(p.name for p in checkpoints.glob("step-*")) == ["step-000002", "step-000003"]
+    assert (checkpoints / "latest").read_text().strip() == "step-000003"
+    ckpt = checkpoints / "step-000003"
+    assert (ckpt / "transformer" / "diffusion_pytorch_model.safetensors").is_file()
+    AnyFlowPipeline.from_pretrained(ckpt)  # a loadable pipeline
+    files = json.loads((ckpt / "training_state" / "meta.json").read_text())["files"]
+    bf16 = "bf16_" if precision == "bf16" else ""
+    assert {"model/mp_rank_00_model_states.pt", *(f"model/{bf16}zero_pp_rank_{r}_mp_rank_00_optim_states.pt"
+                                                  for r in range(ranks))} <= set(files)
 
     group = LearnerGroup(cfg, "stage1")
     try:
@@ -74,22 +89,29 @@ def test_resume_reproduces_the_next_losses(ray_local, prepared_run, tmp_path):
 
 
 def test_corrupt_or_incomplete_checkpoints_are_refused(ray_local, prepared_run, tmp_path):
-    cfg = run_cfg(prepared_run, "learner.num_ranks=1")
+    cfg = run_cfg(prepared_run, "learner.num_ranks=1", "learner.zero_stage=1")
     out = tmp_path / "ckpt"
     group = LearnerGroup(cfg, "teacher")
     try:
         _train(group, [0])
-        ckpt = group.run("save", str(out), 1)[0]
-        state = f"{ckpt}/training_state/rank-00000.safetensors"
-        shutil.copy(state, tmp_path / "good")
-        with open(state, "wb") as f:
-            f.write(b"\x80\x04 a pickle, not safetensors")
-        with pytest.raises(LearnerGroupError, match="rank-00000.safetensors.*not a valid safetensors"):
+        ckpt = Path(group.run("save", str(out), 1)[0])
+        state = ckpt / "training_state"
+        model_states = state / "model" / "mp_rank_00_model_states.pt"
+        shutil.copy(model_states, tmp_path / "good")
+        model_states.write_bytes(b"\x80\x04 a bare pickle, not a torch zip")
+        with pytest.raises(LearnerGroupError, match="mp_rank_00_model_states.pt is not a valid torch checkpoint"):
             group.run("load_latest", str(out))
-        shutil.copy(tmp_path / "good", state)
+        shutil.copy(tmp_path / "good", model_states)
+        rank_state = state / "rank-00000.safetensors"
+        rank_state.write_bytes(rank_state.read_bytes()[:-4])  # truncated
+        with pytest.raises(LearnerGroupError, match="rank-00000.safetensors (is not a valid safetensors|has)"):
+            group.run("load_latest", str(out))
+        (state / "model" / "zero_pp_rank_0_mp_rank_00_optim_states.pt").unlink()
+        with pytest.raises(CheckpointError, match="missing: .*zero_pp_rank_0_mp_rank_00_optim_states.pt"):
+            validate_checkpoint(ckpt, world_size=1)
         with pytest.raises(CheckpointError, match=r"written by 1 ranks; this run has 2 .*learner\.num_ranks=1"):
-            validate_checkpoint(Path(ckpt), world_size=2)  # a resume with another group size
-        (out / "checkpoints" / "step-000001" / "training_state" / "meta.json").unlink()
+            validate_checkpoint(ckpt, world_size=2)  # a resume with another group size
+        (state / "meta.json").unlink()
         with pytest.raises(LearnerGroupError, match="missing training_state/meta.json"):
             group.run("load_latest", str(out))
     finally:
