@@ -39,6 +39,14 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "pretrain":
             cmd.add_argument("--dry-run", action="store_true", help="meta-device model: counts, DeepSpeed "
                              "config and memory estimate, no weights, no training")
+        if name == "bench":
+            which = cmd.add_mutually_exclusive_group()
+            which.add_argument("--skip-control-plane", action="store_true", help="leave out the control-plane "
+                               "simulation (rollouts and learner steps replaced by sleeps, 1-32 actors)")
+            which.add_argument("--control-plane-only", action="store_true", help="run only that simulation "
+                               "(its result replaces control_plane_sim in bench.json)")
+            cmd.add_argument("--actors", default="1,4,16,32", help="rollout actor counts of the simulation "
+                             "(default: 1,4,16,32)")
         if name == "bench-scale":
             cmd.add_argument("--steps", default="8,16,50", help="step budgets N compared (default: 8,16,50)")
             cmd.add_argument("--layers", type=int, default=None, help="fewer transformer blocks than the "
@@ -70,6 +78,14 @@ def main(argv: list[str] | None = None) -> int:
     extra = {"out": args.out} if args.command == "make-tiny" else {}
     if args.command == "pretrain":
         extra = {"dry_run": args.dry_run}
+    if args.command == "bench":
+        actors = _positive_ints(args.actors)
+        if not actors:
+            print(f"anyflow-ray bench: --actors must be positive integers separated by commas (got {args.actors!r})",
+                  file=sys.stderr)
+            return 2
+        extra = {"actors": actors,
+                 "control_plane": "skip" if args.skip_control_plane else "only" if args.control_plane_only else "run"}
     if args.command == "bench-scale":
         try:
             steps = tuple(int(n) for n in args.steps.split(","))
@@ -82,6 +98,15 @@ def main(argv: list[str] | None = None) -> int:
         extra = {"steps": steps, "num_layers": args.layers}
     module.run(cfg, **extra)
     return 0
+
+
+def _positive_ints(text: str) -> tuple[int, ...]:
+    """``"1,4,16"`` -> (1, 4, 16); () when any item is not a positive integer."""
+    try:
+        values = tuple(int(n) for n in text.split(","))
+    except ValueError:
+        return ()
+    return values if values and min(values) >= 1 else ()
 
 
 if __name__ == "__main__":

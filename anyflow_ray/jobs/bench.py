@@ -6,6 +6,10 @@
 3. Trainable-only weight sync (LoRA adapters + E_r) vs a full state-dict sync through the object store.
 4. Stage-2 pipeline throughput (learner steps/s) with max_policy_lag = 1 vs 0, one rollout actor and
    one learner rank; and the driver's time per weight publish, object store vs torch.distributed.
+5. The Stage-2 control plane apart from the model (``bench_control``, key ``control_plane_sim``): the
+   real driver, buffer, registry and learner group with rollouts and learner steps replaced by sleeps
+   (1 s, 0.25 s), 1-32 rollout actors: learner steps/s against the ideal, and the driver's time per step.
+   ``--skip-control-plane`` leaves it out; ``--control-plane-only`` runs just it (into the same bench.json).
 """
 
 from __future__ import annotations
@@ -19,13 +23,18 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from anyflow_ray.config import load_config
+from anyflow_ray.jobs import bench_control
 from anyflow_ray.jobs.common import log, prepare
 from anyflow_ray.jobs.data import scaffold_untrained_run
 
 WARMUP, MEASURED = 3, 10
 
 
-def run(cfg: DictConfig) -> dict:
+def run(cfg: DictConfig, control_plane: str = "run", actors: tuple[int, ...] = bench_control.ACTOR_COUNTS) -> dict:
+    """``control_plane``: "run" (after the other sections), "skip", or "only" (this section alone; the other
+    figures already in bench.json are kept)."""
+    if control_plane == "only":
+        return _control_plane_only(cfg, actors)
     with tempfile.TemporaryDirectory(prefix="anyflow-bench-") as tmp:
         overrides = _bench_overrides(cfg, tmp)
         bench_cfg = load_config(None, overrides)
@@ -36,6 +45,8 @@ def run(cfg: DictConfig) -> dict:
         rollout = _rollout_speedups(bench_cfg)
         sync = _weight_sync_ratio(bench_cfg)
         runs = _pipeline_runs(overrides, tmp)
+        control = (bench_control.simulate(f"{tmp}/control-plane", actors, quiet=True)
+                   if control_plane == "run" else None)
     throughput = {0: runs["lag0"]["learner_steps_per_s"], 1: runs["lag1"]["learner_steps_per_s"]}
     sync_ms = {name: runs[name]["weight_sync"]["mean_s"] * 1e3 for name in ("lag1", "lag1_torch_dist")}
     result = {
@@ -64,11 +75,27 @@ def run(cfg: DictConfig) -> dict:
                    "pipeline_steps_per_s": {"lag1": throughput[1], "lag0": throughput[0],
                                             "ratio": throughput[1] / throughput[0]},
                    "pipeline_publish_ms": {"object_store": sync_ms["lag1"], "torch_dist": sync_ms["lag1_torch_dist"]}})
+    if control is not None:
+        bench_control.print_table(control)
+        result["control_plane_sim"] = control
+    _write(cfg, result)
+    return result
+
+
+def _control_plane_only(cfg: DictConfig, actors: tuple[int, ...]) -> dict:
+    path = Path(cfg.run.output_dir) / "bench.json"
+    result = json.loads(path.read_text()) if path.exists() else {}
+    with tempfile.TemporaryDirectory(prefix="anyflow-bench-") as tmp:
+        result["control_plane_sim"] = bench_control.simulate(f"{tmp}/control-plane", actors)
+    _write(cfg, result)
+    return result
+
+
+def _write(cfg: DictConfig, result: dict) -> None:
     out = Path(cfg.run.output_dir) / "bench.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     log.info("wrote %s", out)
-    return result
 
 
 def _bench_overrides(cfg: DictConfig, tmp: str) -> list[str]:

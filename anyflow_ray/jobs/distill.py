@@ -62,6 +62,11 @@ class RolloutFleet:
             if i not in busy:
                 self.submit(i)
 
+    def wait_any(self, timeout: float) -> None:
+        """Until one rollout finishes or ``timeout`` passes (not: until every rollout finishes)."""
+        if self.pending:
+            ray.wait(list(self.pending), num_returns=1, timeout=timeout)
+
     def collect(self, timeout: float, resubmit: bool = True) -> list[dict]:
         """Finished rollouts' metadata; a rollout whose actor died is resubmitted (Ray restarts it)."""
         if not self.pending:
@@ -142,16 +147,17 @@ def run(cfg: DictConfig, worker_cls: type | None = None, actor_cls: type | None 
             except LearnerGroupError as err:
                 if not isinstance(err.cause, FloatingPointError):
                     raise
-                _stop_on_non_finite(group, out, step, start, version, err)
+                ray.get(buffer.report.remote(rejected=len(batch["generator"]) + len(batch["critic"])))
+                _stop_on_non_finite(group, buffer, out, step, start, version, err)
             learn_s = time.perf_counter() - t0
             counts = {k: sum(r[k] for r in results) for k in ("trained", "lost", "rejected")}
-            buffer.report.remote(**counts)
+            reported = buffer.report.remote(**counts)
             sync_s = 0.0
             if (step + 1) % dc.sync_every == 0:
                 version += 1
                 sync_s = sync.publish(version, fleet)
                 sync_times.append(sync_s)
-            stats = ray.get(buffer.summary.remote())
+            stats = _books(buffer, reported)
             values = {**results[0], **counts, "version": version, "learner_step_s": learn_s, "sync_s": sync_s,
                       "policy_lag": batch["lag"], "buffer_depth": stats["depth"], "failed_rollouts": fleet.failed_tasks,
                       "produced": fleet.produced, **{f"buffer/{k}": v for k, v in stats.items()}}
@@ -199,20 +205,29 @@ def _next_batch(cfg: DictConfig, fleet: RolloutFleet, buffer, version: int, rank
                 fleet.submit(i % len(fleet.actors), kind)
     taken = {"generator": [], "critic": []}
     deadline = time.monotonic() + float(cfg.learner.timeout_s)
-    while any(len(taken[k]) < need[k] for k in need):
+    while True:
         if time.monotonic() > deadline:
             raise TimeoutError(f"no fresh trajectories for {cfg.learner.timeout_s:.0f}s (rollout actors stuck?)")
+        fleet.collect(timeout=0)
         if cfg.distill.max_policy_lag > 0:
             fleet.keep_busy()
-        fleet.collect(timeout=0.05)
         sync.heal(version, fleet)
-        for kind in need:
-            missing = need[kind] - len(taken[kind])
-            if missing:
-                taken[kind] += ray.get(buffer.take.remote(kind, missing, version))
+        missing = {kind: need[kind] - len(taken[kind]) for kind in need if len(taken[kind]) < need[kind]}
+        for kind, got in zip(missing, ray.get([buffer.take.remote(k, n, version) for k, n in missing.items()])):
+            taken[kind] += got
+        if all(len(taken[k]) >= need[k] for k in need):
+            break
+        fleet.wait_any(timeout=0.05)  # until a rollout lands (its trajectory is in the buffer) or 50 ms
     lags = [meta["lag"] for kind in taken for _, meta in taken[kind]]
     return {"generator": [ref for ref, _ in taken["generator"]], "critic": [ref for ref, _ in taken["critic"]],
             "lag": max(lags)}
+
+
+def _books(buffer, reported) -> dict:
+    """The buffer's counters with this step's report in: Ray does not keep the order of calls to an async
+    actor, so the report is awaited before the summary is asked for."""
+    ray.get(reported)
+    return ray.get(buffer.summary.remote())
 
 
 def _drain(fleet: RolloutFleet, buffer, timeout_s: float) -> None:
@@ -239,11 +254,12 @@ def _actor_versions(fleet: RolloutFleet, timeout_s: float) -> list[int]:
             time.sleep(0.5)
 
 
-def _stop_on_non_finite(group, out: Path, step: int, start: int, version: int, err) -> None:
+def _stop_on_non_finite(group, buffer, out: Path, step: int, start: int, version: int, err) -> None:
     """A non-finite loss: nothing of this step was applied or published. Save the last good state
     (unless it is the checkpoint this run resumed from) and stop, naming what happened."""
     if step > start or ckpt_io.find_latest(out) is None:
-        group.run("save", str(out), step, weight_version=version)
+        stats = ray.get(buffer.summary.remote())  # the failed step's batch is booked as rejected
+        group.run("save", str(out), step, weight_version=version, driver_state={"buffer": stats})
     raise RuntimeError(f"stage 2 stopped at step {step + 1}: {err.cause} The last good state (after {step} "
                        f"steps) is checkpoint {ckpt_io.step_dir(out, step).name} in {out}; nothing of step "
                        f"{step + 1} was applied or published.") from err

@@ -252,5 +252,7 @@ def test_a_non_finite_loss_stops_before_anything_is_applied_and_leaves_the_last_
     assert (out / "checkpoints" / "latest").read_text().strip() == "step-000002"
     meta = json.loads((out / "checkpoints" / "step-000002" / "training_state" / "meta.json").read_text())
     assert meta["step"] == 2 and meta["weight_version"] == 2
+    books = meta["driver_state"]["buffer"]  # the refused batch is booked as rejected: a resume balances
+    assert books["rejected"] == 2 and books["taken"] == books["trained"] + books["lost"] + books["rejected"]
     saved = AnyFlowPipeline.from_pretrained(out / "checkpoints" / "step-000002").transformer.state_dict()
     assert all(torch.isfinite(t).all() for t in saved.values())
