@@ -16,7 +16,7 @@ import ray
 import torch
 from omegaconf import OmegaConf
 
-from actors.collective import WeightGroup, check_layout, empty_buffers, resolve_backend, unpack_into
+from anyflow_ray.collective import WeightGroup, check_layout, empty_buffers, resolve_backend, unpack_into
 from anyflow_ray.backward_sim import draw_budget, finish, prefix
 from anyflow_ray.data.shards import read_shards
 from anyflow_ray.device import resolve_device, resolve_dtype, set_threads
@@ -74,7 +74,7 @@ class RolloutActor:
             ray.get(self.registry.report_loaded.remote(self.actor_id, version))
         return self.version
 
-    # torch.distributed backend (actors/collective.py). These methods run in their own concurrency
+    # torch.distributed backend (anyflow_ray/collective.py). These methods run in their own concurrency
     # group ("weights"), so a broadcast is taken even while a rollout waits for buffer space; the lock
     # keeps a rollout from ever seeing half-loaded weights.
     @ray.method(concurrency_group="weights")

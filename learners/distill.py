@@ -24,7 +24,7 @@ from anyflow_ray.losses import critic_loss, dmd_loss
 from anyflow_ray.models.loading import load_transformer
 from anyflow_ray.objectives import Stage1Objective
 from anyflow_ray.models.lora import apply_lora
-from actors.collective import WeightGroup, host_store, layout_of, pack, resolve_backend
+from anyflow_ray.collective import WeightGroup, host_store, layout_of, pack, resolve_backend
 from learners.worker import LearnerWorker, deepspeed_config
 
 REQUIRED = {"generator": ("prompt_idx", "num_steps", "k", "z_k", "T_k", "T_next"),
@@ -217,7 +217,7 @@ class DistillWorker(LearnerWorker):
         state = self.model.state_dict() if full else self.trainable_state()
         return [ray.put({k: v.detach().cpu() for k, v in state.items()})]
 
-    # torch.distributed backend (actors/collective.py): rank 0 is the root of a group of its own
+    # torch.distributed backend (anyflow_ray/collective.py): rank 0 is the root of a group of its own
     def weight_layout(self) -> list:
         return layout_of({n: p for n, p in self.model.named_parameters() if p.requires_grad})
 

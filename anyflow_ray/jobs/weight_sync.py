@@ -5,7 +5,7 @@ the ref, and each actor pulls the newest version between rollouts. Asynchronous;
 pulls the newest version in its constructor.
 
 ``torch_dist``: learner rank 0 broadcasts the trainable parameters, packed per dtype, over a process
-group of its own with every rollout actor (gloo on the CPU, nccl on GPUs; ``actors/collective.py``).
+group of its own with every rollout actor (gloo on the CPU, nccl on GPUs; ``anyflow_ray/collective.py``).
 Synchronous for the driver; each actor serves the weight calls in a concurrency group of their own,
 so a broadcast lands between two trajectories even while a rollout waits for buffer space. Membership
 is fixed per epoch, so when an actor is restarted (or dies mid-broadcast) the driver forms a new epoch
