@@ -26,10 +26,11 @@ from anyflow_ray.storage import Storage, job_inputs
 
 
 class RolloutActor:
-    def __init__(self, cfg: dict, actor_id: str, buffer, registry):
+    def __init__(self, cfg: dict, actor_id: str, buffer: str, registry: str):
+        """``buffer`` / ``registry``: names of the job's named actors (looked up again after a restart)."""
         self.cfg = OmegaConf.create(cfg)
         set_threads(self.cfg.rollout.threads)
-        self.actor_id, self.buffer, self.registry = actor_id, buffer, registry
+        self.actor_id, self.buffer, self.registry = actor_id, ray.get_actor(buffer), ray.get_actor(registry)
         self.gpu_ids = [str(i) for i in ray.get_gpu_ids()]
         self.device = resolve_device(self.cfg.run.device, len(self.gpu_ids))  # resolved in this process
         self.dtype = resolve_dtype(self.cfg.run.precision, self.device)
@@ -38,8 +39,12 @@ class RolloutActor:
         if self.cfg.model.lora.enabled:  # the same adapters as the learner, so published names match
             apply_lora(student, self.cfg.model.lora)
         self.student = student.to(self.device).eval().requires_grad_(False)
-        clips = read_shards(Path(self.cfg.data.root) / "train")
-        self.embeddings, self.clip_shape = clips.embeddings, tuple(clips.videos.shape[1:])
+        # prompt embeddings only, no videos; with data.rank_shards only this actor's share of the shards,
+        # and each trajectory then carries its embeddings (the learners hold other shares)
+        part = (int(actor_id.rsplit("-", 1)[1]), int(self.cfg.rollout.num_actors)) if self.cfg.data.rank_shards \
+            else (0, 1)
+        clips = read_shards(Path(self.cfg.data.root) / "train", *part, columns=["prompt_embedding"])
+        self.embeddings, self.clip_shape = clips.embeddings, clips.video_shape
         self.version = -1
         self.lock = threading.Lock()  # weights change only between trajectories
         self.load_latest_weights()
@@ -125,6 +130,8 @@ class RolloutActor:
             state = prefix(self.student, noise, context, n, k, self.cfg.schedule.shift)
             payload = {"prompt_idx": idx, "num_steps": n, "k": k, "z_k": state.z_k.cpu(), "T_k": state.T_k.cpu(),
                        "T_next": state.T_next.cpu(), "version": self.version}
+            if self.cfg.data.rank_shards:
+                payload["context"] = self.embeddings[idx].clone()
             if kind == "critic":
                 payload["x_hat"] = finish(self.student, state, context)[1].cpu()
         if kind != "critic" and self.cfg.distill.grad_scope == "all":

@@ -1,4 +1,4 @@
-"""Flow-map backward simulation (ALGORITHM §5): on-policy states of an N-step rollout in <= 3 calls.
+"""Flow-map backward simulation (docs/method.md §5): on-policy states of an N-step rollout in <= 3 calls.
 
 For a step budget N and a step index k on the grid T_i = 1000 sigma_s(1 - i/N), from noise eps:
     z_k     = Phi(eps;     T_0 -> T_k)       (skipped when k = 0)
@@ -42,20 +42,26 @@ def _phi(model, z, T0: float, T1: float, context) -> torch.Tensor:
     return jump(z, call_model(model, z, T, context, R), T, R)
 
 
-def prefix(model, noise: torch.Tensor, context: torch.Tensor, num_steps: int, k: int, shift: float = 5.0) -> RolloutState:
-    """z_k = Phi(eps; T_0 -> T_k) (z_0 = eps when k = 0); the no-grad part a rollout actor runs."""
+def prefix(model, noise: torch.Tensor, context: torch.Tensor, num_steps: int, k: int, shift: float = 5.0,
+           uniform_calls: bool = False) -> RolloutState:
+    """z_k = Phi(eps; T_0 -> T_k) (z_0 = eps when k = 0); the no-grad part a rollout actor runs.
+    ``uniform_calls``: one network call whatever k (for k = 0 the identity jump T_0 -> T_0), for ranks
+    that must all make the same calls (ZeRO-3 gathers the weights of each call from every rank)."""
     if not 0 <= k < num_steps:
         raise ValueError(f"k={k} must be in [0, {num_steps})")
     grid = sampling_grid(num_steps, shift)
-    z_k = noise if k == 0 else _phi(model, noise, float(grid[0]), float(grid[k]), context)
+    skip = k == 0 and not uniform_calls
+    z_k = noise if skip else _phi(model, noise, float(grid[0]), float(grid[k]), context)
     B = noise.shape[0]
     return RolloutState(num_steps, k, as_batch_time(grid[k], B, noise.device), as_batch_time(grid[k + 1], B, noise.device), z_k)
 
 
-def finish(model, state: RolloutState, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(z_{k+1}, x_hat) from z_k: the real k-th step and the jump to 0 (the part the learner re-runs)."""
+def finish(model, state: RolloutState, context: torch.Tensor, uniform_calls: bool = False
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(z_{k+1}, x_hat) from z_k: the real k-th step and the jump to 0 (the part the learner re-runs).
+    ``uniform_calls``: two network calls whatever k (for k = N - 1 the identity jump 0 -> 0), as ``prefix``."""
     z_next = _phi(model, state.z_k, float(state.T_k[0]), float(state.T_next[0]), context)
-    if state.k == state.num_steps - 1:
+    if state.k == state.num_steps - 1 and not uniform_calls:
         return z_next, z_next
     return z_next, _phi(model, z_next, float(state.T_next[0]), 0.0, context)
 

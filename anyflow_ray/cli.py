@@ -16,6 +16,7 @@ from anyflow_ray.config import ConfigError, load_config
 COMMANDS: dict[str, tuple[str, str]] = {
     "make-tiny": ("make_tiny", "write a tiny model folder in the diffusers layout (optional OUT argument)"),
     "data": ("data", "render synthetic videos and write Parquet shards"),
+    "prepare": ("prepare", "captioned mp4 files -> Wan latents + UMT5 embeddings in Parquet shards (Ray Data)"),
     "teacher": ("teacher", "train the flow-matching teacher from scratch"),
     "pretrain": ("pretrain", "Stage 1: forward flow-map training on the DeepSpeed learner group"),
     "distill": ("distill", "Stage 2: on-policy distillation, rollout actors + buffer + learner group"),
@@ -28,17 +29,23 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+DRY_RUN_JOBS = ("teacher", "pretrain", "distill")  # commands with --dry-run (anyflow_ray/jobs/dry_run.py)
+EXIT_MEMORY_PLAN = 3  # --dry-run: the memory plan exceeds run.gpu_memory_gb
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="anyflow-ray", description=__doc__.strip().splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="command")
     for name, (_, help_text) in COMMANDS.items():
         cmd = sub.add_parser(name, help=help_text)
         cmd.add_argument("--config", default="configs/tiny.yaml", help="YAML config (default: configs/tiny.yaml)")
+        cmd.add_argument("--debug", action="store_true", help="show the traceback of an anticipated error "
+                         "(a bad config or input, a refused resume) instead of its one-line message")
         if name == "make-tiny":
             cmd.add_argument("out", nargs="?", default=None, help="output folder (default: model.base)")
-        if name == "pretrain":
-            cmd.add_argument("--dry-run", action="store_true", help="meta-device model: counts, DeepSpeed "
-                             "config and memory estimate, no weights, no training")
+        if name in DRY_RUN_JOBS:
+            cmd.add_argument("--dry-run", action="store_true", help="meta-device models: the per-GPU memory "
+                             "plan (refused above run.gpu_memory_gb), no weights, no training")
         if name == "bench":
             which = cmd.add_mutually_exclusive_group()
             which.add_argument("--skip-control-plane", action="store_true", help="leave out the control-plane "
@@ -51,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
             cmd.add_argument("--steps", default="8,16,50", help="step budgets N compared (default: 8,16,50)")
             cmd.add_argument("--layers", type=int, default=None, help="fewer transformer blocks than the "
                              "architecture's (a quick check on a CPU)")
+            cmd.add_argument("--allow-cpu", action="store_true", help="run the full architecture even when "
+                             "run.device resolves to the CPU (hours; refused without this flag)")
     return parser
 
 
@@ -68,16 +77,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run a command; an anticipated error (bad config or input, refused resume, a cluster too small, a
+    damaged checkpoint or shard) is one line on stderr and exit status 2 (``--debug``: the traceback)."""
     args = parse_args(argv)
     try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as err:
-        print(f"anyflow-ray {args.command}: {err}", file=sys.stderr)
+        return _run_command(args)
+    except Exception as err:
+        cause = err if _anticipated(err) else getattr(err, "cause", None)  # a learner rank's own error
+        if args.debug or not _anticipated(cause):
+            raise
+        print(f"anyflow-ray {args.command}: {_one_line(cause)}", file=sys.stderr)
         return 2
+
+
+def _run_command(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    if getattr(args, "dry_run", False):
+        return _dry_run(cfg, args.command)
+    from anyflow_ray import preflight
+
+    preflight.check(cfg, args.command)  # inputs, before Ray starts or anything is asked of it
     module = importlib.import_module(f"anyflow_ray.jobs.{COMMANDS[args.command][0]}")
     extra = {"out": args.out} if args.command == "make-tiny" else {}
-    if args.command == "pretrain":
-        extra = {"dry_run": args.dry_run}
     if args.command == "bench":
         actors = _positive_ints(args.actors)
         if not actors:
@@ -95,9 +116,39 @@ def main(argv: list[str] | None = None) -> int:
             print(f"anyflow-ray bench-scale: --steps must be positive integers separated by commas (got "
                   f"{args.steps!r}) and --layers >= 1 (got {args.layers})", file=sys.stderr)
             return 2
-        extra = {"steps": steps, "num_layers": args.layers}
+        extra = {"steps": steps, "num_layers": args.layers, "allow_cpu": args.allow_cpu}
     module.run(cfg, **extra)
     return 0
+
+
+def _dry_run(cfg, command: str) -> int:
+    """The memory plan of ``command`` (pretrain also prints its counts and DeepSpeed config first)."""
+    from anyflow_ray.memory_plan import MemoryPlanError
+
+    try:
+        if command == "pretrain":
+            importlib.import_module("anyflow_ray.jobs.pretrain").run(cfg, dry_run=True)
+        else:
+            importlib.import_module("anyflow_ray.jobs.dry_run").run(cfg, command)
+    except MemoryPlanError as err:
+        print(f"anyflow-ray {command}: {err}", file=sys.stderr)
+        return EXIT_MEMORY_PLAN
+    return 0
+
+
+def _anticipated(err: BaseException | None) -> bool:
+    """A config, input, checkpoint, shard or storage error: the user's to fix, told in one line. Classes of
+    modules not imported yet cannot have been raised, so the CLI need not import them."""
+    kinds = [ConfigError]  # also PreflightError, RunRefused, PlacementError
+    for module, name in (("anyflow_ray.checkpoint", "CheckpointError"), ("anyflow_ray.data.shards", "ShardError"),
+                         ("anyflow_ray.storage", "StorageError")):
+        if module in sys.modules:
+            kinds.append(getattr(sys.modules[module], name))
+    return err is not None and isinstance(err, tuple(kinds))
+
+
+def _one_line(err: BaseException) -> str:
+    return "; ".join(line.strip() for line in str(err).splitlines() if line.strip())
 
 
 def _positive_ints(text: str) -> tuple[int, ...]:

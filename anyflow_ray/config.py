@@ -43,6 +43,9 @@ class LoraConfig:
     rank: int = 64
     alpha: int = 64
     target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2"])
+    # extra targets of the two-time student only (Stage 1/2, rollout actors), e.g. the time embedder E_t and
+    # E_r ("time_embedder.linear_1", "time_embedder_r.linear_1", ...). Empty: E_r is trained in full instead.
+    flow_map_targets: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -56,6 +59,9 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     meta_init: bool = False  # build the full-size transformer on the meta device (dry runs, param counts)
     full_size: str = ""  # "", "1.3b" or "14b": the Wan2.1 architecture used by meta_init
+    # c_null: the prompt whose embedding replaces dropped prompts, is the unconditional branch of CFG
+    # fusion, DMD and sampling. "" for the tiny model; Wan's standard negative prompt for Wan2.1.
+    negative_prompt: str = ""
 
 
 @dataclass
@@ -73,19 +79,42 @@ class DataConfig:
     width: int = 16
     shard_size: int = 512
     seed: int = 1234
+    fps: float = 16.0  # frame rate clips are sampled at (`prepare`; the mp4 files `data` writes with format=mp4)
+    format: str = "parquet"  # `anyflow-ray data` writes: parquet (shards, the default) or mp4 (mp4 + json clips)
+    # true: each learner rank reads only its own shards (real data sets); its draws then depend on the
+    # number of ranks (anyflow_ray/objectives.py). false: every rank reads the whole set (tiny data)
+    rank_shards: bool = False
+
+
+@dataclass
+class PrepareConfig:
+    """`anyflow-ray prepare`: captioned videos -> Wan latents + UMT5 embeddings in Parquet shards (Ray Data)."""
+    input: list[str] = field(default_factory=list)  # folders, .mp4 files, .tar shards, .csv/.jsonl manifests
+    output: str = "${data.root}/train"
+    decode_cpus: float = 1.0  # CPUs per decode task
+    vae_batch_size: int = 1  # clips per VAE call
+    vae_concurrency: int = 1  # VAE actors
+    vae_gpus: float = 0.0  # GPUs per VAE actor (1 on a GPU cluster)
+    text_batch_size: int = 16
+    text_concurrency: int = 1  # text-encoder actors
+    text_gpus: float = 0.0  # GPUs per text-encoder actor
+    actor_cpus: float = 1.0  # CPUs per VAE / text-encoder actor
+    retry_skipped: bool = False  # a re-run tries the clips of the skip list again (after fixing them)
 
 
 @dataclass
 class TeacherConfig:
-    """Single-time flow-matching teacher trained from scratch (ALGORITHM §3)."""
+    """Single-time flow-matching teacher trained from scratch (docs/method.md §3)."""
     output: str = "${run.output_dir}/teacher"
     steps: int = 3000
     batch_size: int = 32
     lr: float = 1e-3
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = 0.0
     warmup: int = 100
     uncond_prob: float = 0.1
     ema: float = 0.995
+    ema_warmup: int = 0  # the EMA is a plain copy of the weights for the first N steps, then decays
     grad_clip: float = 1.0
     log_every: int = 50
     save_every: int = 1000
@@ -106,9 +135,11 @@ class LearnerConfig:
 
 @dataclass
 class PretrainConfig:
-    """Stage 1: forward flow-map training of the student initialised from the teacher (ALGORITHM §4)."""
+    """Stage 1: forward flow-map training of the student initialised from the teacher (docs/method.md §4)."""
     output: str = "${run.output_dir}/stage1"
-    init: str = "${teacher.output}"  # teacher pipeline folder; the student wraps its transformer
+    # the model the student wraps (E_r := copy of E_t): the teacher pipeline folder (tiny), or the base
+    # model folder (${model.base}: the reference's Stage 1, base Wan2.1 + fresh LoRA)
+    init: str = "${teacher.output}"
     steps: int = 1000
     global_batch: int = 32  # over all ranks; a multiple of 4 (50/25/25 split)
     lr: float = 5.0e-5
@@ -116,12 +147,13 @@ class PretrainConfig:
     weight_decay: float = 0.0
     warmup: int = 1000
     ema: float = 0.999
+    ema_warmup: int = 0  # the EMA is a plain copy of the weights for the first N steps, then decays
     grad_clip: float = 1.0
     guidance: float = 3.0  # CFG fused into the student
     fd_delta: float = 5.0
     uncond_prob: float = 0.1
     derivative: str = "fd"  # fd | jvp
-    # v in the target: "data" (eps - x0, ALGORITHM §4) or "teacher" (the frozen teacher's velocity at
+    # v in the target: "data" (eps - x0, docs/method.md §4) or "teacher" (the frozen teacher's velocity at
     # (z, T, c): the same expected target with a perfect teacher, no single-clip variance, one more call)
     target: str = "data"
     save_every: int = 500
@@ -145,7 +177,7 @@ class RolloutConfig:
 
 @dataclass
 class DistillConfig:
-    """Stage 2: on-policy distillation with flow-map backward simulation (ALGORITHM §5)."""
+    """Stage 2: on-policy distillation with flow-map backward simulation (docs/method.md §5)."""
     output: str = "${run.output_dir}/stage2"
     init: str = "${pretrain.output}"  # student G from the Stage-1 EMA
     teacher: str = "${teacher.output}"  # frozen real score R; the critic F starts as its copy
@@ -155,13 +187,19 @@ class DistillConfig:
     betas: list[float] = field(default_factory=lambda: [0.0, 0.999])
     weight_decay: float = 0.0
     ema: float = 0.99
+    ema_warmup: int = 0  # the EMA is a plain copy of the weights for the first N steps, then decays
     grad_clip: float = 1.0
+    # critic F: "copy" = a full trainable copy of the teacher (LoRA on it when model.lora.enabled); "lora" =
+    # LoRA adapters on the frozen teacher itself, so one copy of the base weights serves R (adapters off)
+    # and F (adapters on); needs model.lora.enabled
+    critic: str = "copy"
     dmd_guidance: float = 4.0  # CFG of the real score in x0 form
     budgets: list[int] = field(default_factory=lambda: [2, 4, 8, 16, 50])
     grad_scope: str = "last"  # last: grad through the k-th step and the jump to 0; all: prefix too
     real_batch: int = 8  # Stage-1 co-training batch (global, multiple of 4)
     real_weight: float = 1.0  # weight of the Stage-1 co-training loss against the DMD loss (the reference: 1)
     num_ranks: int = 0  # learner ranks of Stage 2; 0 = learner.num_ranks (rollout actors share the nodes)
+    zero_stage: int = -1  # ZeRO stage of Stage 2's learner ranks; -1 = learner.zero_stage
     sync_every: int = 1  # learner steps between weight broadcasts
     weight_sync: str = "object_store"  # object_store: rank 0 ray.puts, actors pull; torch_dist: a collective group
     sync_backend: str = "auto"  # torch_dist only: auto (nccl on GPUs, gloo on the CPU), gloo or nccl
@@ -175,7 +213,10 @@ class DistillConfig:
 
 @dataclass
 class SampleConfig:
-    model: str = ""  # pipeline folder; "" = the teacher
+    # pipeline folders to sample, each into <output>/<folder name>/ (teacher/, stage1/, stage2/ ...);
+    # default: the final student of Stage 2
+    models: list[str] = field(default_factory=lambda: ["${distill.output}"])
+    model: str = ""  # one pipeline folder, sampled instead of `models` when set (sample.model=X = sample.models=[X])
     prompts: list[str] = field(default_factory=lambda: ["a red circle moving right", "a blue square moving up",
                                                          "a yellow triangle moving left", "a green circle moving down"])
     steps: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32])
@@ -214,6 +255,10 @@ class RunConfig:
     # the cluster grows on demand (ray up's autoscaler, KubeRay autoscaling): wait for nodes instead of
     # refusing at once a placement that the nodes present now cannot hold
     autoscaling: bool = False
+    gpu_memory_gb: float = 80.0  # per-GPU memory the --dry-run memory plan must fit in
+    # a training job whose output folder holds an earlier run starts a fresh <output>-2 (-3, ...) instead of
+    # resuming it (a resume with a config that differs in more than the step budget is refused: records.py)
+    new_run: bool = False
 
 
 @dataclass
@@ -222,6 +267,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
@@ -263,7 +309,13 @@ def _load_yaml(path: Path, extended_by: tuple[Path, ...] = ()) -> DictConfig:
     if path.resolve() in {p.resolve() for p in extended_by}:
         chain = " -> ".join(str(p) for p in (*extended_by, path))
         raise ConfigError(f"config 'extends' cycle: {chain}")
-    node = OmegaConf.load(path)
+    try:
+        node = OmegaConf.load(path)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"config file {path}{line}: malformed YAML ({problem}){where}") from err
     if not isinstance(node, DictConfig):
         raise ConfigError(f"config file {path}: expected a mapping of keys, got a {type(node).__name__}")
     parent = node.pop("extends", None)
@@ -295,11 +347,22 @@ def validate(cfg: DictConfig) -> None:
              f"must be divisible by model.tiny.patch_size={patch}")
     for key in ("num_train", "num_heldout", "frames", "height", "width", "shard_size"):
         _require(cfg.data[key] >= 1, f"data.{key}", cfg.data[key], "must be >= 1")
+    _require(cfg.data.fps > 0, "data.fps", cfg.data.fps, "must be > 0")
+    _require(cfg.data.format in ("parquet", "mp4"), "data.format", cfg.data.format, "must be parquet or mp4")
+    for key in ("vae_batch_size", "vae_concurrency", "text_batch_size", "text_concurrency"):
+        _require(cfg.prepare[key] >= 1, f"prepare.{key}", cfg.prepare[key], "must be >= 1")
+    for key in ("decode_cpus", "vae_gpus", "text_gpus", "actor_cpus"):
+        _require(cfg.prepare[key] >= 0, f"prepare.{key}", cfg.prepare[key], "must be >= 0")
     for key in ("steps", "batch_size", "warmup", "log_every"):
         _require(cfg.teacher[key] >= (0 if key == "warmup" else 1), f"teacher.{key}", cfg.teacher[key], "out of range")
     _require(0.0 <= cfg.teacher.uncond_prob < 1.0, "teacher.uncond_prob", cfg.teacher.uncond_prob, "must be in [0, 1)")
     _require(0.0 <= cfg.teacher.ema < 1.0, "teacher.ema", cfg.teacher.ema, "must be in [0, 1)")
     _require(cfg.teacher.lr > 0, "teacher.lr", cfg.teacher.lr, "must be > 0")
+    _require(len(cfg.teacher.betas) == 2 and all(0 <= b < 1 for b in cfg.teacher.betas), "teacher.betas",
+             list(cfg.teacher.betas), "must be two numbers in [0, 1)")
+    for key in ("teacher.ema_warmup", "pretrain.ema_warmup", "distill.ema_warmup"):
+        _require(OmegaConf.select(cfg, key) >= 0, key, OmegaConf.select(cfg, key), "must be >= 0")
+    _require(cfg.run.gpu_memory_gb > 0, "run.gpu_memory_gb", cfg.run.gpu_memory_gb, "must be > 0")
     for key, steps in (("sample.steps", cfg.sample.steps), ("eval.steps", cfg.eval.steps)):
         _require(len(steps) > 0 and all(int(n) >= 1 for n in steps), key, list(steps), "must be a non-empty list of ints >= 1")
     _require(cfg.eval.reference_steps >= max(cfg.eval.steps), "eval.reference_steps", cfg.eval.reference_steps,
@@ -336,6 +399,9 @@ def validate(cfg: DictConfig) -> None:
     _require(dc.buffer_capacity >= 0, "distill.buffer_capacity", dc.buffer_capacity, "must be >= 0 (0: from the demand)")
     _require(dc.max_policy_lag >= 0, "distill.max_policy_lag", dc.max_policy_lag, "must be >= 0")
     _require(dc.grad_scope in ("last", "all"), "distill.grad_scope", dc.grad_scope, "must be last or all")
+    _require(dc.critic in ("copy", "lora"), "distill.critic", dc.critic, "must be copy or lora")
+    _require(dc.critic != "lora" or cfg.model.lora.enabled, "distill.critic", dc.critic,
+             "lora needs model.lora.enabled=true (the critic is LoRA adapters on the frozen teacher)")
     _require(dc.weight_sync in ("object_store", "torch_dist"), "distill.weight_sync", dc.weight_sync,
              "must be object_store or torch_dist")
     _require(dc.sync_backend in ("auto", "gloo", "nccl"), "distill.sync_backend", dc.sync_backend,
@@ -345,6 +411,12 @@ def validate(cfg: DictConfig) -> None:
              "must be a non-empty list of ints >= 1")
     _require(dc.real_weight >= 0, "distill.real_weight", dc.real_weight, "must be >= 0")
     _require(dc.num_ranks >= 0, "distill.num_ranks", dc.num_ranks, "must be >= 0 (0: learner.num_ranks)")
+    _require(dc.zero_stage in (-1, 0, 1, 2, 3), "distill.zero_stage", dc.zero_stage,
+             "must be -1 (learner.zero_stage), 0, 1, 2 or 3")
+    zero_key = "distill.zero_stage" if dc.zero_stage >= 0 else "learner.zero_stage"
+    _require(dc.weight_sync != "torch_dist" or distill_zero_stage(cfg) < 3, "distill.weight_sync", dc.weight_sync,
+             f"torch_dist broadcasts whole weights from learner rank 0 alone, which {zero_key}=3 partitions; "
+             f"use distill.weight_sync=object_store or {zero_key} <= 2")
     ranks = distill_ranks(cfg)
     _require(dc.real_batch > 0 and dc.real_batch % 4 == 0 and dc.real_batch % ranks == 0,
              "distill.real_batch", dc.real_batch, f"must be a positive multiple of 4 and of the {ranks} Stage-2 "
@@ -382,6 +454,12 @@ def gpu_amount(value: str, cluster_gpus: float, colocate: bool) -> float:
 def distill_ranks(cfg: DictConfig) -> int:
     """Learner ranks of Stage 2: ``distill.num_ranks``, or ``learner.num_ranks`` when that is 0."""
     return int(cfg.distill.num_ranks or cfg.learner.num_ranks)
+
+
+def distill_zero_stage(cfg: DictConfig) -> int:
+    """ZeRO stage of Stage 2's learner ranks: ``distill.zero_stage``, or ``learner.zero_stage`` when it is -1."""
+    stage = int(cfg.distill.zero_stage)
+    return stage if stage >= 0 else int(cfg.learner.zero_stage)
 
 
 def save_config(cfg: DictConfig, out_dir: str | Path) -> Path:

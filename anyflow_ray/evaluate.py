@@ -63,11 +63,13 @@ def batched_sample(model, noise, contexts, num_steps, shift, guidance, uncond, b
 def evaluate_model(name: str, model: torch.nn.Module, noise: torch.Tensor, contexts: torch.Tensor,
                    prompts: list[str], uncond: torch.Tensor, reference: torch.Tensor, heldout: torch.Tensor,
                    steps: list[int], shift: float, guidance: float, batch_size: int = 32,
-                   swd_projections: int = 256, progress=None) -> list[StepResult]:
+                   swd_projections: int = 256, progress=None, to_pixels=None) -> list[StepResult]:
+    """ODE distance and SWD where the model works (pixels or latents); adherence on pixels in [-1, 1]
+    (``to_pixels`` decodes latents: the VAE of a latent-space model)."""
     rows = []
     for n in steps:
         out = batched_sample(model, noise, contexts, n, shift, guidance, uncond, batch_size)
-        acc = adherence(out, prompts)
+        acc = adherence(out if to_pixels is None else to_pixels(out), prompts)
         rows.append(StepResult(model=name, steps=n, ode_rmse=ode_rmse(out, reference),
                                swd=sliced_wasserstein(out, heldout, swd_projections), **acc))
         if progress is not None:

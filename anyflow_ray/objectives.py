@@ -4,6 +4,11 @@ The learner worker (DeepSpeed, under Ray) and the plain single-process loop call
 ``objective.loss(model, step, rank, world_size)``: the clips of a step are a deterministic function of
 (seed, step), so a resumed run sees the same batches as an uninterrupted one, and a rank's slice of
 the global batch does not depend on anything but its rank.
+
+When every rank holds the whole data set (``data.rank_shards: false``, the tiny configs) a run's draws do
+not depend on the number of ranks either. With ``data.rank_shards: true`` (real data: each rank reads
+only its own shards) that cannot hold, since a rank can only draw the clips it holds: the clips drawn
+then depend on the number of ranks, the noise and times drawn for each batch position still do not.
 """
 
 from __future__ import annotations
@@ -33,16 +38,35 @@ class TrainData:
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
         return order[slot * global_batch:(slot + 1) * global_batch]
 
+    def part_indices(self, step: int, local: int, seed: int, rank: int) -> torch.Tensor:
+        """Clip indices of a rank that holds only its part of the data set (``read_shards(root, rank,
+        world_size)``): epoch-wise permutations of its own clips, seeded by (seed, epoch, rank).
+
+        Unlike ``global_indices`` the clips a run draws then depend on the number of ranks (each rank
+        draws from other clips); the noise and times of each batch position do not (``positions``)."""
+        n = len(self.clips.prompts)
+        if local > n:
+            raise ValueError(f"rank {rank}: local batch {local} is larger than its part of the data set ({n} clips)")
+        epoch, slot = divmod(step, n // local)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed((seed * 7919 + epoch) * 1009 + rank))
+        return order[slot * local:(slot + 1) * local]
+
     def local_batch(self, step: int, global_batch: int, seed: int, rank: int, world_size: int, device, dtype):
         """(x0, context, positions in the global batch) of this rank's slice."""
         local = global_batch // world_size
         positions = torch.arange(rank * local, (rank + 1) * local)
-        idx = self.global_indices(step, global_batch, seed)[positions]
+        if self.clips.part[1] > 1:
+            if self.clips.part != (rank, world_size):
+                raise ValueError(f"the data is part {self.clips.part} (rank, ranks) but rank {rank} of {world_size} "
+                                 f"draws from it")
+            idx = self.part_indices(step, local, seed, rank)
+        else:
+            idx = self.global_indices(step, global_batch, seed)[positions]
         return (self.clips.videos[idx].to(device, dtype), self.clips.embeddings[idx].to(device, dtype), positions)
 
 
 class TeacherObjective:
-    """ALGORITHM §3: flow matching of a single-time model."""
+    """docs/method.md §3: flow matching of a single-time model."""
 
     name = "teacher"
 
@@ -60,7 +84,7 @@ class TeacherObjective:
 
 
 class Stage1Objective:
-    """ALGORITHM §4: forward flow-map training with guidance fusion and adaptive normalisation.
+    """docs/method.md §4: forward flow-map training with guidance fusion and adaptive normalisation.
 
     ``teacher``: the frozen single-time teacher, needed (and only used) with ``pretrain.target=teacher``.
     """

@@ -1,7 +1,8 @@
-"""``DistillWorker``: the Stage-2 learner rank (ALGORITHM §5), a ``LearnerWorker`` with three models.
+"""``DistillWorker``: the Stage-2 learner rank (docs/method.md §5), a ``LearnerWorker`` with three models.
 
 Student G (trainable, from the Stage-1 EMA), frozen teacher R (real score), critic F (trainable copy
-of the teacher). Per step, on trajectories made by the rollout actors:
+of the teacher, or with ``distill.critic=lora`` LoRA adapters on the frozen teacher itself: one copy of
+the base weights, R is F with its adapters switched off). Per step, on trajectories made by the rollout actors:
   generator update: re-run the real k-th step and the jump to 0 from the actor's z_k with gradient
     (``grad_scope: all`` recomputes the prefix from the noise too), DMD loss with CFG on R, plus the
     Stage-1 loss on a real batch times ``distill.real_weight`` (the reference: 1, equal weight);
@@ -23,9 +24,11 @@ from anyflow_ray.backward_sim import RolloutState, finish, prefix
 from anyflow_ray.losses import critic_loss, dmd_loss
 from anyflow_ray.models.loading import load_transformer
 from anyflow_ray.objectives import Stage1Objective
-from anyflow_ray.models.lora import apply_lora
+from anyflow_ray.schedule import sampling_grid
+from anyflow_ray.models.lora import AdaptersOff, apply_lora
 from anyflow_ray.collective import WeightGroup, host_store, layout_of, pack, resolve_backend
-from learners.worker import LearnerWorker, deepspeed_config
+from learners.partitions import gather_to_cpu
+from learners.worker import LearnerWorker, deepspeed_config, job_zero_stage
 
 REQUIRED = {"generator": ("prompt_idx", "num_steps", "k", "z_k", "T_k", "T_next"),
             "critic": ("prompt_idx", "x_hat")}
@@ -35,8 +38,11 @@ class TrajectoryError(ValueError):
     pass
 
 
-def validate_trajectory(payload: dict, kind: str, clip_shape: tuple[int, ...], num_prompts: int) -> None:
-    """Raise TrajectoryError for a payload with missing keys, wrong shapes or non-finite values."""
+def validate_trajectory(payload: dict, kind: str, clip_shape: tuple[int, ...], num_prompts: int,
+                        embedding_shape: tuple[int, ...] | None = None) -> None:
+    """Raise TrajectoryError for a payload with missing keys, wrong shapes or non-finite values. A payload
+    that carries its prompt embeddings (``context``: the actor read its own shards) is checked against
+    ``embedding_shape``; otherwise ``prompt_idx`` must index the learner's ``num_prompts`` prompts."""
     missing = [key for key in REQUIRED[kind] if key not in payload]
     if missing:
         raise TrajectoryError(f"{kind} trajectory lacks {missing}")
@@ -48,7 +54,13 @@ def validate_trajectory(payload: dict, kind: str, clip_shape: tuple[int, ...], n
                 raise TrajectoryError(f"{key} has shape {tuple(tensor.shape)}, expected {(batch, *clip_shape)}")
             if not torch.isfinite(tensor).all():
                 raise TrajectoryError(f"{key} holds NaN/Inf")
-    if int(payload["prompt_idx"].max()) >= num_prompts or int(payload["prompt_idx"].min()) < 0:
+    if "context" in payload:
+        context = payload["context"]
+        if embedding_shape is not None and tuple(context.shape) != (batch, *embedding_shape):
+            raise TrajectoryError(f"context has shape {tuple(context.shape)}, expected {(batch, *embedding_shape)}")
+        if not torch.isfinite(context).all():
+            raise TrajectoryError("context holds NaN/Inf")
+    elif int(payload["prompt_idx"].max()) >= num_prompts or int(payload["prompt_idx"].min()) < 0:
         raise TrajectoryError("prompt_idx out of range")
 
 
@@ -56,6 +68,7 @@ class DistillWorker(LearnerWorker):
     def __init__(self, cfg: dict, job: str, rank: int, world_size: int):
         super().__init__(cfg, "stage1", rank, world_size)  # reuses Stage-1 objective for co-training
         self.job = "stage2"
+        self.zero_stage = job_zero_stage(self.cfg, "stage2")
 
     def _build(self) -> None:
         import deepspeed
@@ -63,14 +76,18 @@ class DistillWorker(LearnerWorker):
         dc = self.cfg.distill
         student = load_transformer(dc.init, flow_map=True, gate=self.cfg.model.gate, dtype=self.dtype)
         teacher = load_transformer(dc.teacher, flow_map=False, dtype=self.dtype)
-        critic = copy.deepcopy(teacher)
+        shared = dc.critic == "lora"  # F = LoRA on the frozen teacher; R = the same module, adapters off
+        critic = teacher if shared else copy.deepcopy(teacher)
         if self.cfg.model.lora.enabled:
             apply_lora(student, self.cfg.model.lora)
             apply_lora(critic, self.cfg.model.lora)
         if self.cfg.model.gradient_checkpointing:
             student.enable_gradient_checkpointing()
             critic.enable_gradient_checkpointing()
-        self.teacher = teacher.to(self.device).eval().requires_grad_(False)
+        if shared:  # not frozen as a whole: that would freeze F's adapters too
+            self.teacher = AdaptersOff(critic.to(self.device))
+        else:
+            self.teacher = teacher.to(self.device).eval().requires_grad_(False)
         data = self._load_data()
         self.data = data
         self.objective = Stage1Objective(data, self._co_training_cfg(), teacher=self.teacher)
@@ -113,27 +130,63 @@ class DistillWorker(LearnerWorker):
                 lost += 1
                 continue
             try:
-                validate_trajectory(payload, kind, clip_shape, len(self.data.clips.prompts))
+                validate_trajectory(payload, kind, clip_shape, len(self.data.clips.prompts),
+                                    tuple(self.data.clips.embeddings.shape[1:]))
             except TrajectoryError:
                 rejected += 1
                 continue
             good.append(payload)
         return good, lost, rejected
 
+    def _context(self, payload: dict) -> torch.Tensor:
+        """The trajectory's prompt embeddings: carried in it (``data.rank_shards``: the actor's prompts are
+        not this rank's) or looked up by index in the data set every process holds whole."""
+        context = payload["context"] if "context" in payload else self.data.clips.embeddings[payload["prompt_idx"]]
+        return context.to(self.device, self.dtype)
+
     def student_x_hat(self, payload: dict) -> torch.Tensor:
         """x_hat with gradient: from z_k (or from the noise when grad_scope is all)."""
-        context = self.data.clips.embeddings[payload["prompt_idx"]].to(self.device, self.dtype)
+        context = self._context(payload)
         student = self.engines["student"].module
+        uniform = self.zero_stage == 3  # the same calls on every rank, whatever (N, k)
         if self.cfg.distill.grad_scope == "all" and "noise" in payload:
             state = prefix(student, payload["noise"].to(self.device, self.dtype), context, payload["num_steps"],
-                           payload["k"], self.cfg.schedule.shift)
+                           payload["k"], self.cfg.schedule.shift, uniform_calls=uniform)
         else:
             state = RolloutState(payload["num_steps"], payload["k"], payload["T_k"].to(self.device),
                                  payload["T_next"].to(self.device), payload["z_k"].to(self.device, self.dtype))
-        return finish(student, state, context)[1], context
+        return finish(student, state, context, uniform_calls=uniform)[1], context
+
+    # -- ZeRO-3: every model call gathers weights from all ranks, so all ranks make the same calls ------
+    def _padding(self, *counts: int) -> list[int]:
+        """How many zero-weight stand-in trajectories each of ``counts`` needs so that every rank runs as
+        many as the busiest one (a collective under ZeRO-3; all zeros otherwise)."""
+        if self.zero_stage < 3 or self.world_size == 1:
+            return [0] * len(counts)
+        most = torch.tensor(counts, dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)
+        return [int(m) - c for m, c in zip(most.tolist(), counts)]
+
+    def _stand_in(self, kind: str) -> dict:
+        """A valid one-clip trajectory of zeros; its loss enters with weight 0 (only the calls matter)."""
+        clip = torch.zeros(1, *self.data.clips.videos.shape[1:])
+        if kind == "critic":
+            return {"prompt_idx": torch.zeros(1, dtype=torch.long), "x_hat": clip}
+        grid = sampling_grid(2, self.cfg.schedule.shift)
+        return {"prompt_idx": torch.zeros(1, dtype=torch.long), "num_steps": 2, "k": 0, "z_k": clip, "noise": clip,
+                "T_k": grid[0:1].clone(), "T_next": grid[1:2].clone()}
 
     # -- one step -----------------------------------------------------------------------------
+    halted: int | None = None  # the step whose non-finite loss stopped this rank
+
+    def _refuse_after_halt(self, what: str) -> None:
+        """The driver may have queued a step and a publish behind the one that failed (one-step-off
+        overlap); neither may apply or publish anything."""
+        if self.halted is not None:
+            raise FloatingPointError(f"{what} refused: step {self.halted + 1} had a non-finite loss")
+
     def train_step(self, step: int, generator_refs: list = (), critic_refs: list = ()) -> dict:
+        self._refuse_after_halt(f"step {step + 1}")
         # every rank is handed the whole batch and trains on its own slice
         gen_payloads, lost_g, rej_g = self._fetch(list(generator_refs)[self.rank::self.world_size], "generator")
         crit_payloads, lost_c, rej_c = self._fetch(list(critic_refs)[self.rank::self.world_size], "critic")
@@ -142,51 +195,58 @@ class DistillWorker(LearnerWorker):
         rng = torch.Generator().manual_seed((self.cfg.run.seed * 1_000_003 + step) * 1009 + self.rank)
         uncond = self.data.uncond.to(self.device, self.dtype)
         metrics: dict = {}
+        gen_pad, crit_pad = self._padding(len(gen_payloads), len(crit_payloads))
 
         student = self.engines["student"]
         student.train()
-        dmd_terms = []
-        for payload in gen_payloads:
+        dmd_terms, pad_terms = [], []
+        for i, payload in enumerate(gen_payloads + [self._stand_in("generator")] * gen_pad):
             x_hat, context = self.student_x_hat(payload)
             loss, info = dmd_loss(x_hat, self.engines["critic"].module, self.teacher, context, uncond, rng,
                                   self.cfg.schedule.shift, self.cfg.distill.dmd_guidance)
-            dmd_terms.append(loss)
-            metrics.update(info)
+            (dmd_terms if i < len(gen_payloads) else pad_terms).append(loss)
+            if i < len(gen_payloads):
+                metrics.update(info)
         all_reduce = torch.distributed.all_reduce if self.world_size > 1 else None
         real_loss, real_info = self.objective.loss(student.module, step, self.rank, self.world_size, all_reduce)
         dmd = torch.stack(dmd_terms).mean() if dmd_terms else torch.zeros((), device=self.device)
+        if pad_terms:  # in the graph (the backward makes the same calls on every rank), weight 0
+            dmd = dmd + 0.0 * torch.stack(pad_terms).sum()
         total = dmd + self.cfg.distill.real_weight * real_loss  # logged as "loss"; the two parts unweighted
 
-        # the critic's loss reads trajectories and the critic only, so it can be formed before the student
-        # steps (same values, same random draws): both losses are checked before anything is applied
+        versions = sorted({int(p["version"]) for p in gen_payloads + crit_payloads if "version" in p})
+        self._refuse_non_finite(step, {"generator": total, "dmd": dmd, "co-training": real_loss}, versions)
+        # the student's graph is freed before the critic's is built (the peak holds one of them, not both:
+        # anyflow_ray/memory_plan.py); neither optimizer steps before both losses are known to be finite
+        student.backward(total)
+
         critic = self.engines["critic"]
         critic.train()
-        crit_terms = []
-        for payload in crit_payloads:
-            context = self.data.clips.embeddings[payload["prompt_idx"]].to(self.device, self.dtype)
+        crit_terms, pad_terms = [], []
+        for i, payload in enumerate(crit_payloads + [self._stand_in("critic")] * crit_pad):
+            context = self._context(payload)
             loss, _ = critic_loss(critic.module, payload["x_hat"].to(self.device, self.dtype), context, rng,
                                   self.cfg.schedule.shift)
-            crit_terms.append(loss)
+            (crit_terms if i < len(crit_payloads) else pad_terms).append(loss)
         crit = torch.stack(crit_terms).mean() if crit_terms else None
-        versions = sorted({int(p["version"]) for p in gen_payloads + crit_payloads if "version" in p})
-        self._refuse_non_finite(step, {"generator": total, "dmd": dmd, "co-training": real_loss, "critic": crit},
-                                versions)
+        if pad_terms:  # weight 0, as the generator's stand-ins
+            crit = 0.0 * torch.stack(pad_terms).sum() + (crit if crit is not None else 0.0)
+        self._refuse_non_finite(step, {"critic": crit}, versions)
 
-        student.backward(total)
         student.step()
         self.ema.update()
         crit_value = float("nan")
         if self._all_ranks_have(crit is not None):  # else skip this critic update on every rank together
             critic.backward(crit)
             critic.step()
-            crit_value = float(crit.detach())
+            crit_value = float(crit.detach()) if crit_terms else float("nan")
         return {"loss": float(total.detach()), "dmd_loss": float(dmd.detach()), "real_loss": float(real_loss.detach()),
                 "critic_loss": crit_value, **{k: v for k, v in metrics.items()},
                 **{f"diag/{k}": v for k, v in real_info.items()}, **counts}
 
     def _refuse_non_finite(self, step: int, losses: dict, versions: list[int]) -> None:
         """Raise FloatingPointError on every rank when any rank's loss is NaN/Inf (a collective), before
-        a backward: no gradient, optimizer step, EMA update or weight publication happens for the step."""
+        any optimizer step: no weight update, EMA update or weight publication happens for the step."""
         values = {name: float(loss.detach()) for name, loss in losses.items() if loss is not None}
         finite = all(math.isfinite(v) for v in values.values())
         bad = torch.zeros(self.world_size, device=self.device)
@@ -194,6 +254,7 @@ class DistillWorker(LearnerWorker):
         if self.world_size > 1:
             torch.distributed.all_reduce(bad)
         if bad.any():
+            self.halted = step  # steps and publishes the driver queued behind this one are refused
             ranks = [r for r in range(self.world_size) if bad[r] > 0]
             shown = " ".join(f"{name}={value:.4g}" for name, value in values.items())
             raise FloatingPointError(f"non-finite loss at step {step + 1} on learner rank(s) {ranks} (this is rank "
@@ -209,12 +270,24 @@ class DistillWorker(LearnerWorker):
 
     # -- weights --------------------------------------------------------------------------------
     def trainable_state(self) -> dict[str, torch.Tensor]:
-        """The student's trainable parameters by name (LoRA adapters only when LoRA is on)."""
+        """The student's trainable parameters by name (LoRA adapters only when LoRA is on); whole at
+        ZeRO <= 2 (under ZeRO-3 use ``publish_weights``, a collective)."""
         return {n: p.detach().cpu().clone() for n, p in self.model.named_parameters() if p.requires_grad}
 
-    def publish_weights(self, full: bool = False) -> list:
-        """ray.put the trainable parameters (or the full state dict, for comparison); a wrapped ref."""
-        state = self.model.state_dict() if full else self.trainable_state()
+    def publish_weights(self, full: bool = False) -> list | None:
+        """ray.put the student's trainable parameters, whole (or its full state dict, for comparison);
+        rank 0 returns the wrapped ref, the other ranks None. Every rank is called: under ZeRO-3 the
+        parameters are gathered, a collective; at ZeRO <= 2 rank 0 alone works, the others return at once."""
+        self._refuse_after_halt("weight publish")
+        if self.zero_stage == 3:
+            named = [(n, p) for n, p in self.model.named_parameters() if full or p.requires_grad]
+            state = gather_to_cpu(named, keep=self.rank == 0)
+            if full and self.rank == 0:  # the persistent buffers, never partitioned
+                state.update({n: t for n, t in self.model.state_dict().items() if n not in state})
+        elif self.rank == 0:
+            state = self.model.state_dict() if full else self.trainable_state()
+        if self.rank != 0:
+            return None
         return [ray.put({k: v.detach().cpu() for k, v in state.items()})]
 
     # torch.distributed backend (anyflow_ray/collective.py): rank 0 is the root of a group of its own

@@ -24,15 +24,17 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 from anyflow_ray import checkpoint as ckpt_io
+from anyflow_ray.config import distill_zero_stage
 from anyflow_ray.data.shards import read_shards
 from anyflow_ray.device import collective_backend, resolve_device, resolve_dtype, set_threads
 from anyflow_ray.models.loading import load_text_encoder, load_transformer, text_max_length
 from anyflow_ray.models.lora import apply_lora
-from anyflow_ray.models.text import UNCONDITIONAL_PROMPT, encode_prompts
+from anyflow_ray.models.text import encode_prompts
 from anyflow_ray.objectives import OBJECTIVES, TrainData, objective_models
 from anyflow_ray.pipeline import pipeline_files, save_as_pipeline
 from anyflow_ray.storage import Storage, job_inputs
 from anyflow_ray.training import EMA, warmup_lambda
+from learners.partitions import gather_parts, gather_to_cpu, local_part
 
 
 def job_settings(cfg: DictConfig, job: str) -> DictConfig:
@@ -40,7 +42,8 @@ def job_settings(cfg: DictConfig, job: str) -> DictConfig:
     section = {"teacher": cfg.teacher, "stage1": cfg.pretrain, "stage2": cfg.distill}[job]
     betas = tuple(section.betas) if "betas" in section else (0.9, 0.999)
     return OmegaConf.create(dict(lr=section.lr, betas=list(betas), weight_decay=section.weight_decay,
-                                 warmup=section.get("warmup", 0), ema=section.ema, grad_clip=section.grad_clip))
+                                 warmup=section.get("warmup", 0), ema=section.ema,
+                                 ema_warmup=section.get("ema_warmup", 0), grad_clip=section.grad_clip))
 
 
 def build_model(cfg: DictConfig, job: str, dtype: torch.dtype) -> torch.nn.Module:
@@ -82,13 +85,18 @@ def restricted_torch_load(path, map_location=None):
                                       f"types; refusing to unpickle it ({str(err).splitlines()[-1]})") from err
 
 
+def job_zero_stage(cfg: DictConfig, job: str) -> int:
+    """The ZeRO stage a job's learner ranks run: Stage 2 may have its own (``distill.zero_stage``)."""
+    return distill_zero_stage(cfg) if job == "stage2" else int(cfg.learner.zero_stage)
+
+
 def deepspeed_config(cfg: DictConfig, job: str, micro_batch: int, dtype: torch.dtype) -> dict:
     settings = job_settings(cfg, job)
     return {
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": 1,
         "gradient_clipping": settings.grad_clip,
-        "zero_optimization": {"stage": cfg.learner.zero_stage},
+        "zero_optimization": {"stage": job_zero_stage(cfg, job)},
         "bf16": {"enabled": dtype == torch.bfloat16},
         "steps_per_print": 10**9,
         "zero_allow_untested_optimizer": True,
@@ -101,6 +109,7 @@ class LearnerWorker:
             raise ValueError(f"unknown learner job {job!r}; expected one of {sorted(OBJECTIVES)}")
         self.cfg = OmegaConf.create(cfg)
         self.job, self.rank, self.world_size = job, rank, world_size
+        self.zero_stage = job_zero_stage(self.cfg, job)
         threads = max(1, int(self.cfg.run.threads) // world_size)
         set_threads(threads)
 
@@ -129,7 +138,8 @@ class LearnerWorker:
         torch.manual_seed(self.cfg.run.seed)
         Storage.of(self.cfg).fetch_all(job_inputs(self.cfg, self.job))  # what this node lacks (run.storage)
         self._build()
-        self.ema = EMA(self.trainable, self._ema_decay())
+        # ZeRO-3: each rank averages its own partition of the trainable parameters (``local_part``)
+        self.ema = EMA(self.trainable, self._ema_decay(), job_settings(self.cfg, self.job).ema_warmup, local=local_part)
         model = self.model
         return {"rank": self.rank, "device": str(self.device), "dtype": str(self.dtype), "gpu_ids": gpu_ids,
                 "node_id": ray.get_runtime_context().get_node_id(),
@@ -164,9 +174,11 @@ class LearnerWorker:
     def _load_data(self) -> TrainData:
         from pathlib import Path
 
-        clips = read_shards(Path(self.cfg.data.root) / "train")
+        part = (self.rank, self.world_size) if self.cfg.data.rank_shards else (0, 1)  # only its own shards
+        clips = read_shards(Path(self.cfg.data.root) / "train", *part)
         tokenizer, encoder = load_text_encoder(self.cfg.model.base)
-        uncond = encode_prompts(tokenizer, encoder, [UNCONDITIONAL_PROMPT], text_max_length(self.cfg.model.base))
+        uncond = encode_prompts(tokenizer, encoder, [self.cfg.model.negative_prompt],  # c_null
+                                text_max_length(self.cfg.model.base))
         return TrainData(clips=clips, uncond=uncond)
 
     # -- training ---------------------------------------------------------------------------
@@ -179,7 +191,7 @@ class LearnerWorker:
         self.engine.backward(loss)
         # ZeRO-0 with a torch optimizer: DeepSpeed clips but does not keep the norm, so take it here
         # (gradients are whole and already averaged over ranks after backward); ZeRO >= 1 reports its own.
-        local_norm = grad_norm_of(self.trainable) if self.cfg.learner.zero_stage == 0 else None
+        local_norm = grad_norm_of(self.trainable) if self.zero_stage == 0 else None
         self.engine.step()
         self.ema.update()
         mean_loss = loss.detach().float().clone()
@@ -206,10 +218,10 @@ class LearnerWorker:
         tensors = {"rng.torch": torch.get_rng_state()}
         if self.device.type != "cpu":
             tensors["rng.device"] = torch.get_device_module(self.device).get_rng_state(self.device)
-        if self.rank == 0 or self.cfg.learner.zero_stage == 3:  # ZeRO <= 2: the same EMA on every rank
+        if self.rank == 0 or self.zero_stage == 3:  # ZeRO <= 2: the same EMA on every rank
             tensors.update(self.ema.state_dict())
         ckpt_io.save_rank_state(ckpt, self.rank, tensors)
-        if self.rank == 0:
+        if self.rank == 0 or self.zero_stage == 3:  # ZeRO-3: every rank gathers, rank 0 writes
             self.export_pipeline(str(ckpt))
         self._barrier()
         files = ckpt_io.manifest(ckpt)  # every rank's files on a shared disk, this rank's own otherwise
@@ -219,7 +231,7 @@ class LearnerWorker:
             files = {name: size for part in gathered for name, size in part.items()}
         if self.rank == 0:
             ckpt_io.save_meta(ckpt, {"format": ckpt_io.FORMAT, "step": step, "job": self.job,
-                                     "world_size": self.world_size, "zero_stage": self.cfg.learner.zero_stage,
+                                     "world_size": self.world_size, "zero_stage": self.zero_stage,
                                      "dtype": str(self.dtype), "engines": sorted(self.checkpoint_engines()),
                                      "weight_version": weight_version, "driver_state": driver_state or {},
                                      "files": files})
@@ -285,18 +297,40 @@ class LearnerWorker:
                 "driver_state": meta.get("driver_state") or {}}
 
     def export_pipeline(self, out: str) -> str:
-        """The EMA weights as an AnyFlowPipeline folder (LoRA fused), loadable by ``from_pretrained``."""
-        model = copy.deepcopy(self.model).cpu()
-        self.ema.copy_to(model.parameters())
+        """The EMA weights as an AnyFlowPipeline folder (LoRA fused), loadable by ``from_pretrained``.
+        ZeRO-3: a collective, every rank must call it (each gathers, rank 0 writes, the others return)."""
+        if self.zero_stage == 3:
+            model = self._whole_ema_model()
+            if model is None:
+                return out
+        else:
+            model = copy.deepcopy(self.model).cpu()
+            self.ema.copy_to(model.parameters())
         if self.cfg.model.lora.enabled:
             model.fuse_lora()
             model.unload_lora()
-        save_as_pipeline(model.float(), self.cfg.model.base, out)
+        save_as_pipeline(model.float(), self.cfg.model.base, out, negative_prompt=self.cfg.model.negative_prompt)
         if Path(out).parent.name != "checkpoints":  # the run's final model (checkpoints upload in save)
             storage = Storage.of(self.cfg)
             for name in pipeline_files(out) if storage.enabled else []:
                 storage.upload(Path(out) / name)
         return out
+
+    def _whole_ema_model(self) -> torch.nn.Module | None:
+        """ZeRO-3: a CPU copy of the model holding the whole EMA weights, on rank 0 (None elsewhere):
+        the EMA partitions of every rank put together, the frozen parameters gathered as they are."""
+        shadow_of = {id(p): s for p, s in zip(self.ema.params, self.ema.shadow)}
+        named = list(self.model.named_parameters())
+        averaged = [(n, p) for n, p in named if id(p) in shadow_of]
+        keep = self.rank == 0
+        whole = gather_parts(averaged, [shadow_of[id(p)] for _, p in averaged], keep)
+        whole.update(gather_to_cpu([(n, p) for n, p in named if id(p) not in shadow_of], keep))
+        if self.rank != 0:
+            return None
+        model = copy.deepcopy(self.model).cpu()  # its parameters: ZeRO-3's empty placeholders
+        for name, p in model.named_parameters():
+            p.data = whole.pop(name)
+        return model
 
     def _barrier(self) -> None:
         if self.world_size > 1:

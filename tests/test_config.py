@@ -66,6 +66,16 @@ def test_stage2_learner_ranks_default_to_the_learner_groups():
     assert distill_ranks(load_config("configs/tiny.yaml", ["distill.num_ranks=2", "learner.num_ranks=4"])) == 2
 
 
+def test_stage2_zero_stage_defaults_to_the_learner_groups_and_torch_dist_refuses_zero3():
+    from anyflow_ray.config import distill_zero_stage
+
+    assert distill_zero_stage(load_config("configs/tiny.yaml", ["learner.zero_stage=2"])) == 2
+    assert distill_zero_stage(load_config("configs/tiny.yaml", ["learner.zero_stage=2", "distill.zero_stage=3"])) == 3
+    for zero in ("learner.zero_stage=3", "distill.zero_stage=3"):
+        with pytest.raises(ConfigError, match=rf"^distill.weight_sync='torch_dist': .*{zero.split('=')[0]}=3"):
+            load_config("configs/tiny.yaml", ["distill.weight_sync=torch_dist", zero])
+
+
 def test_unknown_key_in_yaml_file_is_refused(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("teacher:\n  learning_rate: 0.1\n")

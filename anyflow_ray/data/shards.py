@@ -17,6 +17,21 @@ column               Arrow type       meaning
 ``seed``             int64            the seed the clip was made with
 ===================  ===============  ======================================================
 
+Shards made from real videos by ``anyflow-ray prepare`` also hold these columns (optional:
+readers accept them and the synthetic data set leaves them out):
+
+===================  ===============  ======================================================
+``key``              string           the clip's key in its source (file stem, tar member)
+``source``           string           the file (or ``shard.tar#key``) the clip came from
+``frames``           int32            pixel frames encoded (``data.frames``)
+``fps``              float32          frame rate they were sampled at (``data.fps``)
+``height``/``width`` int32            pixel size after resize and centre crop
+===================  ===============  ======================================================
+
+Their ``video`` holds normalised Wan latents ``(C, F', H', W')`` and ``seed`` a stable hash of
+``key``. Their file names are ``shard-<run>-<task>.parquet`` (one name per ``prepare`` run and
+write task, so a later run adds files without touching the earlier ones).
+
 Every row of a dataset has the same ``video_shape`` and ``embedding_shape``, the same
 number of values as the product of its shape, and only finite values.
 
@@ -24,6 +39,11 @@ number of values as the product of its shape, and only finite values.
 and ``embedding_shape``. Files are written under a temporary name and renamed, so a reader
 never sees half a shard. Readers check every row and raise :class:`ShardError` naming the
 shard file, the row index within it and the column when something is off.
+
+Reading at scale: ``read_shards(root, rank, world_size)`` reads only rank ``rank``'s part
+(shards ``i % world_size == rank`` in name order; rows ``j % world_size == rank`` when there
+are fewer shards than ranks), and ``columns=`` leaves out what a reader does not need (rollout
+actors read the prompt embeddings, never the videos).
 """
 
 from __future__ import annotations
@@ -51,6 +71,17 @@ SHARD_SCHEMA = pa.schema(
         pa.field("seed", pa.int64()),
     ]
 )
+# Columns that prepared (real-video) shards add; readers accept them when present.
+OPTIONAL_FIELDS = pa.schema(
+    [
+        pa.field("key", pa.string()),
+        pa.field("source", pa.string()),
+        pa.field("frames", pa.int32()),
+        pa.field("fps", pa.float32()),
+        pa.field("height", pa.int32()),
+        pa.field("width", pa.int32()),
+    ]
+)
 # Flattened array column -> the column holding its shape.
 ARRAY_COLUMNS = {"video": "video_shape", "prompt_embedding": "embedding_shape"}
 SHAPE_RANKS = {"embedding_shape": 2}  # shape columns whose length is fixed
@@ -64,12 +95,18 @@ class ShardError(ValueError):
 
 @dataclass
 class ClipBatch:
-    """All clips of a dataset, stacked."""
+    """The clips of a dataset (or of one rank's part of it), stacked."""
 
-    videos: torch.Tensor  # (N, C, F, H, W) float32 (any video_shape, stacked on dim 0)
+    videos: torch.Tensor  # (N, C, F, H, W) float32; (N, 0) when the video column was not read
     embeddings: torch.Tensor  # (N, L, D) float32
     prompts: list[str]
     seeds: torch.Tensor  # (N,) int64
+    video_shape: tuple[int, ...] = ()  # one clip's shape, known even when videos were not read
+    part: tuple[int, int] = (0, 1)  # (rank, world_size): which part of the dataset this is
+
+    def __post_init__(self) -> None:
+        if not self.video_shape and self.videos.ndim > 1:
+            self.video_shape = tuple(self.videos.shape[1:])
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -210,15 +247,20 @@ def write_shards(
 # ----------------------------------------------------------------------------- reading
 
 
-def _check_schema(table: pa.Table, shard: str) -> None:
-    """The table has exactly the schema's columns, with the schema's types."""
-    missing = [name for name in SHARD_SCHEMA.names if name not in table.column_names]
-    extra = [name for name in table.column_names if name not in SHARD_SCHEMA.names]
+def _check_schema(schema: pa.Schema, shard: str, required: Sequence[str] | None = None) -> None:
+    """A shard's schema has the ``required`` schema columns (default all), no others but the
+    optional ones, with the schema's types."""
+    required = SHARD_SCHEMA.names if required is None else list(required)
+    missing = [name for name in required if name not in schema.names]
+    known = SHARD_SCHEMA.names + OPTIONAL_FIELDS.names
+    extra = [name for name in schema.names if name not in known]
     for problem, columns in (("missing", missing), ("unexpected", extra)):
         if columns:
-            raise ShardError(f"{shard}: {problem} columns {columns}; schema: {SHARD_SCHEMA.names}")
-    for field in SHARD_SCHEMA:
-        actual, expected = table.schema.field(field.name).type, field.type
+            raise ShardError(f"{shard}: {problem} columns {columns}; schema: {SHARD_SCHEMA.names} "
+                             f"(optional: {OPTIONAL_FIELDS.names})")
+    optional = [field for field in OPTIONAL_FIELDS if field.name in schema.names]
+    for field in [*(SHARD_SCHEMA.field(name) for name in required), *optional]:
+        actual, expected = schema.field(field.name).type, field.type
         # List types may differ in the name of their item field only.
         same_list = pa.types.is_list(actual) and pa.types.is_list(expected)
         if not (actual == expected or same_list and actual.value_type == expected.value_type):
@@ -286,27 +328,61 @@ class _ShardContents:
     embedding_shape: tuple[int, ...]
 
 
-def _read_shard(path: Path, shapes: dict[str, tuple[int, ...] | None]) -> _ShardContents:
-    """Read and check one shard; ``shapes`` maps shape columns to the shape seen so far."""
+# Columns every read includes: small, and what the shapes and the row checks need.
+_ALWAYS_READ = ("video_shape", "prompt", "embedding_shape", "seed")
+
+
+def _read_columns(columns: Sequence[str] | None) -> list[str]:
+    """The schema columns a read needs for ``columns`` (None: all of them), in schema order."""
+    if columns is None:
+        return list(SHARD_SCHEMA.names)
+    unknown = sorted(set(columns) - set(SHARD_SCHEMA.names))
+    if unknown:
+        raise ValueError(f"columns {unknown} are not in the shard schema {SHARD_SCHEMA.names}")
+    wanted = set(columns) | set(_ALWAYS_READ)
+    return [name for name in SHARD_SCHEMA.names if name in wanted]
+
+
+def _read_shard(
+    path: Path,
+    shapes: dict[str, tuple[int, ...] | None],
+    columns: list[str] | None = None,
+    rows: np.ndarray | None = None,
+) -> _ShardContents:
+    """Read and check one shard; ``shapes`` maps shape columns to the shape seen so far.
+
+    ``columns``: the schema columns to read (default all); a column left out comes back empty
+    (zero values per row). ``rows``: indices of the rows to keep (default all).
+    """
     shard = str(path)
+    columns = columns or list(SHARD_SCHEMA.names)
     try:
-        table = pq.read_table(path)
+        file = pq.ParquetFile(path)
+        _check_schema(file.schema_arrow, shard, required=columns)
+        table = file.read(columns=columns)
     except (pa.ArrowException, OSError) as error:
         raise ShardError(f"{shard}: not a readable Parquet file ({error})") from error
-    _check_schema(table, shard)
-    for column in SHARD_SCHEMA.names:
+    if table.num_rows == 0:
+        raise ShardError(f"{shard}: has no rows")
+    for column in columns:
         null_row = _first_null_row(table.column(column))
         if null_row is not None:
             raise ShardError(f"{shard}: row {null_row}: column '{column}' is null")
-    if table.num_rows == 0:
-        raise ShardError(f"{shard}: has no rows")
     found = {
         shape_column: _row_shapes(table, shard, shape_column, shapes[shape_column])
         for shape_column in ARRAY_COLUMNS.values()
     }
+    if rows is not None:
+        table = table.take(pa.array(rows, type=pa.int64()))
+
+    def values(column: str) -> np.ndarray:
+        if column not in columns:
+            return np.zeros((table.num_rows, 0), dtype=np.float32)
+        return _flat_values(table, shard, column, found[ARRAY_COLUMNS[column]])
+
     return _ShardContents(
-        videos=_flat_values(table, shard, "video", found["video_shape"]),
-        embeddings=_flat_values(table, shard, "prompt_embedding", found["embedding_shape"]),
+        videos=values("video"),
+        embeddings=values("prompt_embedding"),
         prompts=table.column("prompt").to_pylist(),
         seeds=table.column("seed").to_numpy().astype(np.int64),
         video_shape=found["video_shape"],
@@ -317,7 +393,7 @@ def _read_shard(path: Path, shapes: dict[str, tuple[int, ...] | None]) -> _Shard
 def shard_paths(root: str | os.PathLike) -> list[Path]:
     """The shard files of a dataset folder in name order; FileNotFoundError when none."""
     folder = Path(root)
-    hint = "run the data command (`anyflow-ray data`) to create the dataset first"
+    hint = "run the data command (`anyflow-ray data`, or `anyflow-ray prepare` for videos) to create the dataset first"
     if not folder.is_dir():
         raise FileNotFoundError(f"dataset folder {folder} does not exist: {hint}")
     paths = sorted(folder.glob(SHARD_GLOB))
@@ -326,40 +402,172 @@ def shard_paths(root: str | os.PathLike) -> list[Path]:
     return paths
 
 
-def read_shards(root: str | os.PathLike) -> ClipBatch:
-    """Read every shard of the dataset at ``root`` (in name order) into one batch.
+def rank_part(paths: list[Path], rank: int, world_size: int) -> list[tuple[Path, np.ndarray | None]]:
+    """The (shard, rows or None for all) that rank ``rank`` of ``world_size`` reads.
+
+    Whole shards ``i % world_size == rank`` when there are at least as many shards as ranks (each
+    rank opens only its own files); otherwise every rank opens the few shards there are and keeps
+    the rows ``j % world_size == rank`` of their concatenation. The parts are disjoint and their
+    union is the dataset; their sizes differ by up to one shard (or one row).
+    """
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in a group of {world_size}")
+    if len(paths) >= world_size:
+        return [(path, None) for path in paths[rank::world_size]]
+    counts = [pq.read_metadata(path).num_rows for path in paths]
+    if sum(counts) < world_size:
+        raise ShardError(f"{paths[0].parent}: {sum(counts)} rows cannot be split over {world_size} ranks")
+    offsets = np.cumsum([0, *counts])
+    part = []
+    for path, start, count in zip(paths, offsets, counts):
+        local = np.arange(count)
+        part.append((path, local[(start + local) % world_size == rank]))
+    return [(path, rows) for path, rows in part if len(rows)]
+
+
+def read_shards(
+    root: str | os.PathLike,
+    rank: int = 0,
+    world_size: int = 1,
+    columns: Sequence[str] | None = None,
+) -> ClipBatch:
+    """Read the dataset at ``root`` (in shard name order) into one batch; with ``world_size > 1``
+    only rank ``rank``'s part of it (``rank_part``), and with ``columns`` only those array columns
+    (e.g. ``["prompt_embedding"]``: ``videos`` is then (N, 0) and ``video_shape`` still set).
 
     Raises FileNotFoundError when the folder is missing or empty and ShardError (a
     ValueError) naming the shard file, row and column when a row breaks the schema.
     """
+    read = _read_columns(columns)
     shapes: dict[str, tuple[int, ...] | None] = dict.fromkeys(ARRAY_COLUMNS.values())
     contents = []
-    for path in shard_paths(root):
-        shard = _read_shard(path, shapes)
+    paths = shard_paths(root)
+    for path, rows in rank_part(paths, rank, world_size):
+        shard = _read_shard(path, shapes, read, rows)
         shapes = {"video_shape": shard.video_shape, "embedding_shape": shard.embedding_shape}
         contents.append(shard)
-    _check_manifest(Path(root), sum(len(shard.prompts) for shard in contents))
+    if world_size == 1:
+        _check_manifest(Path(root), sum(len(shard.prompts) for shard in contents))
+    else:
+        _check_manifest_names(Path(root), [path.name for path in paths])
     videos = np.concatenate([shard.videos for shard in contents])
     embeddings = np.concatenate([shard.embeddings for shard in contents])
+    video_shape = shapes["video_shape"] if "video" in read else (0,)
+    embedding_shape = shapes["embedding_shape"] if "prompt_embedding" in read else (0, 0)
+    rows = len(seeds := np.concatenate([shard.seeds for shard in contents]))
     return ClipBatch(
-        videos=torch.from_numpy(videos).reshape(-1, *shapes["video_shape"]),
-        embeddings=torch.from_numpy(embeddings).reshape(-1, *shapes["embedding_shape"]),
+        videos=torch.from_numpy(videos).reshape(rows, *video_shape),
+        embeddings=torch.from_numpy(embeddings).reshape(rows, *embedding_shape),
         prompts=[prompt for shard in contents for prompt in shard.prompts],
-        seeds=torch.from_numpy(np.concatenate([shard.seeds for shard in contents])),
+        seeds=torch.from_numpy(seeds),
+        video_shape=tuple(shapes["video_shape"]),
+        part=(rank, world_size),
     )
+
+
+def _manifest(root: Path) -> dict | None:
+    manifest_path = root / MANIFEST_NAME
+    if not manifest_path.exists():
+        return None
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        manifest["num_rows"]
+    except (ValueError, KeyError) as error:
+        raise ShardError(f"{manifest_path}: unreadable ({error})") from error
+    return manifest
 
 
 def _check_manifest(root: Path, num_rows: int) -> None:
     """When a manifest exists, its row count must match what the shards hold."""
-    manifest_path = root / MANIFEST_NAME
-    if not manifest_path.exists():
-        return
-    try:
-        expected = json.loads(manifest_path.read_text())["num_rows"]
-    except (ValueError, KeyError) as error:
-        raise ShardError(f"{manifest_path}: unreadable ({error})") from error
-    if expected != num_rows:
+    manifest = _manifest(root)
+    if manifest is not None and manifest["num_rows"] != num_rows:
         raise ShardError(
-            f"{manifest_path}: says {expected} rows but the shards hold {num_rows}; "
+            f"{root / MANIFEST_NAME}: says {manifest['num_rows']} rows but the shards hold {num_rows}; "
             "a shard is missing or extra"
         )
+
+
+def _check_manifest_names(root: Path, names: list[str]) -> None:
+    """A rank that reads part of the dataset checks the shard names (not the rows of all of them)."""
+    manifest = _manifest(root)
+    if manifest is not None and "shards" in manifest and sorted(manifest["shards"]) != names:
+        missing = sorted(set(manifest["shards"]) - set(names))
+        extra = sorted(set(names) - set(manifest["shards"]))
+        raise ShardError(f"{root / MANIFEST_NAME}: lists other shards than the folder holds "
+                         f"(missing {missing}, extra {extra})")
+
+
+def _fs_and_path(root: str | os.PathLike, filesystem: Any = None) -> tuple[Any, str]:
+    import pyarrow.fs as pafs
+
+    if filesystem is not None:
+        return filesystem, str(root)
+    return pafs.LocalFileSystem(), str(Path(root).absolute())
+
+
+def list_shard_files(root: str | os.PathLike, filesystem: Any = None) -> list[str]:
+    """Paths of the ``shard-*.parquet`` files in ``root`` (a local folder, or a path in ``filesystem``),
+    in name order; [] when the folder does not exist."""
+    import pyarrow.fs as pafs
+
+    fs, base = _fs_and_path(root, filesystem)
+    if fs.get_file_info(base).type != pafs.FileType.Directory:
+        return []
+    infos = fs.get_file_info(pafs.FileSelector(base, recursive=False))
+    names = sorted(info.base_name for info in infos if info.type == pafs.FileType.File)
+    return [f"{base}/{name}" for name in names if Path(name).match(SHARD_GLOB)]
+
+
+def write_manifest(root: str | os.PathLike, filesystem: Any = None) -> dict:
+    """(Re)write ``manifest.json`` from the shard files' metadata (no row is read): what a writer that
+    does not hold the rows itself (``anyflow-ray prepare``) calls once its shards are complete.
+    ``root`` is a local folder, or a path in the ``pyarrow.fs`` ``filesystem``."""
+    fs, base = _fs_and_path(root, filesystem)
+    paths = list_shard_files(base, fs)
+    if not paths:
+        raise FileNotFoundError(f"{base}: no {SHARD_GLOB} files to list in a manifest")
+    schema = pq.read_schema(paths[0], filesystem=fs)
+    shapes = pq.read_table(paths[0], columns=["video_shape", "embedding_shape"], filesystem=fs)
+    manifest = {
+        "num_rows": sum(pq.read_metadata(path, filesystem=fs).num_rows for path in paths),
+        "shards": [path.rsplit("/", 1)[1] for path in paths],
+        "video_shape": shapes.column("video_shape")[0].as_py(),
+        "embedding_shape": shapes.column("embedding_shape")[0].as_py(),
+        "columns": schema.names,
+    }
+    temp = f"{base}/.{MANIFEST_NAME}.tmp"
+    with fs.open_output_stream(temp) as stream:
+        stream.write(json.dumps(manifest, indent=2).encode())
+    fs.move(temp, f"{base}/{MANIFEST_NAME}")
+    return manifest
+
+
+def prepared_table(
+    latents: np.ndarray,
+    embeddings: np.ndarray,
+    prompts: list[str],
+    keys: list[str],
+    sources: list[str],
+    seeds: list[int],
+    frames: int,
+    fps: float,
+    height: int,
+    width: int,
+) -> pa.Table:
+    """Rows of prepared real clips: the shard schema plus the optional source columns."""
+    video_array, embedding_array, prompt_list, seed_list = _validated_inputs(
+        latents, prompts, embeddings, seeds, shard_size=max(1, len(prompts))
+    )
+    table = _shard_table(video_array, embedding_array, prompt_list, seed_list)
+    rows = len(prompt_list)
+    extra = {
+        "key": pa.array(keys, type=pa.string()),
+        "source": pa.array(sources, type=pa.string()),
+        "frames": pa.array([frames] * rows, type=pa.int32()),
+        "fps": pa.array([fps] * rows, type=pa.float32()),
+        "height": pa.array([height] * rows, type=pa.int32()),
+        "width": pa.array([width] * rows, type=pa.int32()),
+    }
+    for field in OPTIONAL_FIELDS:
+        table = table.append_column(field, extra[field.name])
+    return table

@@ -16,8 +16,10 @@ prompt adherence of generated videos.
 from __future__ import annotations
 
 import itertools
+import json
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, NamedTuple, Sequence
 
 import numpy as np
@@ -194,6 +196,24 @@ def render_video(spec: VideoSpec, frames: int = 8, height: int = 16, width: int 
         frame = np.where(inside[None], foreground[:, None, None], background[:, None, None])
         video[:, t] = 2.0 * frame - 1.0
     return video
+
+
+def write_clip_files(
+    folder: str | Path, specs: Sequence[VideoSpec], frames: int, height: int, width: int, fps: float
+) -> list[Path]:
+    """Write each spec as ``clip-<i>.mp4`` + ``clip-<i>.json`` (``{"captions": [prompt], "seed": ...}``),
+    the layout ``anyflow-ray prepare`` reads, so the real-video path runs on generated clips."""
+    from anyflow_ray.data.video import write_mp4
+
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index, spec in enumerate(specs):
+        path = out / f"clip-{index:05d}.mp4"
+        write_mp4(path, render_video(spec, frames, height, width), fps)
+        path.with_suffix(".json").write_text(json.dumps({"captions": [spec.prompt], "seed": spec.seed}))
+        paths.append(path)
+    return paths
 
 
 # ----------------------------------------------------------------------------- detection

@@ -2,6 +2,7 @@
 
 Writes ``<data.root>/train`` and ``<data.root>/heldout`` (disjoint seeds). Prompts are encoded with
 the text encoder of ``model.base`` so that training never needs the encoder in the loop.
+``data.format=mp4`` writes the same clips as mp4 + json files instead, for ``anyflow-ray prepare``.
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ import numpy as np
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
+from anyflow_ray.config import ConfigError
 from anyflow_ray.data.shards import write_shards
-from anyflow_ray.data.synthetic import render_video, sample_specs
+from anyflow_ray.data.synthetic import render_video, sample_specs, write_clip_files
 from anyflow_ray.jobs.common import heldout_root, log, prepare, train_root
 from anyflow_ray.models.loading import load_text_encoder, text_max_length
 from anyflow_ray.models.text import encode_prompts
@@ -26,10 +28,25 @@ def render_split(cfg: DictConfig, num: int, seed: int, desc: str) -> tuple[np.nd
     return videos, [s.prompt for s in specs], [s.seed for s in specs]
 
 
+def write_videos(cfg: DictConfig) -> Path:
+    """``data.format=mp4``: the synthetic clips as mp4 + json files under ``<data.root>/videos/{train,heldout}``
+    (the input of ``anyflow-ray prepare``) instead of shards."""
+    root, _, _ = prepare(cfg, cfg.data.root)
+    splits = (("train", cfg.data.num_train, cfg.data.seed), ("heldout", cfg.data.num_heldout, cfg.data.seed + 1_000_003))
+    for name, num, seed in splits:
+        folder = root / "videos" / name
+        write_clip_files(folder, sample_specs(num, seed), cfg.data.frames, cfg.data.height, cfg.data.width, cfg.data.fps)
+        log.info("%s: %d mp4 + json clips (%d frames at %g fps, %dx%d) in %s", name, num, cfg.data.frames,
+                 cfg.data.fps, cfg.data.height, cfg.data.width, folder)
+    return root
+
+
 def run(cfg: DictConfig) -> Path:
+    if cfg.data.format == "mp4":
+        return write_videos(cfg)
     if not cfg.model.pixel_space:
-        raise NotImplementedError("model.pixel_space=false: encoding synthetic videos with the Wan VAE is not "
-                                  "implemented yet; the synthetic data set is for pixel-space (tiny) models")
+        raise ConfigError("model.pixel_space=false: latents come from `anyflow-ray prepare`; write the synthetic "
+                          "clips as videos with data.format=mp4 and prepare them (configs/tiny-latent.yaml)")
     root, _, _ = prepare(cfg, cfg.data.root)
     tokenizer, encoder = load_text_encoder(cfg.model.base)
     max_length = text_max_length(cfg.model.base)

@@ -17,7 +17,6 @@ from tqdm.auto import tqdm
 from anyflow_ray.data.shards import read_shards
 from anyflow_ray.evaluate import batched_sample, evaluate_model, format_table, is_flow_map, write_results
 from anyflow_ray.jobs.common import heldout_root, log, prepare
-from anyflow_ray.models.text import UNCONDITIONAL_PROMPT
 from anyflow_ray.pipeline import AnyFlowPipeline
 from anyflow_ray.sampling import draw_noise
 
@@ -30,11 +29,13 @@ def run(cfg: DictConfig) -> Path:
     prompts, contexts = heldout.prompts[:n], heldout.embeddings[:n].to(device, dtype)
     noise = draw_noise((n, *heldout.videos.shape[1:]), ec.seed, device, dtype)
     real = heldout.videos.to(device)
-    teacher = AnyFlowPipeline.from_pretrained(cfg.teacher.output, torch_dtype=dtype).to(device)
-    uncond = teacher.encode_prompt([UNCONDITIONAL_PROMPT])
+    teacher = AnyFlowPipeline.from_pretrained(cfg.teacher.output, dtype=dtype).to(device)
+    uncond = teacher.encode_prompt([cfg.model.negative_prompt])  # c_null
     log.info("reference: teacher %d-step Euler, CFG %.1f, %d prompts", ec.reference_steps, ec.teacher_guidance, n)
     reference = batched_sample(teacher.transformer, noise, contexts, ec.reference_steps, cfg.schedule.shift,
                                ec.teacher_guidance, uncond, ec.batch_size)
+    # a latent-space model's samples are decoded by its VAE for the adherence checks (pixels in [-1, 1])
+    to_pixels = None if teacher.vae is None else (lambda z: teacher.decode(z) * 2 - 1)
     rows = []
     bar = tqdm(total=len(ec.models) * len(ec.steps), desc="evaluating")
     for model_dir in ec.models:
@@ -42,11 +43,11 @@ def run(cfg: DictConfig) -> Path:
             raise FileNotFoundError(f"eval.models: {model_dir} is not a pipeline folder (no model_index.json); "
                                     f"train it first or drop it from eval.models")
         pipe = teacher if Path(model_dir) == Path(cfg.teacher.output) else \
-            AnyFlowPipeline.from_pretrained(model_dir, torch_dtype=dtype).to(device)
+            AnyFlowPipeline.from_pretrained(model_dir, dtype=dtype).to(device)
         guidance = 1.0 if is_flow_map(pipe.transformer) else ec.teacher_guidance
         rows += evaluate_model(Path(model_dir).name, pipe.transformer, noise, contexts, prompts, uncond, reference,
                                real, [int(s) for s in ec.steps], cfg.schedule.shift, guidance, ec.batch_size,
-                               ec.swd_projections, progress=lambda _: bar.update())
+                               ec.swd_projections, progress=lambda _: bar.update(), to_pixels=to_pixels)
     bar.close()
     meta = {"num_prompts": n, "reference_steps": ec.reference_steps, "teacher_guidance": ec.teacher_guidance,
             "reference_swd_floor": _data_floor(heldout.videos, n, ec.swd_projections)}

@@ -44,8 +44,8 @@ def load_transformer(folder: str | Path, flow_map: bool = False, gate: float = 0
     _require_folder(folder, "transformer")
     class_name = json.loads((folder / "config.json").read_text()).get("_class_name")
     if class_name == WanFlowMapTransformer3DModel.__name__:
-        return WanFlowMapTransformer3DModel.from_pretrained(folder, torch_dtype=dtype, **LOCAL_ONLY)
-    base = WanTransformer3DModel.from_pretrained(folder, torch_dtype=dtype, **LOCAL_ONLY)
+        return WanFlowMapTransformer3DModel.from_pretrained(folder, dtype=dtype, **LOCAL_ONLY)
+    base = WanTransformer3DModel.from_pretrained(folder, dtype=dtype, **LOCAL_ONLY)
     return WanFlowMapTransformer3DModel.from_base(base, gate) if flow_map else base
 
 
@@ -54,7 +54,7 @@ def load_text_encoder(root: str | Path, dtype: torch.dtype = torch.float32):
     root = Path(root)
     tokenizer = AutoTokenizer.from_pretrained(_require_folder(root / "tokenizer", "tokenizer"), **LOCAL_ONLY)
     encoder = UMT5EncoderModel.from_pretrained(_require_folder(root / "text_encoder", "text encoder"),
-                                               torch_dtype=dtype, **LOCAL_ONLY).eval()
+                                               dtype=dtype, **LOCAL_ONLY).eval()
     return tokenizer, encoder
 
 
@@ -64,12 +64,21 @@ def text_max_length(root: str | Path, default: int = 512) -> int:
     return json.loads(meta.read_text()).get("text_max_length", default) if meta.is_file() else default
 
 
-def make_tiny(out_dir: str | Path, tiny, channels: int = 3, seed: int = 0) -> Path:
+def sample_size(root: str | Path) -> list[int] | None:
+    """(frames, height, width) of the videos a tiny model folder was built for (``anyflow.json``), else None."""
+    meta = Path(root) / "anyflow.json"
+    return json.loads(meta.read_text()).get("sample_size") if meta.is_file() else None
+
+
+def make_tiny(out_dir: str | Path, tiny, channels: int = 3, seed: int = 0, pixel_space: bool = True,
+              sample_size: tuple[int, int, int] | None = None) -> Path:
     """Write a complete tiny model folder in the diffusers layout; returns its path.
 
     ``tiny`` is a TinyModelConfig. The tokenizer is word-level over the synthetic prompts'
     vocabulary, built locally; the text encoder is a random tiny UMT5; the transformer a random tiny
-    Wan DiT working on ``channels`` pixel channels (identity autoencoder, so no ``vae/``).
+    Wan DiT working on ``channels`` channels: pixels (identity autoencoder, no ``vae/``) or, with
+    ``pixel_space=False``, the latents of a tiny random ``AutoencoderKLWan`` written to ``vae/``.
+    ``sample_size``: (frames, height, width) of its data, the pipelines' default video size.
     """
     from anyflow_ray.data.synthetic import COLORS, DIRECTIONS, SHAPES
 
@@ -86,5 +95,10 @@ def make_tiny(out_dir: str | Path, tiny, channels: int = 3, seed: int = 0) -> Pa
 
     FlowMatchEulerDiscreteScheduler(shift=5.0).save_pretrained(out / "scheduler")
     (out / "anyflow.json").write_text(json.dumps({"text_max_length": tiny.text_max_length,
-                                                  "pixel_space": True, "channels": channels}, indent=2))
+                                                  "pixel_space": pixel_space, "channels": channels,
+                                                  "sample_size": list(sample_size) if sample_size else None}, indent=2))
+    if not pixel_space:
+        from anyflow_ray.data.encode import make_tiny_vae
+
+        make_tiny_vae(out, z_dim=channels, seed=seed)
     return out

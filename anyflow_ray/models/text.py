@@ -12,7 +12,12 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
 
-UNCONDITIONAL_PROMPT = ""  # c_null: the empty (negative) prompt
+UNCONDITIONAL_PROMPT = ""  # c_null when no negative prompt is configured (model.negative_prompt: the tiny default)
+# Wan2.1's standard negative prompt (the Wan2.1 repository and diffusers' WanPipeline examples); the
+# reference encodes it with UMT5 as c_null for training and sampling. The Wan configs set model.negative_prompt to it.
+WAN_NEGATIVE_PROMPT = ("色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，"
+                       "JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，"
+                       "形态畸形的肢体，手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走")
 _SPECIAL = ["<pad>", "</s>", "<unk>"]
 
 

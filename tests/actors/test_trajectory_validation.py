@@ -31,3 +31,16 @@ def test_bad_trajectories_are_rejected_with_the_reason(changes, message):
 def test_critic_trajectory_needs_x_hat():
     with pytest.raises(TrajectoryError, match="x_hat"):
         validate_trajectory(_payload(), "critic", SHAPE, num_prompts=10)
+
+
+def test_a_trajectory_carrying_its_prompt_embeddings_is_checked_by_them_not_by_index():
+    """data.rank_shards: the actor's prompt indices mean nothing to a learner holding other shards."""
+    context = torch.zeros(2, 12, 32)
+    validate_trajectory(_payload(prompt_idx=torch.tensor([0, 99]), context=context), "generator", SHAPE,
+                        num_prompts=10, embedding_shape=(12, 32))
+    with pytest.raises(TrajectoryError, match="context has shape"):
+        validate_trajectory(_payload(context=torch.zeros(2, 12, 16)), "generator", SHAPE, num_prompts=10,
+                            embedding_shape=(12, 32))
+    with pytest.raises(TrajectoryError, match="context holds NaN"):
+        validate_trajectory(_payload(context=torch.full((2, 12, 32), float("nan"))), "generator", SHAPE,
+                            num_prompts=10, embedding_shape=(12, 32))

@@ -215,3 +215,71 @@ def test_manifest_catches_missing_shard(tmp_path: Path) -> None:
     write_shards(tmp_path, *make_clips(6), shard_size=2)
     (tmp_path / "shard-00001.parquet").unlink()
     assert_shard_error(tmp_path, "manifest.json", "6")
+
+
+# ----------------------------------------------------------------------------- reading at scale
+
+
+@pytest.mark.parametrize("shard_size", [3, 23], ids=["shards-per-rank", "rows-per-rank"])
+def test_two_ranks_see_disjoint_parts_whose_union_is_the_dataset(tmp_path: Path, shard_size: int) -> None:
+    videos, prompts, embeddings, seeds = make_clips(23)
+    write_shards(tmp_path, videos, prompts, embeddings, seeds, shard_size=shard_size)
+    parts = [read_shards(tmp_path, rank=rank, world_size=2) for rank in (0, 1)]
+    assert all(part.part == (rank, 2) and len(part) > 0 for rank, part in enumerate(parts))
+    assert not set(parts[0].prompts) & set(parts[1].prompts)
+    assert sorted(parts[0].prompts + parts[1].prompts) == sorted(prompts)
+    for part in parts:  # every row is intact: video and embedding of the same clip as written
+        index = [prompts.index(p) for p in part.prompts]
+        np.testing.assert_array_equal(part.videos.numpy(), videos[index])
+        np.testing.assert_array_equal(part.embeddings.numpy(), embeddings[index])
+        assert part.seeds.tolist() == [seeds[i] for i in index]
+
+
+def test_a_rank_part_with_too_few_rows_or_a_bad_rank_is_refused(tmp_path: Path) -> None:
+    write_shards(tmp_path, *make_clips(3))
+    with pytest.raises(ShardError, match="3 rows cannot be split over 4 ranks"):
+        read_shards(tmp_path, rank=0, world_size=4)
+    with pytest.raises(ValueError, match="rank 2 is not in a group of 2"):
+        read_shards(tmp_path, rank=2, world_size=2)
+
+
+def test_embeddings_only_leave_the_videos_out(tmp_path: Path) -> None:
+    videos, prompts, embeddings, seeds = make_clips(5)
+    write_shards(tmp_path, videos, prompts, embeddings, seeds, shard_size=2)
+    batch = read_shards(tmp_path, columns=["prompt_embedding"])
+    assert batch.videos.shape == (5, 0) and batch.video_shape == VIDEO_SHAPE
+    np.testing.assert_array_equal(batch.embeddings.numpy(), embeddings)
+    assert batch.prompts == prompts
+    with pytest.raises(ValueError, match="not in the shard schema"):
+        read_shards(tmp_path, columns=["pixels"])
+
+
+def test_prepared_rows_with_source_columns_are_read_and_listed_in_the_manifest(tmp_path: Path) -> None:
+    from anyflow_ray.data.shards import prepared_table, write_manifest
+
+    videos, prompts, embeddings, seeds = make_clips(4)
+    table = prepared_table(videos, embeddings, prompts, [f"k{i}" for i in range(4)], ["a.mp4"] * 4, seeds,
+                           frames=5, fps=8.0, height=16, width=16)
+    pq.write_table(table.slice(0, 2), tmp_path / "shard-run1-0.parquet")
+    pq.write_table(table.slice(2), tmp_path / "shard-run2-0.parquet")
+    manifest = write_manifest(tmp_path)
+    assert manifest["num_rows"] == 4 and manifest["video_shape"] == list(VIDEO_SHAPE)
+    assert manifest["shards"] == ["shard-run1-0.parquet", "shard-run2-0.parquet"] and "key" in manifest["columns"]
+    batch = read_shards(tmp_path)
+    np.testing.assert_array_equal(batch.videos.numpy(), videos)
+    assert batch.prompts == prompts
+
+
+def test_a_rank_draws_only_from_its_own_part(tmp_path: Path) -> None:
+    from anyflow_ray.objectives import TrainData
+
+    write_shards(tmp_path, *make_clips(16), shard_size=4)
+    parts = [TrainData(read_shards(tmp_path, rank, 2), torch.zeros(1, *EMBEDDING_SHAPE)) for rank in (0, 1)]
+    for rank, data in enumerate(parts):
+        own = data.clips.videos
+        for step in range(5):  # over more than an epoch of the part (8 clips, 4 per step)
+            x0, _, positions = data.local_batch(step, 8, 0, rank, 2, "cpu", torch.float32)
+            assert positions.tolist() == list(range(rank * 4, rank * 4 + 4))
+            assert all(any(torch.equal(clip, mine) for mine in own) for clip in x0)
+    with pytest.raises(ValueError, match="part"):
+        parts[0].local_batch(0, 8, 0, 1, 2, "cpu", torch.float32)

@@ -17,7 +17,7 @@ def test_real_scale_dry_run_prints_counts_config_and_memory(capsys):
     out = capsys.readouterr().out
     total = int(out.split("total ")[1].split()[0].replace(",", ""))
     trainable = int(out.split("trainable ")[1].split()[0].replace(",", ""))
-    assert 1.3e9 < total < 1.6e9 and 0 < trainable < 0.1 * total  # LoRA: a few percent trainable
+    assert 1.3e9 < total < 1.8e9 and 0 < trainable < 0.2 * total  # LoRA 256 (adapters only): ~15% trainable
     assert '"stage": 3' in out and '"bf16"' in out
     assert "ZeRO-3" in out and "<- learner.zero_stage" in out.split("ZeRO-3")[1].splitlines()[0]
 

@@ -1,0 +1,20 @@
+"""``anyflow-ray teacher|pretrain|distill --dry-run``: the per-GPU memory plan, checked before any GPU is asked for.
+
+The plan (``anyflow_ray/memory_plan.py``) is built from the architecture on the meta device; a plan
+above ``run.gpu_memory_gb`` raises ``MemoryPlanError``, which the CLI turns into a non-zero exit.
+"""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig
+
+from anyflow_ray.memory_plan import MemoryPlan, memory_plan
+
+
+def run(cfg: DictConfig, job: str) -> MemoryPlan:
+    """Print ``job``'s memory plan; raise MemoryPlanError when it does not fit."""
+    plan = memory_plan(cfg, job)
+    print(plan.table())
+    plan.check()
+    print(f"plan fits: {plan.total / 2**30:.1f} GiB of {cfg.run.gpu_memory_gb:g} GiB per GPU (dry run: nothing trained)")
+    return plan

@@ -1,0 +1,52 @@
+"""The Wan configs carry the reference recipe (docs/method.md §4, §5, §9; NVlabs/AnyFlow options/train/anyflow)."""
+
+import pytest
+from omegaconf import OmegaConf
+
+from anyflow_ray.config import distill_ranks, load_config
+from anyflow_ray.models.text import WAN_NEGATIVE_PROMPT
+
+SELF_ATTN_FFN = ["attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "ffn.net.0.proj", "ffn.net.2"]
+TIME_EMBEDDERS = ["time_embedder.linear_1", "time_embedder.linear_2", "time_embedder_r.linear_1",
+                  "time_embedder_r.linear_2"]
+COMMON = {
+    "model.negative_prompt": WAN_NEGATIVE_PROMPT,
+    "model.lora.enabled": True, "model.lora.rank": 256, "model.lora.alpha": 256,
+    "model.lora.target_modules": SELF_ATTN_FFN, "model.lora.flow_map_targets": TIME_EMBEDDERS,
+    "schedule.shift": 5.0, "data.frames": 81, "data.height": 480, "data.width": 832,
+    "teacher.lr": 5e-5, "teacher.betas": [0.9, 0.95], "teacher.weight_decay": 0.0, "teacher.warmup": 1000,
+    "teacher.ema": 0.999, "teacher.ema_warmup": 1000, "teacher.grad_clip": 1.0, "teacher.uncond_prob": 0.1,
+    "pretrain.lr": 5e-5, "pretrain.betas": [0.9, 0.95], "pretrain.weight_decay": 0.0, "pretrain.warmup": 1000,
+    "pretrain.ema": 0.999, "pretrain.ema_warmup": 1000, "pretrain.grad_clip": 1.0, "pretrain.uncond_prob": 0.1,
+    "pretrain.guidance": 3.0, "pretrain.fd_delta": 5.0, "pretrain.target": "data", "pretrain.derivative": "fd",
+    "distill.steps": 1200, "distill.lr": 2e-6, "distill.critic_lr": 0.0, "distill.betas": [0.0, 0.999],
+    "distill.weight_decay": 0.0, "distill.ema": 0.99, "distill.ema_warmup": 200, "distill.grad_clip": 1.0,
+    "distill.real_weight": 1.0, "distill.dmd_guidance": 4.0, "distill.budgets": [2, 4, 8, 16, 50],
+    "distill.grad_scope": "all", "distill.critic": "lora",
+}
+BY_SIZE = {"1.3b": {"teacher.steps": 6000, "pretrain.steps": 6000, "teacher.batch_size": 32,
+                    "pretrain.global_batch": 32, "distill.real_batch": 32},
+           "14b": {"teacher.steps": 4000, "pretrain.steps": 4000, "teacher.batch_size": 16,
+                   # Stage 2 at 8 ranks x 1 clip (what fits 8 x 80 GB, at ZeRO-3); the reference: 16 GPUs x 1
+                   "pretrain.global_batch": 16, "distill.real_batch": 8, "distill.zero_stage": 3,
+                   "learner.zero_stage": 2}}
+
+
+@pytest.mark.parametrize("size", ["1.3b", "14b"])
+def test_wan_config_matches_the_reference_recipe(size):
+    cfg = load_config(f"configs/wan2.1-t2v-{size}.yaml")
+    expected = {**COMMON, **BY_SIZE[size]}
+    got = {key: OmegaConf.select(cfg, key) for key in expected}
+    got = {k: OmegaConf.to_container(v) if OmegaConf.is_config(v) else v for k, v in got.items()}
+    assert got == expected
+    assert cfg.pretrain.init == cfg.model.base  # Stage 1 from the base model + fresh LoRA, not the teacher
+    # Stage 2's generator batch (one trajectory per learner rank) equals the co-training batch
+    assert distill_ranks(cfg) * cfg.rollout.batch_size == cfg.distill.real_batch
+
+
+def test_tiny_config_keeps_its_behaviour():
+    cfg = load_config("configs/tiny.yaml")
+    assert cfg.model.negative_prompt == "" and cfg.model.lora.flow_map_targets == []
+    assert (cfg.teacher.ema_warmup, cfg.pretrain.ema_warmup, cfg.distill.ema_warmup) == (0, 0, 0)
+    assert list(cfg.teacher.betas) == [0.9, 0.999] and cfg.distill.critic == "copy"
+    assert cfg.pretrain.init == cfg.teacher.output and cfg.distill.grad_scope == "last"
