@@ -1,4 +1,4 @@
-"""Losses: teacher flow matching (ALGORITHM §3) and the Stage-1 flow-map loss (§4).
+"""Losses: teacher flow matching (docs/method.md §3) and the Stage-1 flow-map loss (§4).
 
 Random draws come from an explicit ``torch.Generator`` (on the CPU, moved to the model's device) so
 that a run is reproducible and resumable.
@@ -40,7 +40,7 @@ def teacher_loss(model: torch.nn.Module, x0: torch.Tensor, context: torch.Tensor
 
 
 # ---------------------------------------------------------------------------------------------
-# Stage 1: forward flow-map training (ALGORITHM §4)
+# Stage 1: forward flow-map training (docs/method.md §4)
 # ---------------------------------------------------------------------------------------------
 
 @dataclass
@@ -51,7 +51,7 @@ class FlowMapLossConfig:
     uncond_prob: float = 0.1
     derivative: str = "fd"  # "fd" (central difference, the default) or "jvp" (torch.func.jvp, exact)
     norm_eps: float = 1e-5
-    # The velocity v in the target and in the derivative's direction. "data": eps - x0 (ALGORITHM §4).
+    # The velocity v in the target and in the derivative's direction. "data": eps - x0 (docs/method.md §4).
     # "teacher": the frozen teacher's conditional velocity at (z, T, c), i.e. its estimate of
     # E[eps - x0 | z, c]; the derivative is linear in v (exactly for jvp, up to O(delta^2) for fd), so
     # the expected target and the fixed point are the data target's when the teacher is exact, without
@@ -150,7 +150,7 @@ def flowmap_terms(model: torch.nn.Module, x0: torch.Tensor, context: torch.Tenso
                   global_indices: torch.Tensor, global_batch: int, seeds: list[int], weight: Beta08Weight,
                   cfg: FlowMapLossConfig = FlowMapLossConfig(),
                   teacher: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
-    """Steps 1-7 of ALGORITHM §4 for this rank's slice: times, fused prediction, target, weighted losses.
+    """Steps 1-7 of docs/method.md §4 for this rank's slice: times, fused prediction, target, weighted losses.
 
     ``per_sample_fm`` is the flow-matching loss against the data velocity eps - x0 whatever
     ``cfg.target`` is; only its diagonal entries are used: their mean is the scale the adaptive
@@ -206,7 +206,7 @@ def flowmap_loss(model: torch.nn.Module, x0: torch.Tensor, context: torch.Tensor
 
 
 # ---------------------------------------------------------------------------------------------
-# Stage 2: DMD generator loss and critic loss (ALGORITHM §5)
+# Stage 2: DMD generator loss and critic loss (docs/method.md §5)
 # ---------------------------------------------------------------------------------------------
 
 @torch.no_grad()

@@ -17,27 +17,40 @@ from pathlib import Path
 import numpy as np
 import torch
 from diffusers import DiffusionPipeline
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils import BaseOutput
 
 from anyflow_ray.models.text import UNCONDITIONAL_PROMPT, encode_prompts
 from anyflow_ray.sampling import consistency_sample, sample
 
 
+WAN_SAMPLE_SIZE = (81, 480, 832)  # (frames, height, width): WanPipeline's defaults, for models that store none
+OUTPUT_TYPES = ("np", "pt", "pil", "latent")
+
+
 @dataclass
 class AnyFlowPipelineOutput(BaseOutput):
-    frames: np.ndarray | torch.Tensor  # (B, F, H, W, 3) in [0, 1] ("np") or the raw latents ("latent")
+    # "np": (B, F, H, W, 3) float32 in [0, 1]; "pt": (B, F, 3, H, W) in [0, 1]; "pil": B lists of F images;
+    # "latent": the raw latents (B, C, F', H', W'), as diffusers' WanPipeline returns them
+    frames: np.ndarray | torch.Tensor | list
 
 
 class AnyFlowPipeline(DiffusionPipeline):
     model_cpu_offload_seq = "text_encoder->transformer->vae"
     _optional_components = ["vae", "scheduler"]
+    _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
 
     def __init__(self, transformer, text_encoder, tokenizer, scheduler=None, vae=None,
-                 text_max_length: int = 512, shift: float = 5.0):
+                 text_max_length: int = 512, shift: float = 5.0, negative_prompt: str = UNCONDITIONAL_PROMPT,
+                 sample_size: list[int] | None = None):
         super().__init__()
         self.register_modules(transformer=transformer, text_encoder=text_encoder, tokenizer=tokenizer,
                               scheduler=scheduler, vae=vae)
-        self.register_to_config(text_max_length=text_max_length, shift=shift)
+        # c_null of the run that trained the model, so sampling with CFG uses the same unconditional branch;
+        # sample_size: (frames, height, width) of the videos the model was trained on, the call's defaults
+        self.register_to_config(text_max_length=text_max_length, shift=shift, negative_prompt=negative_prompt,
+                                sample_size=list(sample_size) if sample_size else None)
 
     # -- shapes -------------------------------------------------------------------------------
     @property
@@ -47,6 +60,17 @@ class AnyFlowPipeline(DiffusionPipeline):
     @property
     def spatial_factor(self) -> int:
         return self.vae.config.scale_factor_spatial if self.vae is not None else 1
+
+    @property
+    def default_sample_size(self) -> tuple[int, int, int]:
+        """(frames, height, width) of a call that gives none: the model's own, else Wan's 81 x 480 x 832."""
+        stored = self.config.get("sample_size")
+        return tuple(int(v) for v in stored) if stored else WAN_SAMPLE_SIZE
+
+    @property
+    def num_timesteps(self) -> int:
+        """Steps of the current (or last) call, as diffusers callbacks read it."""
+        return getattr(self, "_num_timesteps", 0)
 
     def latent_shape(self, batch: int, num_frames: int, height: int, width: int) -> tuple[int, ...]:
         """(B, C, F', H', W') of the latents for videos of ``num_frames`` x ``height`` x ``width``."""
@@ -64,6 +88,30 @@ class AnyFlowPipeline(DiffusionPipeline):
         embeds = encode_prompts(self.tokenizer, self.text_encoder, prompts, self.config.text_max_length)
         return embeds.to(device=self._execution_device, dtype=self.transformer.dtype)
 
+    def check_inputs(self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
+                     callback_on_step_end_tensor_inputs, output_type: str) -> None:
+        """The argument errors diffusers' WanPipeline raises, plus the embedding width and output type."""
+        unknown = [k for k in callback_on_step_end_tensor_inputs or [] if k not in self._callback_tensor_inputs]
+        if unknown:
+            raise ValueError(f"`callback_on_step_end_tensor_inputs` has to be in {self._callback_tensor_inputs}, "
+                             f"got {unknown}")
+        if prompt is not None and prompt_embeds is not None:
+            raise ValueError("Cannot forward both `prompt` and `prompt_embeds`: pass only one of the two")
+        if prompt is None and prompt_embeds is None:
+            raise ValueError("Provide either `prompt` or `prompt_embeds`; both are undefined")
+        if negative_prompt is not None and negative_prompt_embeds is not None:
+            raise ValueError("Cannot forward both `negative_prompt` and `negative_prompt_embeds`: pass only one")
+        for name, value in (("prompt", prompt), ("negative_prompt", negative_prompt)):
+            if value is not None and not isinstance(value, (str, list)):
+                raise ValueError(f"`{name}` has to be of type `str` or `list` but is {type(value)}")
+        width = self.transformer.config.text_dim
+        for name, embeds in (("prompt_embeds", prompt_embeds), ("negative_prompt_embeds", negative_prompt_embeds)):
+            if embeds is not None and (embeds.ndim != 3 or embeds.shape[-1] != width):
+                raise ValueError(f"`{name}` of shape {tuple(embeds.shape)} is {embeds.shape[-1]} wide, but the "
+                                 f"transformer reads text embeddings {width} wide (B, L, {width})")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {list(OUTPUT_TYPES)}, got {output_type!r}")
+
     # -- decode -------------------------------------------------------------------------------
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents -> videos (B, 3, F, H, W) in [0, 1]."""
@@ -77,52 +125,121 @@ class AnyFlowPipeline(DiffusionPipeline):
             video = self.vae.decode(latents, return_dict=False)[0].float()
         return ((video.clamp(-1, 1) + 1) / 2)
 
+    @staticmethod
+    def postprocess(video: torch.Tensor, output_type: str):
+        """(B, 3, F, H, W) in [0, 1] -> ``output_type``, with the shapes diffusers' VideoProcessor gives."""
+        frames = video.permute(0, 2, 1, 3, 4).float().cpu()  # (B, F, 3, H, W)
+        if output_type == "pt":
+            return frames
+        arrays = frames.permute(0, 1, 3, 4, 2).numpy()  # (B, F, H, W, 3)
+        if output_type == "np":
+            return arrays
+        return [VaeImageProcessor.numpy_to_pil(clip) for clip in arrays]
+
     # -- call ---------------------------------------------------------------------------------
     @torch.no_grad()
-    def __call__(self, prompt: str | list[str], num_inference_steps: int = 4, guidance_scale: float = 1.0,
-                 num_frames: int = 8, height: int = 16, width: int = 16, generator: torch.Generator | None = None,
+    def __call__(self, prompt: str | list[str] | None = None, num_inference_steps: int = 4,
+                 guidance_scale: float = 1.0, num_frames: int | None = None, height: int | None = None,
+                 width: int | None = None, generator: torch.Generator | None = None,
                  latents: torch.Tensor | None = None, sampler: str = "flowmap", output_type: str = "np",
-                 prompt_embeds: torch.Tensor | None = None, progress: bool = False, return_dict: bool = True):
+                 prompt_embeds: torch.Tensor | None = None, progress: bool = False, return_dict: bool = True,
+                 negative_prompt: str | list[str] | None = None, negative_prompt_embeds: torch.Tensor | None = None,
+                 num_videos_per_prompt: int = 1, callback_on_step_end=None,
+                 callback_on_step_end_tensor_inputs: list[str] = ("latents",)):
         """Sample videos in ``num_inference_steps`` steps (any N >= 1); deterministic given ``generator``.
 
+        As diffusers' WanPipeline: ``prompt`` or ``prompt_embeds`` (not both); ``negative_prompt`` (default:
+        the one the model was trained with) or ``negative_prompt_embeds``, used when ``guidance_scale > 1``;
+        ``num_frames``/``height``/``width`` default to the model's own size (``config.sample_size``, else
+        81 x 480 x 832); ``num_videos_per_prompt`` videos per prompt, a prompt's videos next to each other;
+        ``output_type`` in np / pt / pil / latent; ``callback_on_step_end(pipe, i, t, kwargs) -> dict`` after
+        every step, with ``kwargs`` holding ``callback_on_step_end_tensor_inputs``; the latents and embeddings
+        it returns replace the current ones.
         ``sampler="consistency"`` uses x0-prediction + re-noising instead of the flow-map trajectory.
         """
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        self.check_inputs(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
+                          callback_on_step_end_tensor_inputs, output_type)
         if num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+        if num_videos_per_prompt < 1:
+            raise ValueError(f"num_videos_per_prompt must be >= 1, got {num_videos_per_prompt}")
         if sampler not in ("flowmap", "consistency"):
             raise ValueError(f"sampler must be 'flowmap' or 'consistency', got {sampler!r}")
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        default_frames, default_height, default_width = self.default_sample_size
+        num_frames, height, width = num_frames or default_frames, height or default_height, width or default_width
         device, dtype = self._execution_device, self.transformer.dtype
+
+        # text: (B * num_videos_per_prompt, L, D), the videos of one prompt next to each other
+        prompts = [prompt] if isinstance(prompt, str) else prompt
         context = prompt_embeds.to(device, dtype) if prompt_embeds is not None else self.encode_prompt(prompts)
-        uncond = self.encode_prompt([UNCONDITIONAL_PROMPT]) if guidance_scale != 1.0 else None
+        batch = context.shape[0]
+        context = context.repeat_interleave(num_videos_per_prompt, dim=0)
+        uncond = None
+        if guidance_scale > 1.0:
+            uncond = self._negative_embeds(negative_prompt, negative_prompt_embeds, batch)
+            uncond = uncond.to(device, dtype).repeat_interleave(num_videos_per_prompt, dim=0) \
+                if uncond.shape[0] > 1 else uncond.to(device, dtype)
+
         if latents is None:
-            shape = self.latent_shape(context.shape[0], num_frames, height, width)
+            shape = self.latent_shape(batch * num_videos_per_prompt, num_frames, height, width)
             latents = torch.randn(shape, generator=generator, dtype=torch.float32)
         noise = latents.to(device=device, dtype=dtype)
+        on_step = None
+        if callback_on_step_end is not None:
+            on_step = self._step_hook(callback_on_step_end, list(callback_on_step_end_tensor_inputs))
+        self._num_timesteps = num_inference_steps
         shift = self.config.shift
         if sampler == "flowmap":
-            out = sample(self.transformer, noise, context, num_inference_steps, shift, guidance_scale, uncond, progress)
+            out = sample(self.transformer, noise, context, num_inference_steps, shift, guidance_scale, uncond,
+                         progress, on_step=on_step)
         else:
             out = consistency_sample(self.transformer, noise, context, num_inference_steps, shift, generator,
-                                     guidance_scale, uncond)
-        if output_type == "latent":
-            frames = out
-        else:
-            video = self.decode(out)  # (B, 3, F, H, W)
-            frames = video.permute(0, 2, 3, 4, 1)
-            frames = frames.cpu().numpy() if output_type == "np" else frames
+                                     guidance_scale, uncond, on_step=on_step)
+        frames = out if output_type == "latent" else self.postprocess(self.decode(out), output_type)
+        self.maybe_free_model_hooks()
         if not return_dict:
             return (frames,)
         return AnyFlowPipelineOutput(frames=frames)
 
+    def _negative_embeds(self, negative_prompt, negative_prompt_embeds, batch: int) -> torch.Tensor:
+        """c_null: (1, L, D) for one negative prompt (broadcast over the batch) or (B, L, D) for a list of B."""
+        if negative_prompt_embeds is not None:
+            return negative_prompt_embeds
+        if negative_prompt is None:
+            negative_prompt = self.config.get("negative_prompt", UNCONDITIONAL_PROMPT)
+        if isinstance(negative_prompt, list) and len(negative_prompt) != batch:
+            raise ValueError(f"`negative_prompt` has {len(negative_prompt)} prompts but `prompt` has {batch}")
+        return self.encode_prompt([negative_prompt] if isinstance(negative_prompt, str) else negative_prompt)
 
-def save_as_pipeline(transformer: torch.nn.Module, base: str, out: str) -> str:
-    """Save ``transformer`` as an AnyFlowPipeline folder with the base folder's text encoder and tokenizer."""
-    from anyflow_ray.models.loading import load_text_encoder, text_max_length
+    def _step_hook(self, callback, names: list[str]):
+        """Adapt a diffusers ``callback_on_step_end`` to the samplers' per-step hook."""
+
+        def on_step(i, t, z, context, uncond):
+            current = {"latents": z, "prompt_embeds": context, "negative_prompt_embeds": uncond}
+            returned = callback(self, i, t, {k: current[k] for k in names}) or {}
+            return (returned.get("latents", z), returned.get("prompt_embeds", context),
+                    returned.get("negative_prompt_embeds", uncond))
+
+        return on_step
+
+
+def save_as_pipeline(transformer: torch.nn.Module, base: str, out: str, negative_prompt: str = UNCONDITIONAL_PROMPT) -> str:
+    """Save ``transformer`` as an AnyFlowPipeline folder with the base folder's text encoder, tokenizer and
+    VAE (when it has one), the run's negative prompt (the c_null sampling with CFG uses by default) and the
+    base's video size (a tiny model's ``anyflow.json``; none for Wan, whose pipelines default to 81x480x832)."""
+    from anyflow_ray.models.loading import load_text_encoder, sample_size, text_max_length
 
     tokenizer, encoder = load_text_encoder(base)
-    pipe = AnyFlowPipeline(transformer=transformer, text_encoder=encoder, tokenizer=tokenizer,
-                           text_max_length=text_max_length(base))
+    vae = None
+    if (Path(base) / "vae" / "config.json").is_file():
+        from anyflow_ray.data.encode import load_vae
+
+        vae = load_vae(base)
+    pipe = AnyFlowPipeline(transformer=transformer, text_encoder=encoder, tokenizer=tokenizer, vae=vae,
+                           text_max_length=text_max_length(base), negative_prompt=negative_prompt,
+                           sample_size=sample_size(base))
     pipe.save_pretrained(str(out), safe_serialization=True)
     return str(out)
 

@@ -1,4 +1,4 @@
-"""Samplers (ALGORITHM §7): the any-step flow-map sampler, the teacher's Euler/CFG sampler and the
+"""Samplers (docs/method.md §7): the any-step flow-map sampler, the teacher's Euler/CFG sampler and the
 consistency sampler used as a baseline.
 
 One loop serves the first two: on the grid T_i = 1000 sigma_s(1 - i/N), each step is the jump
@@ -9,11 +9,17 @@ Deterministic, no re-noising. Guidance > 1 mixes conditional and unconditional o
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from tqdm.auto import tqdm
 
 from anyflow_ray.models.flowmap import call_model
 from anyflow_ray.schedule import add_noise, as_batch_time, jump, sampling_grid, x0_from_velocity
+
+# after step i: (i, T_i, z, context, uncond_context) -> (z, context, uncond_context) for the next step
+StepHook = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None"],
+                    "tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]"]
 
 
 def guided_output(model: torch.nn.Module, z: torch.Tensor, T: torch.Tensor, context: torch.Tensor,
@@ -34,8 +40,12 @@ def guided_output(model: torch.nn.Module, z: torch.Tensor, T: torch.Tensor, cont
 @torch.no_grad()
 def sample(model: torch.nn.Module, noise: torch.Tensor, context: torch.Tensor, num_steps: int, shift: float = 5.0,
            guidance_scale: float = 1.0, uncond_context: torch.Tensor | None = None,
-           progress: bool = False) -> torch.Tensor:
-    """N-step flow-map sampling (or Euler for a single-time model) from ``noise`` at T = 1000 to T = 0."""
+           progress: bool = False, on_step: StepHook | None = None) -> torch.Tensor:
+    """N-step flow-map sampling (or Euler for a single-time model) from ``noise`` at T = 1000 to T = 0.
+
+    ``on_step(i, T_i, z, context, uncond_context)`` runs after step i and returns the (possibly replaced)
+    ``(z, context, uncond_context)`` the next step uses.
+    """
     grid = sampling_grid(num_steps, shift).to(noise.device)
     z = noise
     batch = noise.shape[0]
@@ -44,13 +54,15 @@ def sample(model: torch.nn.Module, noise: torch.Tensor, context: torch.Tensor, n
         R = as_batch_time(grid[i + 1], batch, noise.device)
         u = guided_output(model, z, T, context, R, guidance_scale, uncond_context)
         z = jump(z, u, T, R)
+        if on_step is not None:
+            z, context, uncond_context = on_step(i, grid[i], z, context, uncond_context)
     return z
 
 
 @torch.no_grad()
 def consistency_sample(model: torch.nn.Module, noise: torch.Tensor, context: torch.Tensor, num_steps: int,
                        shift: float = 5.0, generator: torch.Generator | None = None, guidance_scale: float = 1.0,
-                       uncond_context: torch.Tensor | None = None) -> torch.Tensor:
+                       uncond_context: torch.Tensor | None = None, on_step: StepHook | None = None) -> torch.Tensor:
     """Consistency-style sampling: predict x0, re-noise with fresh noise to the next grid time.
 
     Its trajectory leaves the probability-flow ODE; shown as the baseline whose quality falls with N.
@@ -66,6 +78,12 @@ def consistency_sample(model: torch.nn.Module, noise: torch.Tensor, context: tor
         if i + 1 < num_steps:
             fresh = torch.randn(noise.shape, generator=generator, device=noise.device, dtype=noise.dtype)
             z = add_noise(x0, fresh, as_batch_time(grid[i + 1], batch, noise.device))
+        if on_step is not None:  # the state after step i: the re-noised z, or x0 after the last step
+            state, context, uncond_context = on_step(i, grid[i], z if i + 1 < num_steps else x0, context, uncond_context)
+            if i + 1 < num_steps:
+                z = state
+            else:
+                x0 = state
     return x0
 
 

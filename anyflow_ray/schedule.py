@@ -1,4 +1,4 @@
-"""Time convention, shift, grids, loss weights, noising and the flow-map jump (ALGORITHM §1, §7).
+"""Time convention, shift, grids, loss weights, noising and the flow-map jump (docs/method.md §1, §7).
 
 Rectified flow with **t = 1 as noise**: ``z_t = (1 - t) x0 + t eps`` and ``v = eps - x0 = dz/dt``.
 Networks see ``T = 1000 t``. All time arithmetic here is done in fp32.

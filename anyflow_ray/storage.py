@@ -57,6 +57,17 @@ class Storage:
         rel = path.relative_to(self.local_root).as_posix()
         return self.base if rel == "." else f"{self.base}/{rel}"
 
+    def read_text(self, local: str | Path) -> str | None:
+        """The stored copy of the file ``local``, read without writing anything on this node (None: storage
+        is off or holds no such file). For small records: a half-fetched folder would hide the rest of it."""
+        import pyarrow.fs as pafs
+
+        remote = self.remote_of(local)
+        if remote is None or self.fs.get_file_info(remote).type != pafs.FileType.File:
+            return None
+        with self.fs.open_input_stream(remote) as stream:
+            return stream.read().decode()
+
     def upload(self, local: str | Path) -> None:
         """Copy a file or a whole folder under ``run.output_dir`` to its place in storage."""
         import pyarrow.fs as pafs

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -33,31 +34,39 @@ def save_video(clip: np.ndarray, stem: str | Path, fps: int = 4, scale: int = 8)
     return written
 
 
+MIN_FRAME_PX = 64  # contact-sheet frames are upscaled (nearest) to at least this many pixels a side
+
+
+def frame_scale(height: int, width: int, min_px: int = MIN_FRAME_PX) -> int:
+    """Integer nearest-neighbour factor that makes a ``height`` x ``width`` frame at least ``min_px`` a side."""
+    return max(1, math.ceil(min_px / min(height, width)))
+
+
 def write_contact_sheet(videos: dict[tuple[str, int], np.ndarray], prompts: list[str], steps: list[int],
-                        path: str | Path, title: str = "") -> Path:
-    """Rows = prompts, columns = step counts; each cell shows the clip's frames left to right."""
-    import matplotlib
+                        path: str | Path, title: str = "", min_px: int = MIN_FRAME_PX) -> Path:
+    """Rows = prompts, columns = step counts; each cell shows the clip's frames left to right, every frame
+    upscaled (nearest, no smoothing) to at least ``min_px`` pixels a side so a 16x16 clip stays readable."""
+    from PIL import Image, ImageDraw, ImageFont
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(len(prompts), len(steps), figsize=(2.6 * len(steps), 0.75 * len(prompts) + 0.8),
-                             squeeze=False)
-    for i, prompt in enumerate(prompts):
-        for j, n in enumerate(steps):
-            clip = np.clip(videos[(prompt, n)], 0, 1)  # (F, H, W, 3)
-            strip = np.concatenate(list(clip), axis=1)
-            ax = axes[i][j]
-            ax.imshow(strip, interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if i == 0:
-                ax.set_title(f"{n} step{'s' if n > 1 else ''}", fontsize=9)
-            if j == 0:
-                ax.set_ylabel(prompt.replace(" moving", "\nmoving"), fontsize=7, rotation=0, ha="right", va="center")
+    font = ImageFont.load_default()
+    frames, height, width = next(iter(videos.values())).shape[:3]
+    scale = frame_scale(height, width, min_px)
+    cell_w, cell_h, gap, line = frames * width * scale, height * scale, 8, 14
+    draw_probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    label_w = gap + max(int(draw_probe.textlength(p, font=font)) for p in prompts) + gap
+    top = (line if title else 0) + line + gap
+    sheet = Image.new("RGB", (label_w + len(steps) * (cell_w + gap), top + len(prompts) * (cell_h + gap)), "white")
+    draw = ImageDraw.Draw(sheet)
     if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+        draw.text((gap, 2), title, fill="black", font=font)
+    for j, n in enumerate(steps):
+        draw.text((label_w + j * (cell_w + gap), top - line - gap // 2), f"{n} step{'s' if n > 1 else ''}",
+                  fill="black", font=font)
+    for i, prompt in enumerate(prompts):
+        y = top + i * (cell_h + gap)
+        draw.text((gap, y + cell_h // 2 - line // 2), prompt, fill="black", font=font)
+        for j, n in enumerate(steps):
+            strip = np.concatenate(list(to_uint8(videos[(prompt, n)], scale)), axis=1)  # (H*s, F*W*s, 3)
+            sheet.paste(Image.fromarray(strip), (label_w + j * (cell_w + gap), y))
+    sheet.save(path)
     return Path(path)

@@ -16,11 +16,11 @@ from dataclasses import dataclass
 import ray
 from omegaconf import DictConfig
 
-from anyflow_ray.config import gpu_amount
+from anyflow_ray.config import ConfigError, gpu_amount
 
 
-class PlacementError(RuntimeError):
-    pass
+class PlacementError(ConfigError):
+    """The config asks for more than the cluster's nodes can hold (the CLI prints it in one line)."""
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny model folder written by the same code as `anyflow-ray make-tiny`."""
+"""Shared fixtures: a tiny model folder written by the same code as `anyflow-ray make-tiny`, and a local Ray
+instance shared by the tests of a module."""
 
 from __future__ import annotations
 
@@ -23,3 +24,14 @@ def tiny_model_dir(tmp_path_factory, tiny_cfg):
     from anyflow_ray.models.loading import make_tiny
 
     return make_tiny(tmp_path_factory.mktemp("tiny") / "base-model", tiny_cfg.model.tiny)
+
+
+@pytest.fixture(scope="module")
+def ray_module():
+    """A private local Ray instance (2 CPUs, wandb off) for one test module's jobs."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False,
+             runtime_env={"env_vars": {"WANDB_MODE": "disabled"}})
+    yield ray
+    ray.shutdown()

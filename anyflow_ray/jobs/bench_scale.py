@@ -24,6 +24,8 @@ from diffusers.models.transformers.transformer_wan import WanTransformer3DModel
 from omegaconf import DictConfig
 
 from anyflow_ray.backward_sim import backward_simulation
+from anyflow_ray.config import ConfigError
+from anyflow_ray.device import resolve_device
 from anyflow_ray.jobs.common import log, prepare
 from anyflow_ray.models.architectures import WAN_CONFIGS, count_parameters
 from anyflow_ray.models.flowmap import WanFlowMapTransformer3DModel, call_model
@@ -42,7 +44,7 @@ def latent_shape(frames: int, height: int, width: int, channels: int, patch: tup
 
 
 def _cast_like_from_pretrained(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
-    """``dtype`` everywhere except the modules diffusers keeps in fp32 (as ``from_pretrained(torch_dtype=...)``)."""
+    """``dtype`` everywhere except the modules diffusers keeps in fp32 (as ``from_pretrained(dtype=...)``)."""
     torch.nn.Module.to(model, dtype)  # the plain cast: diffusers' ``to`` would also cast the fp32 modules
     keep = set(getattr(model, "_keep_in_fp32_modules", None) or ())
     for name, module in model.named_modules():
@@ -51,11 +53,16 @@ def _cast_like_from_pretrained(model: torch.nn.Module, dtype: torch.dtype) -> to
     return model
 
 
-def run(cfg: DictConfig, steps: tuple[int, ...] = (8, 16, 50), num_layers: int | None = None) -> dict:
+def run(cfg: DictConfig, steps: tuple[int, ...] = (8, 16, 50), num_layers: int | None = None,
+        allow_cpu: bool = False) -> dict:
     size = cfg.model.full_size
     if size not in WAN_CONFIGS:
         raise ValueError(f"bench-scale needs model.full_size in {sorted(WAN_CONFIGS)}, got {size!r} "
                          f"(use configs/wan2.1-t2v-1.3b.yaml or configs/wan2.1-t2v-14b.yaml)")
+    if num_layers is None and not allow_cpu and resolve_device(cfg.run.device).type == "cpu":
+        raise ConfigError(f"run.device={cfg.run.device} resolves to the CPU here: the full Wan2.1-{size} "
+                          f"({WAN_CONFIGS[size]['num_layers']} layers) would take hours. Run it on a GPU, pass "
+                          f"--layers 1 for a quick check, or --allow-cpu to run it anyway")
     out, device, dtype = prepare(cfg, Path(cfg.run.output_dir))
     arch = dict(WAN_CONFIGS[size], **({"num_layers": num_layers} if num_layers else {}))
     shape = latent_shape(cfg.data.frames, cfg.data.height, cfg.data.width, arch["in_channels"], arch["patch_size"])

@@ -23,15 +23,22 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def prepare(cfg: DictConfig, out_dir: str | Path) -> tuple[Path, torch.device, torch.dtype]:
-    """Threads, seeds, ``out_dir`` with ``config.yaml``; returns (out_dir, device, dtype)."""
+def prepare(cfg: DictConfig, out_dir: str | Path, write_config: bool = True) -> tuple[Path, torch.device, torch.dtype]:
+    """Threads, seeds, ``out_dir`` with ``config.yaml`` (``write_config=False``: a resumed run, whose record
+    is rewritten only once it has trained: ``record_config``); returns (out_dir, device, dtype)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     set_threads(cfg.run.threads)
     seed_everything(cfg.run.seed)
     out = Path(out_dir)
-    Storage.of(cfg).upload(save_config(cfg, out))
+    if write_config:
+        record_config(cfg, out)
     device = resolve_device(cfg.run.device)
     return out, device, resolve_dtype(cfg.run.precision, device)
+
+
+def record_config(cfg: DictConfig, out_dir: str | Path) -> None:
+    """``config.yaml`` of the run in ``out_dir``, and its copy in ``run.storage``."""
+    Storage.of(cfg).upload(save_config(cfg, Path(out_dir)))
 
 
 def progress(iterable, **kwargs):

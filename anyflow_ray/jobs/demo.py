@@ -22,9 +22,8 @@ def run(cfg: DictConfig) -> Path:
         ("teacher", Path(cfg.teacher.output) / "model_index.json", lambda: teacher.run(cfg)),
         ("stage 1", Path(cfg.pretrain.output) / "model_index.json", lambda: pretrain.run(cfg)),
         ("stage 2", Path(cfg.distill.output) / "model_index.json", lambda: distill.run(cfg)),
-        ("sample teacher", None, lambda: sample.run(cfg, cfg.teacher.output, f"{cfg.sample.output}/teacher")),
-        ("sample stage 1", None, lambda: sample.run(cfg, cfg.pretrain.output, f"{cfg.sample.output}/stage1")),
-        ("sample stage 2", None, lambda: sample.run(cfg, cfg.distill.output, f"{cfg.sample.output}/stage2")),
+        # `anyflow-ray sample sample.models=[teacher, stage 1, stage 2]`: samples/{teacher,stage1,stage2}/
+        ("samples", None, lambda: sample.run(cfg, [cfg.teacher.output, cfg.pretrain.output, cfg.distill.output])),
         ("evaluate", None, lambda: evaluate.run(cfg)),
     ]
     for name, done_marker, stage in stages:

@@ -1,9 +1,9 @@
-"""`anyflow-ray pretrain`: Stage 1, forward flow-map training on the learner group (ALGORITHM §4).
+"""`anyflow-ray pretrain`: Stage 1, forward flow-map training on the learner group (docs/method.md §4).
 
 The student wraps the teacher (``pretrain.init``) as a two-time flow map and trains on the real
 (synthetic) data; checkpoints are AnyFlowPipeline folders with safetensors plus training state.
 ``--dry-run`` builds the configured model on the meta device (no weights), applies LoRA, and prints
-parameter counts, the DeepSpeed config and a memory estimate per GPU.
+parameter counts, the DeepSpeed config and the per-GPU memory plan (``anyflow_ray/memory_plan.py``).
 """
 
 from __future__ import annotations
@@ -14,17 +14,15 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from anyflow_ray.jobs.common import log, prepare
-from anyflow_ray.jobs.train_loop import train_with_learners
+from anyflow_ray.jobs import dry_run
+from anyflow_ray.jobs.train_loop import run_job
 from anyflow_ray.models.architectures import count_parameters, memory_per_gpu, meta_transformer
 
 
 def run(cfg: DictConfig, dry_run: bool = False) -> Path | dict:
     if dry_run or cfg.pretrain.dry_run:
         return dry_run_report(cfg)
-    pc = cfg.pretrain
-    out, _, _ = prepare(cfg, pc.output)
-    return train_with_learners(cfg, "stage1", out, pc.steps, pc.save_every, pc.log_every, pc.resume)
+    return run_job(cfg, "stage1")
 
 
 def dry_run_report(cfg: DictConfig) -> dict:
@@ -53,5 +51,5 @@ def dry_run_report(cfg: DictConfig) -> dict:
         rows[stage] = mem
         mark = "  <- learner.zero_stage" if stage == cfg.learner.zero_stage else ""
         print(f"  ZeRO-{stage}: " + "  ".join(f"{k} {v / 2**30:6.2f} GiB" for k, v in mem.items()) + mark)
-    log.info("dry run only: nothing was trained")
-    return {"total": total, "trainable": trainable, "deepspeed": ds_config, "memory": rows}
+    plan = dry_run.run(cfg, "pretrain")  # the full plan (activations included); refuses one that does not fit
+    return {"total": total, "trainable": trainable, "deepspeed": ds_config, "memory": rows, "plan": plan}

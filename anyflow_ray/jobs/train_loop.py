@@ -6,9 +6,25 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from anyflow_ray.jobs.common import log, progress
+from anyflow_ray.jobs.common import log, progress, record_config
 from anyflow_ray.jobs.ray_runtime import init_ray
 from anyflow_ray.metrics import MetricsLogger
+
+
+def run_job(cfg: DictConfig, job: str) -> Path:
+    """Teacher or Stage 1 as a job: the run's record decides (refused, nothing left to train, fresh or
+    resumed) before anything is written or started, then the learner group trains."""
+    from anyflow_ray.jobs.common import prepare
+    from anyflow_ray.records import JOB_SECTIONS, open_run
+
+    record = open_run(cfg, job)  # refuses a resume that would rewrite the earlier run's record
+    if record.done:
+        return record.out
+    cfg = record.cfg
+    section = cfg[JOB_SECTIONS[job][0]]
+    out, _, _ = prepare(cfg, record.out, write_config=record.fresh)
+    return train_with_learners(cfg, job, out, section.steps, section.save_every, section.log_every,
+                               resume=not record.fresh)
 
 
 def train_with_learners(cfg: DictConfig, job: str, out: Path, steps: int, save_every: int, log_every: int,
@@ -37,7 +53,12 @@ def train_with_learners(cfg: DictConfig, job: str, out: Path, steps: int, save_e
                 group.run("save", str(out), step + 1)
                 logger.sync()
         logger.close()
-        group.run_on(0, "export_pipeline", str(out))
+        if cfg.learner.zero_stage == 3:  # every rank gathers the EMA weights, rank 0 writes
+            group.run("export_pipeline", str(out))
+        else:
+            group.run_on(0, "export_pipeline", str(out))
+        if start:  # a resumed run's config (a larger step budget, say) becomes the record once it has trained
+            record_config(cfg, out)
     finally:
         if logger is not None:  # a failed run's record reaches storage too
             logger.close()

@@ -1,4 +1,4 @@
-"""The two-time flow-map model u_theta(z_t, t, r, c) on diffusers' ``WanTransformer3DModel`` (ALGORITHM §2).
+"""The two-time flow-map model u_theta(z_t, t, r, c) on diffusers' ``WanTransformer3DModel`` (docs/method.md §2).
 
 A second timestep MLP ``time_embedder_r`` (E_r) is added beside Wan's ``time_embedder`` (E_t) and
 initialised as a copy of it. Both read the same sinusoidal embedding of the 0..1000-scale time. The

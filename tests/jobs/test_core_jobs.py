@@ -53,12 +53,35 @@ def test_teacher_writes_pipeline_metrics_and_wandb(run_dir):
     assert (run_dir / "teacher" / "config.yaml").is_file()
 
 
-def test_sample_writes_gifs_and_contact_sheet(run_dir):
-    cli("sample", run_dir)
+def test_sample_defaults_to_the_student_and_writes_one_folder_per_model(run_dir, capsys):
+    import shutil
+
+    from PIL import Image
+
+    from anyflow_ray.config import load_config
+    from anyflow_ray.jobs.sample import models_to_sample
+
+    cfg = load_config("configs/tiny.yaml", [f"run.output_dir={run_dir}"])
+    assert models_to_sample(cfg) == [str(run_dir / "stage2")]  # the final student, not the teacher
+    assert models_to_sample(load_config("configs/tiny.yaml", [f"run.output_dir={run_dir}", "sample.model=/m/x"])) == ["/m/x"]
+    args = ["--config", "configs/tiny.yaml", f"run.output_dir={run_dir}", *SMALL]
+    assert main(["sample", *args]) != 0  # no student trained yet: refused, naming the key and the folder
+    err = capsys.readouterr().err
+    assert "sample.models" in err and "stage2" in err
+
+    shutil.copytree(run_dir / "teacher", run_dir / "stage2")  # stands in for a trained student
+    assert main(["sample", *args]) == 0
     out = run_dir / "samples"
-    assert (out / "a_red_circle_moving_left_1steps.gif").is_file()
-    assert (out / "a_red_circle_moving_left_2steps.gif").is_file()
-    assert (out / "contact_sheet.png").stat().st_size > 1000
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["stage2"]
+    assert main(["sample", *args, 'sample.models=["${teacher.output}","${distill.output}"]']) == 0
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["stage2", "teacher"]
+    for name in ("teacher", "stage2"):
+        for steps in (1, 2):
+            assert (out / name / f"a_red_circle_moving_left_{steps}steps.gif").is_file()
+        sheet = Image.open(out / name / "contact_sheet.png")
+        frames, steps = 8, 2  # data.frames, sample.steps=[1,2]: every 16x16 frame drawn at least 64 px a side
+        assert sheet.width >= steps * frames * 64 and sheet.height >= 64
+    shutil.rmtree(run_dir / "stage2")
 
 
 def test_evaluate_prints_table_and_writes_json_and_plot(run_dir):
