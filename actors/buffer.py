@@ -166,8 +166,11 @@ class TrajectoryBuffer(TrajectoryBufferCore):
             space.notify_all()
             return dropped
 
-    async def report(self, trained: int = 0, lost: int = 0, rejected: int = 0) -> None:
+    async def report(self, trained: int = 0, lost: int = 0, rejected: int = 0) -> dict:
+        """Book the learner's outcome and return the counters with it in (one round trip: Ray does not
+        keep the order of calls to an async actor, so a separate ``summary`` could miss this report)."""
         TrajectoryBufferCore.report(self, trained, lost, rejected)
+        return TrajectoryBufferCore.summary(self)
 
     async def summary(self) -> dict:
         return TrajectoryBufferCore.summary(self)

@@ -65,15 +65,20 @@ class LearnerGroup:
     # -- calls ----------------------------------------------------------------------------------
     def run(self, method: str, *args, **kwargs) -> list:
         """Call ``method`` on every rank; results in rank order."""
-        refs = [getattr(worker, method).remote(*args, **kwargs) for worker in self.workers]
-        return self._gather(refs, method)
+        return self.gather(self.submit(method, *args, **kwargs), method)
+
+    def submit(self, method: str, *args, **kwargs) -> list:
+        """Start ``method`` on every rank and return at once (the driver works while the ranks do);
+        ``gather`` the refs. Calls to a rank run in the order they were submitted."""
+        return [getattr(worker, method).remote(*args, **kwargs) for worker in self.workers]
 
     def run_on(self, rank: int, method: str, *args, **kwargs):
         """Call ``method`` on one rank only (for work that needs no collective, e.g. exports)."""
-        return self._gather([getattr(self.workers[rank], method).remote(*args, **kwargs)], method)[0]
+        return self.gather([getattr(self.workers[rank], method).remote(*args, **kwargs)], method)[0]
 
-    def _gather(self, refs: list, what: str) -> list:
-        """Wait for all refs; the first failure (error or dead actor) raises at once, naming its rank."""
+    def gather(self, refs: list, what: str) -> list:
+        """Results of ``submit`` in rank order; the first failure (error or dead actor) raises
+        LearnerGroupError at once, naming its rank; a rank still running after ``learner.timeout_s`` too."""
         rank_of = {ref: rank for rank, ref in enumerate(refs)}
         pending, deadline = list(refs), time.monotonic() + self.timeout
         while pending:

@@ -78,8 +78,8 @@ class SleepLearner:
     def save(self, root: str, step: int, **kwargs) -> str:
         return root
 
-    def publish_weights(self, full: bool = False) -> list:
-        return [ray.put({"weights": self.weights})]
+    def publish_weights(self, full: bool = False) -> list | None:
+        return [ray.put({"weights": self.weights})] if self.rank == 0 else None  # every rank is called
 
     def export_pipeline(self, out: str) -> str:
         return out
@@ -94,8 +94,8 @@ class SleepRolloutActor:
 
     rollout_s = 1.0
 
-    def __init__(self, cfg: dict, actor_id: str, buffer, registry):
-        self.actor_id, self.buffer, self.registry = actor_id, buffer, registry
+    def __init__(self, cfg: dict, actor_id: str, buffer: str, registry: str):
+        self.actor_id, self.buffer, self.registry = actor_id, ray.get_actor(buffer), ray.get_actor(registry)
         self.version = -1
         self.load_latest_weights()
         ray.get(self.registry.report_started.remote(actor_id, self.version))

@@ -1,4 +1,4 @@
-"""`anyflow-ray distill`: Stage 2 as a Ray actor-learner pipeline (ALGORITHM §5, DESIGN "Shape").
+"""`anyflow-ray distill`: Stage 2 as a Ray actor-learner pipeline (docs/method.md §5, DESIGN "Shape").
 
 Rollout actors (``rollout.num_actors``) make trajectories with the current student by backward
 simulation and push refs into the TrajectoryBuffer; the driver takes batches no older than
@@ -6,34 +6,45 @@ simulation and push refs into the TrajectoryBuffer; the driver takes batches no 
 steps publishes the student's trainable weights as a new version (``distill.weight_sync``: through the
 object store, or a torch.distributed broadcast; see ``weight_sync.py``). With lag 0 the
 driver alternates strictly (rollouts with the current version, then a learner step); with lag >= 1
-rollouts overlap learning. A rollout actor that dies is restarted by Ray and loads the newest weights.
+rollouts overlap learning, each actor keeps two rollouts queued, and with the object store the driver
+takes step s+1's batch (fresh for the version step s will publish) while the ranks train step s, then
+queues the publish and step s+1 behind step s on the ranks: between two steps the learner waits for
+neither the driver nor the actors (a save step queues nothing; a rank whose step had a non-finite loss
+refuses whatever was queued behind it).
+A rollout actor that dies is restarted by Ray and loads the newest weights.
 """
 
 from __future__ import annotations
 
+import collections
+import functools
 import itertools
 import json
 import time
+import uuid
 from pathlib import Path
 
 import ray
 from omegaconf import DictConfig, OmegaConf
 
 from anyflow_ray import checkpoint as ckpt_io
-from anyflow_ray.config import ConfigError, distill_ranks
-from anyflow_ray.jobs.common import log, prepare, progress
+from anyflow_ray.config import distill_ranks, distill_zero_stage
+from anyflow_ray.jobs.common import log, prepare, progress, record_config
 from anyflow_ray.jobs.pipeline_metrics import PipelineMetrics
 from anyflow_ray.jobs.ray_runtime import init_ray
 from anyflow_ray.jobs.weight_sync import make_weight_sync
 from anyflow_ray.metrics import MetricsLogger
+from anyflow_ray.records import open_run
 from anyflow_ray.storage import Storage
 
 
 class RolloutFleet:
     """M rollout actors kept busy with generator/critic rollouts; a task lost with its actor is resubmitted."""
 
-    def __init__(self, cfg: DictConfig, buffer, registry, start_step: int = 0, placement=None, group=None,
+    def __init__(self, cfg: DictConfig, buffer: str, registry: str, start_step: int = 0, placement=None, group=None,
                  actor_cls: type | None = None):
+        """``buffer`` and ``registry`` are the names of those (named) actors: Ray keeps actor-handle
+        arguments of a restartable actor's constructor in the object store and logs an error for each."""
         from actors.rollout import RolloutActor
 
         plain = OmegaConf.to_container(cfg, resolve=True)
@@ -56,10 +67,12 @@ class RolloutFleet:
         ref = self.actors[actor_index].rollout.remote(kind, next(self.seeds))
         self.pending[ref] = (actor_index, kind)
 
-    def keep_busy(self) -> None:
-        busy = {i for i, _ in self.pending.values()}
+    def keep_busy(self, depth: int = 2) -> None:
+        """Up to ``depth`` rollouts queued on each actor: the next one starts the moment the last ends,
+        not a driver round trip later."""
+        queued = collections.Counter(i for i, _ in self.pending.values())
         for i in range(len(self.actors)):
-            if i not in busy:
+            for _ in range(depth - queued[i]):
                 self.submit(i)
 
     def wait_any(self, timeout: float) -> None:
@@ -113,60 +126,105 @@ def run(cfg: DictConfig, worker_cls: type | None = None, actor_cls: type | None 
     from learners.group import LearnerGroup, LearnerGroupError
     from learners.placement import plan
 
+    run_record = open_run(cfg, "stage2")  # refuses a resume whose config differs; None left to train: no writes
+    if run_record.done:
+        return run_record.out
+    cfg = run_record.cfg
     dc = cfg.distill
-    if cfg.learner.zero_stage >= 3:
-        raise ConfigError(f"learner.zero_stage={cfg.learner.zero_stage}: Stage 2 publishes the student's trainable "
-                          "parameters whole from rank 0, which ZeRO-3 partitions; use a stage <= 2 for distill")
-    out, _, _ = prepare(cfg, dc.output)
+    out, _, _ = prepare(cfg, run_record.out, write_config=run_record.fresh)
     cfg = init_ray(cfg)
     ranks = distill_ranks(cfg)
     placement = plan(cfg, ranks, cfg.rollout.num_actors)
     group = LearnerGroup(cfg, "stage2", num_ranks=ranks, worker_cls=worker_cls or DistillWorker, placement=placement)
     capacity = dc.buffer_capacity or auto_capacity(2 * ranks, dc.max_policy_lag, cfg.rollout.num_actors)
-    buffer = ray.remote(TrajectoryBuffer).options(num_cpus=0).remote(capacity, dc.max_policy_lag)
-    registry = ray.remote(WeightRegistry).options(num_cpus=0).remote()
+    names = {role: f"anyflow-{role}-{uuid.uuid4().hex[:8]}" for role in ("buffer", "registry")}  # for the actors
+    buffer = ray.remote(TrajectoryBuffer).options(num_cpus=0, name=names["buffer"]).remote(capacity, dc.max_policy_lag)
+    registry = ray.remote(WeightRegistry).options(num_cpus=0, name=names["registry"]).remote()
     fleet = logger = None
     try:
-        start = group.run("load_latest", str(out))[0] if dc.resume else 0
+        start = 0 if run_record.fresh else group.run("load_latest", str(out))[0]
         version, driver_state = _resumed_version(group, out) if start else (0, {})
         if driver_state.get("buffer"):  # the buffer's counters continue the resumed run's
             ray.get(buffer.restore_stats.remote(driver_state["buffer"]))
         sync = make_weight_sync(cfg, group, registry, placement)
-        fleet = sync.start(version, lambda: RolloutFleet(cfg, buffer, registry, start, placement, group, actor_cls))
+        fleet = sync.start(version, lambda: RolloutFleet(cfg, names["buffer"], names["registry"], start, placement,
+                                                              group, actor_cls))
         metrics = PipelineMetrics()
         logger = MetricsLogger(out, "stage2", cfg)
         logger.add_sink(metrics.record)
         bar = progress(range(start, dc.steps), initial=start, total=dc.steps, desc="stage2")
         loop_start, sync_times = time.perf_counter(), []
+        overlap = dc.max_policy_lag > 0 and sync.overlaps_learner
+
+        def record(step: int, results: list, counts: dict, reported, **more) -> dict:
+            """The books, progress bar and metrics of a finished step."""
+            stats = ray.get(reported)
+            values = {**results[0], **counts, **more, "buffer_depth": stats["depth"],
+                      "failed_rollouts": fleet.failed_tasks, "produced": fleet.produced,
+                      **{f"buffer/{k}": v for k, v in stats.items()}}
+            bar.set_postfix(loss=f"{values['loss']:.4f}", v=more["version"], depth=stats["depth"], refresh=False)
+            if (step + 1) % dc.log_every == 0 or step + 1 == dc.steps:
+                logger.log(step + 1, {f"stage2/{k}": v for k, v in values.items()})
+            return stats
+
+        batch = deferred = queued = None
+        gathered_at = time.perf_counter()
         for step in bar:
             fleet.seeds = itertools.count((cfg.run.seed * 1_000_003 + step) * 64)  # per step: exact resume
-            batch = _next_batch(cfg, fleet, buffer, version, group.num_ranks, sync)
-            t0 = time.perf_counter()
+            if queued is not None:  # submitted during the previous step, queued behind it on the ranks
+                refs, t0, queued = queued, gathered_at, None
+            else:
+                batch = batch or _next_batch(cfg, fleet, buffer, version, group.num_ranks, sync)
+                t0 = time.perf_counter()
+                refs = group.submit("train_step", step, batch["generator"], batch["critic"])
+            if deferred is not None:  # the previous step's records, while this one trains
+                deferred()
+                deferred = None
+            published = version + 1 if (step + 1) % dc.sync_every == 0 else version
+            save_now = (step + 1) % dc.save_every == 0 or step + 1 == dc.steps
+            # overlap: while the ranks train, take step+1's batch, fresh for the version they will publish,
+            # then queue the publish and step+1 behind step s: the ranks go on without a driver round trip.
+            # A save step queues nothing (the save must come between the two steps); a rank whose step
+            # had a non-finite loss refuses what was queued behind it (learners/distill.py)
+            upcoming = (_next_batch(cfg, fleet, buffer, published, group.num_ranks, sync)
+                        if overlap and step + 1 < dc.steps else None)
+            sync_s = 0.0
+            if overlap and published != version:
+                t1 = time.perf_counter()
+                sync.publish(published, fleet)  # object store: queued, rank 0 runs it after step s
+                sync_s = time.perf_counter() - t1
+                sync_times.append(sync_s)
+            if upcoming is not None and not save_now:
+                queued = group.submit("train_step", step + 1, upcoming["generator"], upcoming["critic"])
             try:
-                results = group.run("train_step", step, batch["generator"], batch["critic"])
+                results = group.gather(refs, "train_step")
             except LearnerGroupError as err:
                 if not isinstance(err.cause, FloatingPointError):
                     raise
-                ray.get(buffer.report.remote(rejected=len(batch["generator"]) + len(batch["critic"])))
-                _stop_on_non_finite(group, buffer, out, step, start, version, err)
-            learn_s = time.perf_counter() - t0
+                ray.get(buffer.report.remote(rejected=_size(batch)))
+                _stop_on_non_finite(group, buffer, out, step, start, version, err, held=_size(upcoming))
+            gathered_at = time.perf_counter()
+            learn_s = gathered_at - t0
             counts = {k: sum(r[k] for r in results) for k in ("trained", "lost", "rejected")}
-            reported = buffer.report.remote(**counts)
-            sync_s = 0.0
-            if (step + 1) % dc.sync_every == 0:
-                version += 1
-                sync_s = sync.publish(version, fleet)
+            reported = buffer.report.remote(**counts)  # returns the books with this step in
+            if published != version and not overlap:  # lag 0: the next rollouts must see this version
+                t1 = time.perf_counter()
+                sync.publish(published, fleet)
+                sync.finish()
+                sync_s = time.perf_counter() - t1
                 sync_times.append(sync_s)
-            stats = _books(buffer, reported)
-            values = {**results[0], **counts, "version": version, "learner_step_s": learn_s, "sync_s": sync_s,
-                      "policy_lag": batch["lag"], "buffer_depth": stats["depth"], "failed_rollouts": fleet.failed_tasks,
-                      "produced": fleet.produced, **{f"buffer/{k}": v for k, v in stats.items()}}
-            bar.set_postfix(loss=f"{values['loss']:.4f}", v=version, depth=stats["depth"], refresh=False)
-            if (step + 1) % dc.log_every == 0 or step + 1 == dc.steps:
-                logger.log(step + 1, {f"stage2/{k}": v for k, v in values.items()})
-            if (step + 1) % dc.save_every == 0 or step + 1 == dc.steps:
-                group.run("save", str(out), step + 1, weight_version=version, driver_state={"buffer": stats})
+            version = published
+            books = functools.partial(record, step, results, counts, reported, version=version, learner_step_s=learn_s,
+                                      sync_s=sync_s, policy_lag=batch["lag"])
+            if save_now:
+                stats = books()
+                group.run("save", str(out), step + 1, weight_version=version,
+                          driver_state={"buffer": _returned(stats, _size(upcoming))})
                 logger.sync()
+            else:  # the last step always saves, so nothing is left deferred after the loop
+                deferred = books
+            batch = upcoming
+        sync.finish()
         loop_s = time.perf_counter() - loop_start
         _drain(fleet, buffer, float(cfg.learner.timeout_s))
         sync.heal(version, fleet)  # an actor restarted after the last broadcast gets the final version too
@@ -179,12 +237,18 @@ def run(cfg: DictConfig, worker_cls: type | None = None, actor_cls: type | None 
         summary["versions_at_start"] = starts
         summary["loaded_versions"] = ray.get(registry.loaded_versions.remote())
         summary["weight_sync"] = {"backend": sync.name, "publishes": len(sync_times),
-                                  "mean_s": sum(sync_times) / max(1, len(sync_times)),
+                                  "mean_s": sum(sync_times) / max(1, len(sync_times)),  # the driver's wait
+                                  "latency_s": sum(sync.times) / max(1, len(sync.times)),  # until actors can pull
                                   "group_reforms": getattr(sync, "reforms", 0)}
         (out / "pipeline_summary.json").write_text(json.dumps(summary, indent=2))
         Storage.of(cfg).upload(out / "pipeline_summary.json")
         logger.close()
-        group.run_on(0, "export_pipeline", str(out))
+        if distill_zero_stage(cfg) == 3:  # every rank gathers the EMA weights, rank 0 writes
+            group.run("export_pipeline", str(out))
+        else:
+            group.run_on(0, "export_pipeline", str(out))
+        if start:  # a resumed run rewrites its record only now that it has trained
+            record_config(cfg, out)
         log.info("stage2: buffer accounting %s", summary)
     finally:
         if logger is not None:  # a failed run's record reaches storage too
@@ -223,13 +287,6 @@ def _next_batch(cfg: DictConfig, fleet: RolloutFleet, buffer, version: int, rank
             "lag": max(lags)}
 
 
-def _books(buffer, reported) -> dict:
-    """The buffer's counters with this step's report in: Ray does not keep the order of calls to an async
-    actor, so the report is awaited before the summary is asked for."""
-    ray.get(reported)
-    return ray.get(buffer.summary.remote())
-
-
 def _drain(fleet: RolloutFleet, buffer, timeout_s: float) -> None:
     """Stop: close the buffer (what nobody will train on counts as dropped at the end; waiting puts return
     False), then let the rollouts in flight finish."""
@@ -254,12 +311,22 @@ def _actor_versions(fleet: RolloutFleet, timeout_s: float) -> list[int]:
             time.sleep(0.5)
 
 
-def _stop_on_non_finite(group, buffer, out: Path, step: int, start: int, version: int, err) -> None:
+def _size(batch: dict | None) -> int:
+    return len(batch["generator"]) + len(batch["critic"]) if batch else 0
+
+
+def _returned(stats: dict, held: int) -> dict:
+    """The books as a checkpoint records them: a batch taken ahead for the next step (overlap) is never
+    trained by this run, so it counts as dropped at the end rather than taken."""
+    return {**stats, "taken": stats["taken"] - held, "dropped_at_end": stats["dropped_at_end"] + held}
+
+
+def _stop_on_non_finite(group, buffer, out: Path, step: int, start: int, version: int, err, held: int = 0) -> None:
     """A non-finite loss: nothing of this step was applied or published. Save the last good state
     (unless it is the checkpoint this run resumed from) and stop, naming what happened."""
     if step > start or ckpt_io.find_latest(out) is None:
         stats = ray.get(buffer.summary.remote())  # the failed step's batch is booked as rejected
-        group.run("save", str(out), step, weight_version=version, driver_state={"buffer": stats})
+        group.run("save", str(out), step, weight_version=version, driver_state={"buffer": _returned(stats, held)})
     raise RuntimeError(f"stage 2 stopped at step {step + 1}: {err.cause} The last good state (after {step} "
                        f"steps) is checkpoint {ckpt_io.step_dir(out, step).name} in {out}; nothing of step "
                        f"{step + 1} was applied or published.") from err

@@ -1,7 +1,8 @@
 """How the Stage-2 driver hands a new weight version to the rollout actors (``distill.weight_sync``).
 
-``object_store`` (default): learner rank 0 ``ray.put``s the trainable parameters, the registry keeps
-the ref, and each actor pulls the newest version between rollouts. Asynchronous; a restarted actor
+``object_store`` (default): learner rank 0 ``ray.put``s the trainable parameters (every rank is called:
+under ZeRO-3 they gather the partitions together), the registry keeps the ref, and each actor pulls
+the newest version between rollouts. Asynchronous; a restarted actor
 pulls the newest version in its constructor.
 
 ``torch_dist``: learner rank 0 broadcasts the trainable parameters, packed per dtype, over a process
@@ -26,27 +27,69 @@ from anyflow_ray.jobs.common import log
 
 
 class ObjectStoreSync:
+    """Publishing is queued, not awaited: each rank's ``publish_weights`` runs before its next
+    ``train_step`` (calls to an actor keep their order; under ZeRO-3 all ranks gather together, at
+    ZeRO <= 2 the others return at once), and the registry takes rank 0's ref when it is made. So
+    the driver can publish version v and start step v+1 at once (``overlaps_learner``); a failed
+    publish, on any rank, surfaces at the next ``heal`` or ``finish``."""
+
     name = "object_store"
+    overlaps_learner = True
 
     def __init__(self, cfg, group, registry, actor_gpus: float = 0.0):
         self.group, self.registry = group, registry
+        self.timeout = float(cfg.learner.timeout_s)
+        self.in_flight: list[tuple[int, object, list, float]] = []  # (version, registry ref, rank refs, submitted at)
+        self.times: list[float] = []  # submit -> in the registry, per version
 
     def start(self, version: int, make_fleet):
         """Publish the first version before the actors exist: each pulls it in its constructor."""
         self.publish(version, None)
+        self.finish()
         return make_fleet()
 
     def publish(self, version: int, fleet) -> float:
         start = time.perf_counter()
-        ray.get(self.registry.publish.remote(version, self.group.run_on(0, "publish_weights")))
+        refs = self.group.submit("publish_weights")  # rank 0's result is the ref; the others return None
+        self.in_flight.append((version, self.registry.publish.remote(version, refs[0]), refs, start))
         return time.perf_counter() - start
 
     def heal(self, version: int, fleet) -> None:
-        """Nothing to do: a restarted actor pulls the newest version itself."""
+        """Confirm the publishes that landed (a restarted actor pulls the newest version itself)."""
+        self._confirm(wait=False)
+
+    def finish(self) -> None:
+        """Every queued publish in the registry (bounded by ``learner.timeout_s``)."""
+        self._confirm(wait=True)
+
+    def _confirm(self, wait: bool) -> None:
+        from learners.group import LearnerGroupError
+
+        while self.in_flight:
+            version, ref, rank_refs, start = self.in_flight[0]
+            everything = [ref, *rank_refs[1:]]
+            done, _ = ray.wait(everything, num_returns=len(everything), timeout=self.timeout if wait else 0)
+            if len(done) < len(everything):
+                if wait:
+                    raise LearnerGroupError(f"publishing weight version {version} did not finish within "
+                                            f"{self.timeout:.0f}s (learner.timeout_s)")
+                return
+            for rank, part in [(0, ref), *list(enumerate(rank_refs))[1:]]:
+                try:
+                    ray.get(part)
+                except (RayActorError, RayTaskError) as err:
+                    if isinstance(err, RayActorError) or isinstance(getattr(err, "cause", None), RayActorError):
+                        raise LearnerGroupError(f"learner rank {rank} died before weight version {version} was "
+                                                f"published: {err}") from err
+                    raise LearnerGroupError(f"publishing weight version {version} failed on learner rank "
+                                            f"{rank}: {err!r}", cause=getattr(err, "cause", None)) from err
+            self.times.append(time.perf_counter() - start)
+            self.in_flight.pop(0)
 
 
 class CollectiveSync:
     name = "torch_dist"
+    overlaps_learner = False  # a broadcast holds rank 0 and every actor: the driver waits for it
 
     def __init__(self, cfg, group, registry, actor_gpus: float = 0.0, attempts: int = 3):
         self.group, self.registry = group, registry
@@ -56,6 +99,7 @@ class CollectiveSync:
         self.epoch = -1
         self.failures_seen = -1  # fleet.failed_tasks when the current epoch formed
         self.published = -1
+        self.times: list[float] = []  # per broadcast
 
     @property
     def reforms(self) -> int:
@@ -91,7 +135,11 @@ class CollectiveSync:
         if version > self.published:
             ray.get(self.registry.publish.remote(version, None))
             self.published = version
-        return time.perf_counter() - start
+        self.times.append(time.perf_counter() - start)
+        return self.times[-1]
+
+    def finish(self) -> None:
+        """Nothing queued: ``publish`` returns when every actor holds the version."""
 
     def heal(self, version: int, fleet) -> None:
         """An actor was restarted since the group formed: bring it in and send it the current version.

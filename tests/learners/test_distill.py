@@ -56,7 +56,7 @@ def test_distill_pipeline_runs_and_its_books_balance(ray_local, prepared_run, tm
 def test_a_killed_rollout_actor_is_restarted_and_the_run_finishes(ray_local, prepared_run, tmp_path, monkeypatch):
     from anyflow_ray.jobs import distill
 
-    calls = _kill_an_actor_at_submit(monkeypatch, distill.RolloutFleet, 4)
+    calls = _kill_an_actor_at_submit(monkeypatch, distill.RolloutFleet, 8)  # mid-run: 2 rollouts queued per actor
     cfg = run_cfg(prepared_run, f"distill.output={tmp_path}/s2", "distill.steps=8", "distill.save_every=8",
                   "rollout.num_actors=1", "distill.max_policy_lag=1")
     out = distill.run(cfg)
@@ -97,19 +97,19 @@ def test_a_dead_learner_rank_stops_the_run_and_the_run_resumes_with_its_weight_v
 
     cfg = run_cfg(prepared_run, f"distill.output={tmp_path}/s2", "distill.steps=6", "distill.save_every=2",
                   "distill.log_every=1")
-    original = LearnerGroup.run
+    original = LearnerGroup.submit
 
-    def run_and_die_at_step_3(self, method, *args, **kwargs):
+    def submit_and_die_at_step_3(self, method, *args, **kwargs):
         if method == "train_step" and args[0] == 3:
             ray.kill(self.workers[0], no_restart=True)
         return original(self, method, *args, **kwargs)
 
-    monkeypatch.setattr(LearnerGroup, "run", run_and_die_at_step_3)
+    monkeypatch.setattr(LearnerGroup, "submit", submit_and_die_at_step_3)
     with pytest.raises(LearnerGroupError, match="rank 0 died"):
         distill.run(cfg)
     out = tmp_path / "s2"
     assert (out / "checkpoints" / "latest").read_text().strip() == "step-000002"
-    monkeypatch.setattr(LearnerGroup, "run", original)
+    monkeypatch.setattr(LearnerGroup, "submit", original)
     distill.run(cfg)  # resumes from step 2 with weight version 2
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     resumed = [r for r in records if r["step"] > 2][-4:]
@@ -163,12 +163,12 @@ def test_torch_dist_broadcast_gives_each_actor_the_learners_weights_even_mid_rol
 
     cfg = run_cfg(prepared_run, "distill.weight_sync=torch_dist", "rollout.num_actors=2", "distill.sync_timeout_s=30")
     group = LearnerGroup(cfg, "stage2", worker_cls=DistillWorker)
-    buffer = ray.remote(TrajectoryBuffer).remote(1, 1)  # room for one trajectory
-    registry = ray.remote(WeightRegistry).remote()
+    buffer = ray.remote(TrajectoryBuffer).options(name="mid-rollout-buffer").remote(1, 1)  # room for one trajectory
+    registry = ray.remote(WeightRegistry).options(name="mid-rollout-registry").remote()
     fleet = None
     try:
         sync = CollectiveSync(cfg, group, registry)
-        fleet = sync.start(0, lambda: RolloutFleet(cfg, buffer, registry))
+        fleet = sync.start(0, lambda: RolloutFleet(cfg, "mid-rollout-buffer", "mid-rollout-registry"))
         assert ray.get([a.current_version.remote() for a in fleet.actors]) == [0, 0]
         # fill the buffer, then leave a second rollout waiting inside actor 0 for space
         assert ray.get(fleet.actors[0].rollout.remote("critic", 1))["version"] == 0
@@ -214,14 +214,122 @@ def test_torch_dist_sync_reforms_its_group_when_an_actor_restarts(ray_local, pre
     assert [v for _, v in summary["versions_at_start"]] == [-1, -1, -1]  # collective: nothing to pull at start
 
 
-def test_distill_refuses_zero_3_before_any_work(prepared_run, tmp_path):
-    from anyflow_ray.config import ConfigError
+class ZeRO3Probe(DistillWorker):
+    """A Stage-2 rank that also reports what ZeRO-3 holds, gathered independently of the worker's code."""
+
+    def partition_sizes(self) -> dict:
+        return {"ema": [s.numel() for s in self.ema.shadow], "local": [p.ds_tensor.numel() for p in self.trainable],
+                "placeholders": [p.numel() for p in self.trainable]}
+
+    def gathered_trainable(self) -> dict | None:
+        import deepspeed
+
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        with deepspeed.zero.GatheredParameters([p for _, p in named]):  # all at once, every rank
+            whole = {n: p.detach().cpu().clone() for n, p in named}
+        return whole if self.rank == 0 else None
+
+
+def _trajectories(n: int, kind: str) -> list:
+    if kind == "generator":
+        return [[ray.put({"prompt_idx": torch.tensor([2 * i, 2 * i + 1]), "num_steps": 2, "k": 0,
+                          "z_k": torch.randn(2, 3, 8, 16, 16), "T_k": torch.full((2,), 1000.0),
+                          "T_next": torch.full((2,), 833.0)})] for i in range(n)]
+    return [[ray.put({"prompt_idx": torch.tensor([i, i + 4]), "x_hat": torch.randn(2, 3, 8, 16, 16)})]
+            for i in range(n)]
+
+
+def test_zero3_publishes_whole_weights_and_exports_the_gathered_partition_wise_ema(ray_local, prepared_run, tmp_path):
+    """2 ranks at ZeRO-3: each rank's EMA averages its own (non-empty) partition; publish_weights returns the
+    whole parameters from rank 0 (None elsewhere); the export is the whole EMA: decay x initial + (1 - decay) x
+    trained after one step."""
+    from anyflow_ray.models.loading import load_transformer
+
+    cfg = run_cfg(prepared_run, "distill.num_ranks=2", "learner.zero_stage=3", "distill.ema=0.9",
+                  "distill.ema_warmup=0", "distill.lr=1e-2")
+    group = LearnerGroup(cfg, "stage2", num_ranks=2, worker_cls=ZeRO3Probe)
+    try:
+        sizes = group.run("partition_sizes")
+        initial = load_transformer(cfg.distill.init, flow_map=True, gate=cfg.model.gate).state_dict()
+        for rank in sizes:
+            assert set(rank["placeholders"]) == {0} and rank["ema"] == rank["local"] and all(rank["ema"])
+        assert sum(sum(rank["ema"]) for rank in sizes) >= sum(t.numel() for t in initial.values())
+
+        wrapped, other = group.run("publish_weights", True)
+        assert other is None
+        before = ray.get(wrapped[0])
+        assert sorted(before) == sorted(initial)
+        assert all(torch.equal(before[n], initial[n]) for n in initial)  # whole shapes, the loaded values
+
+        trained = []
+        for step in range(2):  # the second step: ZeRO-3 now keeps its small parameters whole between steps
+            result = group.run("train_step", step, _trajectories(2, "generator"), _trajectories(2, "critic"))
+            assert [r["trained"] for r in result] == [2, 2]
+            wrapped, other = group.run("publish_weights")
+            after, gathered = ray.get(wrapped[0]), group.run("gathered_trainable")[0]
+            assert other is None and sorted(after) == sorted(gathered) and set(after) <= set(initial)
+            assert all(torch.equal(after[n], gathered[n]) for n in after)
+            trained.append(after)
+        assert any(not torch.equal(trained[1][n], before[n]) for n in before)
+
+        group.run("export_pipeline", str(tmp_path / "export"))
+        exported = AnyFlowPipeline.from_pretrained(tmp_path / "export").transformer.state_dict()
+        for name in trained[0]:
+            ema = 0.81 * before[name] + 0.09 * trained[0][name] + 0.1 * trained[1][name]
+            assert exported[name].shape == initial[name].shape and torch.isfinite(exported[name]).all()
+            assert torch.allclose(exported[name], ema, atol=1e-6), name
+        assert all(torch.equal(exported[n], initial[n]) for n in initial if n not in after)  # frozen: as loaded
+    finally:
+        group.shutdown()
+
+
+def test_zero3_ranks_with_uneven_trajectories_stay_in_step_with_a_lora_critic(ray_local, prepared_run, tmp_path):
+    """Every ZeRO-3 model call gathers weights from all ranks: a rank with fewer trajectories (lost, rejected,
+    or an uneven batch) runs zero-weight stand-ins, so the ranks never wait on different calls."""
+    cfg = run_cfg(prepared_run, "distill.num_ranks=2", "distill.zero_stage=3", "model.lora.enabled=true",
+                  "model.lora.rank=4", "model.lora.alpha=4", "distill.critic=lora", "distill.lr=1e-2")
+    group = LearnerGroup(cfg, "stage2", num_ranks=2, worker_cls=ZeRO3Probe)
+    try:
+        for step in range(2):  # rank 0 gets a generator trajectory, rank 1 none
+            result = group.run("train_step", step, _trajectories(1, "generator"), _trajectories(2, "critic"))
+            assert [r["trained"] for r in result] == [2, 1]
+        wrapped, _ = group.run("publish_weights")
+        after, gathered = ray.get(wrapped[0]), group.run("gathered_trainable")[0]
+        assert sorted(after) == sorted(gathered) and all(torch.equal(after[n], gathered[n]) for n in after)
+        group.run("export_pipeline", str(tmp_path / "export"))
+        exported = AnyFlowPipeline.from_pretrained(tmp_path / "export").transformer.state_dict()
+        assert all(torch.isfinite(t).all() and t.numel() > 0 for t in exported.values())
+    finally:
+        group.shutdown()
+
+
+def test_distill_runs_at_zero3_on_two_ranks(ray_local, prepared_run, tmp_path):
+    """The whole Stage-2 pipeline as the 14B config runs it: partitioned weights (every rank publishes,
+    i.e. gathers, each version; the actor loads them; each checkpoint and the final export hold the whole
+    EMA weights) and per-rank shards (each rank and the actor read their own share; trajectories carry
+    their prompt embeddings, so none is rejected for an index the rank does not hold)."""
     from anyflow_ray.jobs import distill
 
-    cfg = run_cfg(prepared_run, f"distill.output={tmp_path}/s2", "learner.zero_stage=3")
-    with pytest.raises(ConfigError, match="learner.zero_stage=3"):
-        distill.run(cfg)
-    assert not (tmp_path / "s2").exists()
+    cfg = run_cfg(prepared_run, f"distill.output={tmp_path}/s2", "distill.num_ranks=2", "learner.zero_stage=3",
+                  "distill.steps=3", "distill.save_every=3", "distill.log_every=1", "rollout.num_actors=1",
+                  "distill.max_policy_lag=1", "distill.lr=1e-2", "data.rank_shards=true")
+    out = distill.run(cfg)
+    summary = json.loads((out / "pipeline_summary.json").read_text())
+    _summary_balances(summary)
+    assert summary["trained"] == 12 and summary["lost"] == summary["rejected"] == 0  # 2 gen + 2 critic per step
+    assert summary["weight_sync"]["publishes"] == 3
+    assert summary["actor_versions"] == [summary["loaded_versions"]["rollout-0"]]
+    assert 1 <= summary["loaded_versions"]["rollout-0"] <= 3  # loaded published versions, not only v0
+    meta = json.loads((out / "checkpoints" / "step-000003" / "training_state" / "meta.json").read_text())
+    assert meta["zero_stage"] == 3 and meta["world_size"] == 2 and meta["weight_version"] == 3
+    initial = AnyFlowPipeline.from_pretrained(cfg.distill.init).transformer.state_dict()
+    final = AnyFlowPipeline.from_pretrained(out).transformer.state_dict()
+    saved = AnyFlowPipeline.from_pretrained(out / "checkpoints" / "step-000003").transformer.state_dict()
+    assert sorted(final) == sorted(initial)
+    for name, value in final.items():
+        assert value.shape == initial[name].shape and torch.isfinite(value).all()
+        assert torch.equal(value, saved[name])  # the same EMA, exported twice
+    assert any(not torch.allclose(final[n], initial[n]) for n in initial)
 
 
 class NonFiniteAtStep3(DistillWorker):
@@ -256,3 +364,16 @@ def test_a_non_finite_loss_stops_before_anything_is_applied_and_leaves_the_last_
     assert books["rejected"] == 2 and books["taken"] == books["trained"] + books["lost"] + books["rejected"]
     saved = AnyFlowPipeline.from_pretrained(out / "checkpoints" / "step-000002").transformer.state_dict()
     assert all(torch.isfinite(t).all() for t in saved.values())
+
+
+def test_lora_critic_on_the_frozen_teacher_trains(ray_local, prepared_run):
+    group = LearnerGroup(run_cfg(prepared_run, "model.lora.enabled=true", "model.lora.rank=4", "model.lora.alpha=4",
+                                 "distill.critic=lora"), "stage2", worker_cls=DistillWorker)
+    try:
+        gen = {"prompt_idx": torch.tensor([0, 1]), "num_steps": 2, "k": 0, "z_k": torch.randn(2, 3, 8, 16, 16),
+               "T_k": torch.full((2,), 1000.0), "T_next": torch.full((2,), 833.0)}
+        crit = {"prompt_idx": torch.tensor([2, 3]), "x_hat": torch.randn(2, 3, 8, 16, 16)}
+        result = group.run("train_step", 0, [[ray.put(gen)]], [[ray.put(crit)]])[0]
+        assert result["trained"] == 2 and torch.isfinite(torch.tensor([result["loss"], result["critic_loss"]])).all()
+    finally:
+        group.shutdown()
