@@ -366,6 +366,29 @@ def test_a_non_finite_loss_stops_before_anything_is_applied_and_leaves_the_last_
     assert all(torch.isfinite(t).all() for t in saved.values())
 
 
+def test_a_step_queued_behind_a_non_finite_one_is_refused_not_applied(ray_local, prepared_run, tmp_path):
+    """Lag 1: step 4 and the publish of version 3 are already queued on the ranks when step 3 fails; the
+    rank refuses both, so the last good state really is 2 optimizer steps and the taken-ahead batch
+    counts as dropped, not as trained."""
+    from anyflow_ray.jobs import distill
+
+    cfg = run_cfg(prepared_run, f"distill.output={tmp_path}/s2", "distill.steps=5", "distill.save_every=10",
+                  "distill.log_every=1", "distill.max_policy_lag=1")
+    with pytest.raises(RuntimeError, match=r"stopped at step 3: non-finite loss at step 3"):
+        distill.run(cfg, worker_cls=NonFiniteAtStep3)
+    out = tmp_path / "s2"
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step-000002"
+    state = out / "checkpoints" / "step-000002" / "training_state"
+    meta = json.loads((state / "meta.json").read_text())
+    assert meta["step"] == 2 and meta["weight_version"] == 2
+    engine = torch.load(state / "student" / "mp_rank_00_model_states.pt", weights_only=False)
+    assert engine["global_steps"] == 2  # neither step 3 nor the queued step 4 reached the optimizer
+    books = meta["driver_state"]["buffer"]
+    assert books["trained"] == 4 and books["rejected"] == 2
+    assert books["taken"] == books["trained"] + books["lost"] + books["rejected"]
+    assert books["accepted"] == books["taken"] + books["dropped_stale"] + books["dropped_at_end"] + books["depth"]
+
+
 def test_lora_critic_on_the_frozen_teacher_trains(ray_local, prepared_run):
     group = LearnerGroup(run_cfg(prepared_run, "model.lora.enabled=true", "model.lora.rank=4", "model.lora.alpha=4",
                                  "distill.critic=lora"), "stage2", worker_cls=DistillWorker)
