@@ -346,37 +346,20 @@ class NonFiniteAtStep3(DistillWorker):
 
 def test_a_non_finite_loss_stops_before_anything_is_applied_and_leaves_the_last_good_state(
         ray_local, prepared_run, tmp_path):
+    """Step 3's loss is NaN. With lag 1, step 4 and the publish of version 3 are already queued on the
+    ranks when it fails; the rank refuses both, so the last good state really is 2 optimizer steps, the
+    failed batch is booked as rejected and the batch taken ahead as dropped: a resume balances."""
     from anyflow_ray.jobs import distill
 
     cfg = run_cfg(prepared_run, f"distill.output={tmp_path}/s2", "distill.steps=5", "distill.save_every=10",
-                  "distill.log_every=1", "distill.max_policy_lag=0")
+                  "distill.log_every=1", "distill.max_policy_lag=1")
     with pytest.raises(RuntimeError, match=r"stopped at step 3: non-finite loss at step 3 on learner rank\(s\) \[0\]"
-                                           r".*generator=nan.*trajectory weight versions \[2\]") as err:
+                                           r".*generator=nan.*trajectory weight versions \[[12]") as err:
         distill.run(cfg, worker_cls=NonFiniteAtStep3)
     assert "step-000002" in str(err.value)
     out = tmp_path / "s2"
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2] and records[-1]["stage2/version"] == 2  # v3 never published
-    assert (out / "checkpoints" / "latest").read_text().strip() == "step-000002"
-    meta = json.loads((out / "checkpoints" / "step-000002" / "training_state" / "meta.json").read_text())
-    assert meta["step"] == 2 and meta["weight_version"] == 2
-    books = meta["driver_state"]["buffer"]  # the refused batch is booked as rejected: a resume balances
-    assert books["rejected"] == 2 and books["taken"] == books["trained"] + books["lost"] + books["rejected"]
-    saved = AnyFlowPipeline.from_pretrained(out / "checkpoints" / "step-000002").transformer.state_dict()
-    assert all(torch.isfinite(t).all() for t in saved.values())
-
-
-def test_a_step_queued_behind_a_non_finite_one_is_refused_not_applied(ray_local, prepared_run, tmp_path):
-    """Lag 1: step 4 and the publish of version 3 are already queued on the ranks when step 3 fails; the
-    rank refuses both, so the last good state really is 2 optimizer steps and the taken-ahead batch
-    counts as dropped, not as trained."""
-    from anyflow_ray.jobs import distill
-
-    cfg = run_cfg(prepared_run, f"distill.output={tmp_path}/s2", "distill.steps=5", "distill.save_every=10",
-                  "distill.log_every=1", "distill.max_policy_lag=1")
-    with pytest.raises(RuntimeError, match=r"stopped at step 3: non-finite loss at step 3"):
-        distill.run(cfg, worker_cls=NonFiniteAtStep3)
-    out = tmp_path / "s2"
     assert (out / "checkpoints" / "latest").read_text().strip() == "step-000002"
     state = out / "checkpoints" / "step-000002" / "training_state"
     meta = json.loads((state / "meta.json").read_text())
@@ -387,6 +370,8 @@ def test_a_step_queued_behind_a_non_finite_one_is_refused_not_applied(ray_local,
     assert books["trained"] == 4 and books["rejected"] == 2
     assert books["taken"] == books["trained"] + books["lost"] + books["rejected"]
     assert books["accepted"] == books["taken"] + books["dropped_stale"] + books["dropped_at_end"] + books["depth"]
+    saved = AnyFlowPipeline.from_pretrained(out / "checkpoints" / "step-000002").transformer.state_dict()
+    assert all(torch.isfinite(t).all() for t in saved.values())
 
 
 def test_lora_critic_on_the_frozen_teacher_trains(ray_local, prepared_run):
