@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from anyflow_ray.cli import main
-from anyflow_ray.data.shards import write_shards
+from anyflow_ray.data.shard_writer import write_shards
 
 
 def write_data(root, width=32, frames=8, size=16, rows=4):

@@ -27,7 +27,8 @@ import pyarrow.parquet as pq
 from omegaconf import DictConfig
 
 from anyflow_ray.config import ConfigError
-from anyflow_ray.data.shards import list_shard_files, prepared_table, write_manifest
+from anyflow_ray.data.shard_writer import prepared_table, write_manifest
+from anyflow_ray.data.shards import list_shard_files
 from anyflow_ray.data.video import ClipError, ClipSize, decode_clip, iter_clips, list_sources, stable_seed
 from anyflow_ray.jobs.common import log, prepare
 from anyflow_ray.storage import Storage

@@ -16,8 +16,8 @@ from anyflow_ray.data.shards import (
     ClipBatch,
     ShardError,
     read_shards,
-    write_shards,
 )
+from anyflow_ray.data.shard_writer import write_shards
 
 VIDEO_SHAPE = (4, 3, 5, 6)  # a latent-like shape: 4 channels, not 3
 EMBEDDING_SHAPE = (7, 8)
@@ -255,7 +255,7 @@ def test_embeddings_only_leave_the_videos_out(tmp_path: Path) -> None:
 
 
 def test_prepared_rows_with_source_columns_are_read_and_listed_in_the_manifest(tmp_path: Path) -> None:
-    from anyflow_ray.data.shards import prepared_table, write_manifest
+    from anyflow_ray.data.shard_writer import prepared_table, write_manifest
 
     videos, prompts, embeddings, seeds = make_clips(4)
     table = prepared_table(videos, embeddings, prompts, [f"k{i}" for i in range(4)], ["a.mp4"] * 4, seeds,
