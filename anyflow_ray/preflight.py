@@ -27,7 +27,7 @@ class PreflightError(ConfigError):
 def check(cfg: DictConfig, command: str) -> None:
     """The pre-flight of ``command`` (nothing for commands that make their own inputs)."""
     checks = {"teacher": _training, "pretrain": _training, "distill": _training, "sample": _sample,
-              "evaluate": _evaluate}
+              "evaluate": _evaluate, "prepare": _prepare}
     if command in checks:
         checks[command](cfg, command)
 
@@ -46,6 +46,17 @@ def _sample(cfg: DictConfig, command: str) -> None:
     models = cfg.sample.get("models") or []
     for key, path in [(key, OmegaConf.select(cfg, key)) for key in keys] + [("sample.models", m) for m in models]:
         _pipeline_folder(cfg, key, str(path))
+
+
+def _prepare(cfg: DictConfig, command: str) -> None:
+    """Local inputs exist (URIs are listed by the job through pyarrow.fs); the model encodes prompts."""
+    if not cfg.prepare.input:
+        raise PreflightError("prepare.input is empty: give folders, .mp4 files, .tar shards or .csv/.jsonl "
+                             "manifests, e.g. prepare.input=[/data/videos]")
+    for path in cfg.prepare.input:
+        if "://" not in str(path) and not Path(path).exists():
+            raise PreflightError(f"prepare.input: {path}: no such file or folder")
+    model_folder(cfg, "model.base", text=True)
 
 
 def _evaluate(cfg: DictConfig, command: str) -> None:

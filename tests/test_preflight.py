@@ -97,3 +97,16 @@ def test_bench_scale_refuses_the_full_model_on_the_cpu_unless_allowed(tmp_path, 
                                            f"run.output_dir={tmp_path}"])
     assert "--allow-cpu" in err and "30 layers" in err
     assert not (tmp_path / "bench_scale.json").exists()
+
+
+def test_prepare_names_a_missing_video_input_before_ray_starts(tmp_path, tiny_model_dir, capsys, monkeypatch):
+    import ray
+
+    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("Ray started before the pre-flight"))
+    line = one_line(capsys, "prepare", [f"run.output_dir={tmp_path}", f"model.base={tiny_model_dir}",
+                                        f"prepare.input=[{tmp_path}/videos]"])
+    assert line.endswith(f"prepare.input: {tmp_path}/videos: no such file or folder")
+    (tmp_path / "videos").mkdir()
+    line = one_line(capsys, "prepare", [f"run.output_dir={tmp_path}", f"model.base={tmp_path}/nope",
+                                        f"prepare.input=[{tmp_path}/videos]"])
+    assert f"model.base={tmp_path}/nope: no such folder" in line
