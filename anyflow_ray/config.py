@@ -49,6 +49,16 @@ class LoraConfig:
 
 
 @dataclass
+class CausalConfig:
+    """The frame-autoregressive (FAR) student (docs/method.md §6). Empty ``chunks``: bidirectional."""
+    chunks: list[int] = field(default_factory=list)  # latent frames per chunk, e.g. [1,3,3,3,3,3,3,2] of 21
+    cache_chunks: int = 0  # chunks kept in the rolling KV cache when streaming past the training length (0: all)
+    bidirectional_aux: float = 0.0  # Stage 1: probability of a bidirectional flow-matching step (reference 0.1)
+    noisy_chunks: int = 0  # Stage 1: the last chunks noised, earlier ones clean context only (reference 3; 0: all)
+    long_context_prob: float = 0.0  # Stage 1: probability of a longer prefix than noisy_chunks chunks (reference 0.5)
+
+
+@dataclass
 class ModelConfig:
     """Where the base model lives (a diffusers folder) and how the flow map wraps it."""
     base: str = "${run.output_dir}/base-model"  # diffusers folder (make-tiny writes one; or Wan2.1-*-Diffusers)
@@ -56,6 +66,7 @@ class ModelConfig:
     gate: float = 0.25  # fixed weight of the r-time MLP in e = (1-gate) E_t(T) + gate E_r(R)
     pixel_space: bool = True  # True: identity autoencoder (tiny); False: Wan VAE
     lora: LoraConfig = field(default_factory=LoraConfig)
+    causal: CausalConfig = field(default_factory=CausalConfig)
     gradient_checkpointing: bool = False
     meta_init: bool = False  # build the full-size transformer on the meta device (dry runs, param counts)
     full_size: str = ""  # "", "1.3b" or "14b": the Wan2.1 architecture used by meta_init
@@ -223,6 +234,7 @@ class SampleConfig:
     guidance_scale: float = 3.0
     output: str = "${run.output_dir}/samples"
     seed: int = 0
+    max_chunks: int = 0  # causal students: chunks to generate (0: the training length; more streams on)
 
 
 @dataclass
@@ -333,13 +345,16 @@ def _require(ok: bool, key: str, value: Any, why: str) -> None:
 
 def validate(cfg: DictConfig) -> None:
     """Range checks OmegaConf's type checks cannot express. Each error names its key."""
-    _require(cfg.schedule.shift > 0, "schedule.shift", cfg.schedule.shift, "must be > 0")
+    for key in ("schedule.shift", "data.fps", "teacher.lr", "run.gpu_memory_gb", "learner.cpus_per_rank",
+                "learner.timeout_s", "pretrain.fd_delta", "distill.sync_timeout_s"):
+        _require(OmegaConf.select(cfg, key) > 0, key, OmegaConf.select(cfg, key), "must be > 0")
     _require(0.0 <= cfg.model.gate <= 1.0, "model.gate", cfg.model.gate, "must be in [0, 1]")
     _require(cfg.model.full_size in ("", "1.3b", "14b"), "model.full_size", cfg.model.full_size, "must be '', '1.3b' or '14b'")
     _require(cfg.run.device in ("auto", "cpu", "cuda"), "run.device", cfg.run.device, "must be auto, cpu or cuda")
     _require(cfg.run.precision in ("auto", "fp32", "bf16"), "run.precision", cfg.run.precision, "must be auto, fp32 or bf16")
-    _require(cfg.run.threads >= 1, "run.threads", cfg.run.threads, "must be >= 1")
-    _require(cfg.run.keep_checkpoints >= 1, "run.keep_checkpoints", cfg.run.keep_checkpoints, "must be >= 1")
+    for key in ("run.threads", "run.keep_checkpoints", "learner.num_ranks", "rollout.num_actors", "rollout.batch_size",
+                "eval.num_prompts", "model.lora.rank"):
+        _require(OmegaConf.select(cfg, key) >= 1, key, OmegaConf.select(cfg, key), "must be >= 1")
     patch = list(cfg.model.tiny.patch_size)
     _require(len(patch) == 3 and all(p >= 1 for p in patch), "model.tiny.patch_size", patch, "must be 3 positive ints")
     _require(cfg.data.frames % patch[0] == 0 and cfg.data.height % patch[1] == 0 and cfg.data.width % patch[2] == 0,
@@ -347,7 +362,6 @@ def validate(cfg: DictConfig) -> None:
              f"must be divisible by model.tiny.patch_size={patch}")
     for key in ("num_train", "num_heldout", "frames", "height", "width", "shard_size"):
         _require(cfg.data[key] >= 1, f"data.{key}", cfg.data[key], "must be >= 1")
-    _require(cfg.data.fps > 0, "data.fps", cfg.data.fps, "must be > 0")
     _require(cfg.data.format in ("parquet", "mp4"), "data.format", cfg.data.format, "must be parquet or mp4")
     for key in ("vae_batch_size", "vae_concurrency", "text_batch_size", "text_concurrency"):
         _require(cfg.prepare[key] >= 1, f"prepare.{key}", cfg.prepare[key], "must be >= 1")
@@ -357,27 +371,21 @@ def validate(cfg: DictConfig) -> None:
         _require(cfg.teacher[key] >= (0 if key == "warmup" else 1), f"teacher.{key}", cfg.teacher[key], "out of range")
     _require(0.0 <= cfg.teacher.uncond_prob < 1.0, "teacher.uncond_prob", cfg.teacher.uncond_prob, "must be in [0, 1)")
     _require(0.0 <= cfg.teacher.ema < 1.0, "teacher.ema", cfg.teacher.ema, "must be in [0, 1)")
-    _require(cfg.teacher.lr > 0, "teacher.lr", cfg.teacher.lr, "must be > 0")
     _require(len(cfg.teacher.betas) == 2 and all(0 <= b < 1 for b in cfg.teacher.betas), "teacher.betas",
              list(cfg.teacher.betas), "must be two numbers in [0, 1)")
     for key in ("teacher.ema_warmup", "pretrain.ema_warmup", "distill.ema_warmup"):
         _require(OmegaConf.select(cfg, key) >= 0, key, OmegaConf.select(cfg, key), "must be >= 0")
-    _require(cfg.run.gpu_memory_gb > 0, "run.gpu_memory_gb", cfg.run.gpu_memory_gb, "must be > 0")
     for key, steps in (("sample.steps", cfg.sample.steps), ("eval.steps", cfg.eval.steps)):
         _require(len(steps) > 0 and all(int(n) >= 1 for n in steps), key, list(steps), "must be a non-empty list of ints >= 1")
     _require(cfg.eval.reference_steps >= max(cfg.eval.steps), "eval.reference_steps", cfg.eval.reference_steps,
              "must be >= the largest eval step count")
-    _require(cfg.eval.num_prompts >= 1, "eval.num_prompts", cfg.eval.num_prompts, "must be >= 1")
-    _require(cfg.model.lora.rank >= 1, "model.lora.rank", cfg.model.lora.rank, "must be >= 1")
     _require(cfg.run.wandb_mode in ("offline", "online", "disabled"), "run.wandb_mode", cfg.run.wandb_mode,
              "must be offline, online or disabled")
     _require(not cfg.extra, "extra", cfg.extra, "is reserved and must be empty")
+    _validate_causal(cfg)
     _require(cfg.run.storage == "" or "://" in cfg.run.storage, "run.storage", cfg.run.storage,
              "must be empty (run.output_dir is the storage) or a URI such as s3://bucket/prefix or file:///abs/path")
-    _require(cfg.learner.num_ranks >= 1, "learner.num_ranks", cfg.learner.num_ranks, "must be >= 1")
     _require(cfg.learner.zero_stage in (0, 1, 2, 3), "learner.zero_stage", cfg.learner.zero_stage, "must be 0, 1, 2 or 3")
-    _require(cfg.learner.cpus_per_rank > 0, "learner.cpus_per_rank", cfg.learner.cpus_per_rank, "must be > 0")
-    _require(cfg.learner.timeout_s > 0, "learner.timeout_s", cfg.learner.timeout_s, "must be > 0")
     pc = cfg.pretrain
     _require(pc.global_batch > 0 and pc.global_batch % 4 == 0, "pretrain.global_batch", pc.global_batch,
              "must be a positive multiple of 4 (the 50/25/25 diagonal / r=0 / r<t split)")
@@ -390,7 +398,6 @@ def validate(cfg: DictConfig) -> None:
     _require(len(pc.betas) == 2 and all(0 <= b < 1 for b in pc.betas), "pretrain.betas", list(pc.betas),
              "must be two numbers in [0, 1)")
     _require(pc.guidance >= 1.0, "pretrain.guidance", pc.guidance, "must be >= 1")
-    _require(pc.fd_delta > 0, "pretrain.fd_delta", pc.fd_delta, "must be > 0")
     for key in ("steps", "save_every", "log_every"):
         _require(pc[key] >= 1, f"pretrain.{key}", pc[key], "must be >= 1")
     dc = cfg.distill
@@ -406,7 +413,6 @@ def validate(cfg: DictConfig) -> None:
              "must be object_store or torch_dist")
     _require(dc.sync_backend in ("auto", "gloo", "nccl"), "distill.sync_backend", dc.sync_backend,
              "must be auto, gloo or nccl")
-    _require(dc.sync_timeout_s > 0, "distill.sync_timeout_s", dc.sync_timeout_s, "must be > 0")
     _require(len(dc.budgets) > 0 and all(int(n) >= 1 for n in dc.budgets), "distill.budgets", list(dc.budgets),
              "must be a non-empty list of ints >= 1")
     _require(dc.real_weight >= 0, "distill.real_weight", dc.real_weight, "must be >= 0")
@@ -421,8 +427,6 @@ def validate(cfg: DictConfig) -> None:
     _require(dc.real_batch > 0 and dc.real_batch % 4 == 0 and dc.real_batch % ranks == 0,
              "distill.real_batch", dc.real_batch, f"must be a positive multiple of 4 and of the {ranks} Stage-2 "
              f"learner rank(s)")
-    _require(cfg.rollout.num_actors >= 1, "rollout.num_actors", cfg.rollout.num_actors, "must be >= 1")
-    _require(cfg.rollout.batch_size >= 1, "rollout.batch_size", cfg.rollout.batch_size, "must be >= 1")
     _require(cfg.rollout.cpus_per_actor >= 0, "rollout.cpus_per_actor", cfg.rollout.cpus_per_actor, "must be >= 0")
     for key in ("learner.gpus_per_rank", "rollout.gpus_per_actor"):
         value = OmegaConf.select(cfg, key)
@@ -432,6 +436,28 @@ def validate(cfg: DictConfig) -> None:
             value = OmegaConf.select(cfg, key)
             _require(value == "auto" or float(value) < 1, key, value,
                      "must be auto or below 1 with rollout.colocate (learner and actor share one GPU)")
+
+
+def latent_frames(cfg: DictConfig) -> int:
+    """Latent frames of a clip: its frames in pixel space, 1 + (frames - 1) / 4 through the Wan VAE."""
+    return int(cfg.data.frames) if cfg.model.pixel_space else (int(cfg.data.frames) - 1) // 4 + 1
+
+
+def _validate_causal(cfg: DictConfig) -> None:
+    """The FAR student's keys (docs/method.md §6): chunks tile the latent frames, Stage-1 options in range."""
+    cc, chunks, frames = cfg.model.causal, list(cfg.model.causal.chunks), latent_frames(cfg)
+    p_t = 1 if cfg.model.full_size else cfg.model.tiny.patch_size[0]
+    _require(all(c >= 1 and c % p_t == 0 for c in chunks) and sum(chunks) in (0, frames), "model.causal.chunks",
+             chunks, f"must be empty (bidirectional) or sizes (multiples of {p_t}) summing to the {frames} latent frames")
+    _require(0 <= cc.noisy_chunks <= len(chunks), "model.causal.noisy_chunks", cc.noisy_chunks, f"must be in [0, {len(chunks)}]")
+    _require(0 <= cc.bidirectional_aux <= 1 and (cc.bidirectional_aux == 0 or chunks), "model.causal.bidirectional_aux",
+             cc.bidirectional_aux, "must be in [0, 1]; above 0 it needs model.causal.chunks")
+    _require(0 <= cc.long_context_prob <= 1 and (cc.long_context_prob == 0 or cc.noisy_chunks > 0),
+             "model.causal.long_context_prob", cc.long_context_prob, "must be in [0, 1]; above 0 it needs noisy_chunks > 0")
+    for key in ("model.causal.cache_chunks", "sample.max_chunks"):
+        _require(OmegaConf.select(cfg, key) >= 0, key, OmegaConf.select(cfg, key), "must be >= 0 (0: all / training length)")
+    _require(not chunks or cfg.pretrain.target == "data", "pretrain.target", cfg.pretrain.target,
+             "must be data for a causal student: the teacher's velocity sees noisy, not clean, earlier chunks (§6)")
 
 
 def _is_amount(value: str) -> bool:
