@@ -2,8 +2,11 @@
 simulation (no gradient), stamped with the weight version it used.
 
 Generator trajectories carry z_k (the prefix jump) for the learner to finish with gradient; critic
-trajectories carry the complete x_hat. Payloads go to the object store (owned by this actor) and only
-their refs go to the ``TrajectoryBuffer``. Newer weights are loaded between rollouts.
+trajectories carry the complete x_hat. A causal student (``model.causal.chunks``) is rolled out chunk by
+chunk on the KV cache of its own outputs, and its generator trajectories also carry ``context_chunks``
+(its x_hat of every chunk: what the learner's teacher-forced re-run attends to, docs/method.md §6).
+Payloads go to the object store (owned by this actor) and only their refs go to the ``TrajectoryBuffer``.
+Newer weights are loaded between rollouts.
 """
 
 from __future__ import annotations
@@ -18,8 +21,11 @@ from omegaconf import OmegaConf
 
 from anyflow_ray.collective import WeightGroup, check_layout, empty_buffers, resolve_backend, unpack_into
 from anyflow_ray.backward_sim import draw_budget, finish, prefix
+from anyflow_ray.causal_backward_sim import causal_rollout
+from anyflow_ray.consistency_rollout import consistency_finish, consistency_prefix
 from anyflow_ray.data.shards import read_shards
 from anyflow_ray.device import resolve_device, resolve_dtype, set_threads
+from anyflow_ray.models.causal import is_causal
 from anyflow_ray.models.loading import load_transformer
 from anyflow_ray.models.lora import apply_lora
 from anyflow_ray.storage import Storage, job_inputs
@@ -35,7 +41,9 @@ class RolloutActor:
         self.device = resolve_device(self.cfg.run.device, len(self.gpu_ids))  # resolved in this process
         self.dtype = resolve_dtype(self.cfg.run.precision, self.device)
         Storage.of(self.cfg).fetch_all(job_inputs(self.cfg, "stage2"))  # what this node lacks (run.storage)
-        student = load_transformer(self.cfg.distill.init, flow_map=True, gate=self.cfg.model.gate, dtype=self.dtype)
+        student = load_transformer(self.cfg.distill.init, flow_map=True, gate=self.cfg.model.gate, dtype=self.dtype,
+                                   causal_chunks=list(self.cfg.model.causal.chunks))
+        self.causal = is_causal(student)  # as the learner loads it (learners/distill.py)
         if self.cfg.model.lora.enabled:  # the same adapters as the learner, so published names match
             apply_lora(student, self.cfg.model.lora)
         self.student = student.to(self.device).eval().requires_grad_(False)
@@ -127,13 +135,24 @@ class RolloutActor:
         context = self.embeddings[idx].to(self.device, self.dtype)
         noise = torch.randn((len(idx), *self.clip_shape), generator=gen).to(self.device, self.dtype)
         with self.lock:
-            state = prefix(self.student, noise, context, n, k, self.cfg.schedule.shift)
+            consistency = self.cfg.distill.rollout == "consistency"
+            if self.causal:  # every chunk's x_hat is made anyway: the context of the chunks after it
+                rollout = causal_rollout(self.student, noise, context, n, k, self.cfg.schedule.shift)
+                state = rollout.state
+            elif consistency:  # the baseline: fresh noise after each x0 prediction, drawn from the seed too
+                state = consistency_prefix(self.student, noise, context, n, k, self.cfg.schedule.shift, gen)
+            else:
+                state = prefix(self.student, noise, context, n, k, self.cfg.schedule.shift)
             payload = {"prompt_idx": idx, "num_steps": n, "k": k, "z_k": state.z_k.cpu(), "T_k": state.T_k.cpu(),
                        "T_next": state.T_next.cpu(), "version": self.version}
             if self.cfg.data.rank_shards:
                 payload["context"] = self.embeddings[idx].clone()
             if kind == "critic":
-                payload["x_hat"] = finish(self.student, state, context)[1].cpu()
+                x_hat = (rollout.x_hat if self.causal else consistency_finish(self.student, state, context)
+                         if consistency else finish(self.student, state, context)[1])
+                payload["x_hat"] = x_hat.cpu()
+            elif self.causal:
+                payload["context_chunks"] = rollout.x_hat.cpu()
         if kind != "critic" and self.cfg.distill.grad_scope == "all":
             payload["noise"] = noise.cpu()
         return payload

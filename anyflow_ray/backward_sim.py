@@ -5,7 +5,9 @@ For a step budget N and a step index k on the grid T_i = 1000 sigma_s(1 - i/N), 
     z_{k+1} = Phi(z_k;     T_k -> T_{k+1})   (the real k-th step)
     x_hat   = Phi(z_{k+1}; T_{k+1} -> 0)     (skipped when k = N - 1)
 Conditional only, no CFG. A rollout actor runs the prefix without gradient; the learner re-runs the
-k-th step and the final jump with gradient from the actor's z_k.
+k-th step and the final jump with gradient from the actor's z_k. ``prefix`` and ``finish`` take any
+flow-map callable: ``causal_backward_sim.py`` runs them per chunk on a KV cache for the causal student
+(docs/method.md §6).
 """
 
 from __future__ import annotations

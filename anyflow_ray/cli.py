@@ -46,6 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
         if name in DRY_RUN_JOBS:
             cmd.add_argument("--dry-run", action="store_true", help="meta-device models: the per-GPU memory "
                              "plan (refused above run.gpu_memory_gb), no weights, no training")
+        if name == "sample":
+            media = cmd.add_mutually_exclusive_group()
+            media.add_argument("--image", metavar="PATH", help="a .png/.jpg the video starts from (image-to-video; "
+                               "causal models, resized to the model size)")
+            media.add_argument("--video", metavar="PATH", help="an .mp4 the video continues (video-to-video; "
+                               "causal models, resized to the model size)")
         if name == "bench":
             which = cmd.add_mutually_exclusive_group()
             which.add_argument("--skip-control-plane", action="store_true", help="leave out the control-plane "
@@ -99,6 +105,8 @@ def _run_command(args: argparse.Namespace) -> int:
     preflight.check(cfg, args.command)  # inputs, before Ray starts or anything is asked of it
     module = importlib.import_module(f"anyflow_ray.jobs.{COMMANDS[args.command][0]}")
     extra = {"out": args.out} if args.command == "make-tiny" else {}
+    if args.command == "sample":
+        extra = {"image": args.image, "video": args.video}
     if args.command == "bench":
         actors = _positive_ints(args.actors)
         if not actors:

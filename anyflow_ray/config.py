@@ -207,6 +207,9 @@ class DistillConfig:
     dmd_guidance: float = 4.0  # CFG of the real score in x0 form
     budgets: list[int] = field(default_factory=lambda: [2, 4, 8, 16, 50])
     grad_scope: str = "last"  # last: grad through the k-th step and the jump to 0; all: prefix too
+    # flowmap: backward simulation (the method); consistency: the rollout ablation's baseline (predict x0,
+    # re-noise with fresh noise; k calls to z_k, the learner re-runs the last prediction; docs/method.md §5)
+    rollout: str = "flowmap"
     real_batch: int = 8  # Stage-1 co-training batch (global, multiple of 4)
     real_weight: float = 1.0  # weight of the Stage-1 co-training loss against the DMD loss (the reference: 1)
     num_ranks: int = 0  # learner ranks of Stage 2; 0 = learner.num_ranks (rollout actors share the nodes)
@@ -353,8 +356,13 @@ def validate(cfg: DictConfig) -> None:
     _require(cfg.run.device in ("auto", "cpu", "cuda"), "run.device", cfg.run.device, "must be auto, cpu or cuda")
     _require(cfg.run.precision in ("auto", "fp32", "bf16"), "run.precision", cfg.run.precision, "must be auto, fp32 or bf16")
     for key in ("run.threads", "run.keep_checkpoints", "learner.num_ranks", "rollout.num_actors", "rollout.batch_size",
-                "eval.num_prompts", "model.lora.rank"):
+                "eval.num_prompts", "model.lora.rank", "prepare.vae_batch_size", "prepare.vae_concurrency",
+                "prepare.text_batch_size", "prepare.text_concurrency"):
         _require(OmegaConf.select(cfg, key) >= 1, key, OmegaConf.select(cfg, key), "must be >= 1")
+    for key in ("prepare.decode_cpus", "prepare.vae_gpus", "prepare.text_gpus", "prepare.actor_cpus", "teacher.ema_warmup",
+                "pretrain.ema_warmup", "distill.ema_warmup", "distill.max_policy_lag", "distill.real_weight",
+                "rollout.cpus_per_actor", "model.causal.cache_chunks", "sample.max_chunks"):
+        _require(OmegaConf.select(cfg, key) >= 0, key, OmegaConf.select(cfg, key), "must be >= 0")
     patch = list(cfg.model.tiny.patch_size)
     _require(len(patch) == 3 and all(p >= 1 for p in patch), "model.tiny.patch_size", patch, "must be 3 positive ints")
     _require(cfg.data.frames % patch[0] == 0 and cfg.data.height % patch[1] == 0 and cfg.data.width % patch[2] == 0,
@@ -363,18 +371,12 @@ def validate(cfg: DictConfig) -> None:
     for key in ("num_train", "num_heldout", "frames", "height", "width", "shard_size"):
         _require(cfg.data[key] >= 1, f"data.{key}", cfg.data[key], "must be >= 1")
     _require(cfg.data.format in ("parquet", "mp4"), "data.format", cfg.data.format, "must be parquet or mp4")
-    for key in ("vae_batch_size", "vae_concurrency", "text_batch_size", "text_concurrency"):
-        _require(cfg.prepare[key] >= 1, f"prepare.{key}", cfg.prepare[key], "must be >= 1")
-    for key in ("decode_cpus", "vae_gpus", "text_gpus", "actor_cpus"):
-        _require(cfg.prepare[key] >= 0, f"prepare.{key}", cfg.prepare[key], "must be >= 0")
     for key in ("steps", "batch_size", "warmup", "log_every"):
         _require(cfg.teacher[key] >= (0 if key == "warmup" else 1), f"teacher.{key}", cfg.teacher[key], "out of range")
     _require(0.0 <= cfg.teacher.uncond_prob < 1.0, "teacher.uncond_prob", cfg.teacher.uncond_prob, "must be in [0, 1)")
     _require(0.0 <= cfg.teacher.ema < 1.0, "teacher.ema", cfg.teacher.ema, "must be in [0, 1)")
     _require(len(cfg.teacher.betas) == 2 and all(0 <= b < 1 for b in cfg.teacher.betas), "teacher.betas",
              list(cfg.teacher.betas), "must be two numbers in [0, 1)")
-    for key in ("teacher.ema_warmup", "pretrain.ema_warmup", "distill.ema_warmup"):
-        _require(OmegaConf.select(cfg, key) >= 0, key, OmegaConf.select(cfg, key), "must be >= 0")
     for key, steps in (("sample.steps", cfg.sample.steps), ("eval.steps", cfg.eval.steps)):
         _require(len(steps) > 0 and all(int(n) >= 1 for n in steps), key, list(steps), "must be a non-empty list of ints >= 1")
     _require(cfg.eval.reference_steps >= max(cfg.eval.steps), "eval.reference_steps", cfg.eval.reference_steps,
@@ -404,8 +406,10 @@ def validate(cfg: DictConfig) -> None:
     for key in ("steps", "save_every", "log_every", "sync_every"):
         _require(dc[key] >= 1, f"distill.{key}", dc[key], "must be >= 1")
     _require(dc.buffer_capacity >= 0, "distill.buffer_capacity", dc.buffer_capacity, "must be >= 0 (0: from the demand)")
-    _require(dc.max_policy_lag >= 0, "distill.max_policy_lag", dc.max_policy_lag, "must be >= 0")
     _require(dc.grad_scope in ("last", "all"), "distill.grad_scope", dc.grad_scope, "must be last or all")
+    _require(dc.rollout in ("flowmap", "consistency"), "distill.rollout", dc.rollout, "must be flowmap or consistency")
+    _require(dc.rollout == "flowmap" or (dc.grad_scope == "last" and not cfg.model.causal.chunks), "distill.rollout",
+             dc.rollout, "consistency takes distill.grad_scope=last and a bidirectional student (model.causal.chunks=[])")
     _require(dc.critic in ("copy", "lora"), "distill.critic", dc.critic, "must be copy or lora")
     _require(dc.critic != "lora" or cfg.model.lora.enabled, "distill.critic", dc.critic,
              "lora needs model.lora.enabled=true (the critic is LoRA adapters on the frozen teacher)")
@@ -415,7 +419,6 @@ def validate(cfg: DictConfig) -> None:
              "must be auto, gloo or nccl")
     _require(len(dc.budgets) > 0 and all(int(n) >= 1 for n in dc.budgets), "distill.budgets", list(dc.budgets),
              "must be a non-empty list of ints >= 1")
-    _require(dc.real_weight >= 0, "distill.real_weight", dc.real_weight, "must be >= 0")
     _require(dc.num_ranks >= 0, "distill.num_ranks", dc.num_ranks, "must be >= 0 (0: learner.num_ranks)")
     _require(dc.zero_stage in (-1, 0, 1, 2, 3), "distill.zero_stage", dc.zero_stage,
              "must be -1 (learner.zero_stage), 0, 1, 2 or 3")
@@ -427,7 +430,6 @@ def validate(cfg: DictConfig) -> None:
     _require(dc.real_batch > 0 and dc.real_batch % 4 == 0 and dc.real_batch % ranks == 0,
              "distill.real_batch", dc.real_batch, f"must be a positive multiple of 4 and of the {ranks} Stage-2 "
              f"learner rank(s)")
-    _require(cfg.rollout.cpus_per_actor >= 0, "rollout.cpus_per_actor", cfg.rollout.cpus_per_actor, "must be >= 0")
     for key in ("learner.gpus_per_rank", "rollout.gpus_per_actor"):
         value = OmegaConf.select(cfg, key)
         _require(value == "auto" or _is_amount(value), key, value, "must be auto or a number >= 0")
@@ -454,8 +456,6 @@ def _validate_causal(cfg: DictConfig) -> None:
              cc.bidirectional_aux, "must be in [0, 1]; above 0 it needs model.causal.chunks")
     _require(0 <= cc.long_context_prob <= 1 and (cc.long_context_prob == 0 or cc.noisy_chunks > 0),
              "model.causal.long_context_prob", cc.long_context_prob, "must be in [0, 1]; above 0 it needs noisy_chunks > 0")
-    for key in ("model.causal.cache_chunks", "sample.max_chunks"):
-        _require(OmegaConf.select(cfg, key) >= 0, key, OmegaConf.select(cfg, key), "must be >= 0 (0: all / training length)")
     _require(not chunks or cfg.pretrain.target == "data", "pretrain.target", cfg.pretrain.target,
              "must be data for a causal student: the teacher's velocity sees noisy, not clean, earlier chunks (§6)")
 

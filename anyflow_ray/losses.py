@@ -1,4 +1,5 @@
-"""Losses: teacher flow matching (docs/method.md §3) and the Stage-1 flow-map loss (§4).
+"""Losses: teacher flow matching (docs/method.md §3), the Stage-1 flow-map loss (§4; teacher-forced for the
+causal student, §6) and Stage 2's DMD and critic losses (§5).
 
 Random draws come from an explicit ``torch.Generator`` (on the CPU, moved to the model's device) so
 that a run is reproducible and resumable.
@@ -60,6 +61,73 @@ class FlowMapLossConfig:
 
 
 VELOCITY_TARGETS = ("data", "teacher")
+AUX_STREAM = 0x5DEECE66D  # xor-ed into a sample's seed: the bidirectional auxiliary step's own draws
+
+
+@dataclass(frozen=True)
+class ChunkLayout:
+    """The chunks of one causal Stage-1 step (docs/method.md §6): a prefix of the clip's chunks (``sizes``,
+    latent frames each); the first ``context`` of them are clean context only, the rest are noised."""
+    sizes: tuple[int, ...]
+    context: int = 0
+
+    @property
+    def frames(self) -> int:
+        return sum(self.sizes)
+
+    @property
+    def first_noised_frame(self) -> int:
+        return sum(self.sizes[:self.context])
+
+    def noised(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """(n,) fp32: 1 for a noised chunk, 0 for a clean-context one."""
+        return (torch.arange(len(self.sizes), device=device) >= self.context).float()
+
+    def per_frame(self, per_chunk: torch.Tensor) -> torch.Tensor:
+        """(B, n) per-chunk values -> (B, 1, F, 1, 1), broadcastable against a (B, C, F, H, W) clip."""
+        sizes = torch.tensor(self.sizes, device=per_chunk.device)
+        return per_chunk.float().repeat_interleave(sizes, dim=1)[:, None, :, None, None]
+
+
+def draw_layout(chunks: list[int], noisy_chunks: int = 0, long_context_prob: float = 0.0, run_seed: int = 0,
+                step: int = 0) -> ChunkLayout:
+    """The reference's FAR draw (``model.causal.*``): with ``noisy_chunks`` 0, the whole clip, every chunk
+    noised. Otherwise the first ``noisy_chunks`` chunks, all noised, or with probability
+    ``long_context_prob`` a prefix of U{noisy_chunks, ..., all} chunks whose last ``noisy_chunks`` are
+    noised after the clean context. Seeded by (run seed, step) alone: every rank draws the same layout."""
+    if not noisy_chunks:
+        return ChunkLayout(tuple(int(c) for c in chunks))
+    gen = torch.Generator().manual_seed((run_seed * 1_000_003 + step) * 10_007 + 17)
+    used = noisy_chunks
+    if float(torch.rand((), generator=gen, dtype=torch.float64)) < long_context_prob:
+        used = int(torch.randint(noisy_chunks, len(chunks) + 1, (), generator=gen))
+    return ChunkLayout(tuple(int(c) for c in chunks[:used]), context=used - noisy_chunks)
+
+
+def bidirectional_loss(model: torch.nn.Module, x0: torch.Tensor, context: torch.Tensor, uncond: torch.Tensor,
+                       seeds: list[int], cfg: FlowMapLossConfig = FlowMapLossConfig()) -> torch.Tensor:
+    """The causal student's bidirectional auxiliary step (docs/method.md §6, ``model.causal.bidirectional_aux``):
+    plain flow matching over the whole clip with full attention, as the reference's ``is_causal=False``
+    step: T logit-normal then shifted, R = T, the fused guidance of §4, unweighted MSE to eps - x0.
+    ``context``: the prompts after this step's dropout. Draws from its own stream of the sample seeds."""
+    T, noise = [], []
+    for seed in seeds:
+        gen = torch.Generator().manual_seed(seed ^ AUX_STREAM)
+        T.append(sample_logit_normal(1, gen, cfg.shift))
+        noise.append(torch.randn(x0.shape[1:], generator=gen, dtype=torch.float32))
+    T = (T_SCALE * torch.cat(T)).to(x0.device)
+    noise = torch.stack(noise).to(x0.device, x0.dtype)
+    z = add_noise(x0, noise, T)
+
+    def u(ctx: torch.Tensor) -> torch.Tensor:
+        return model(z, T, ctx, timestep_r=T, bidirectional=True, return_dict=False)[0]
+
+    pred = u(context)
+    if cfg.guidance != 1.0:
+        with torch.no_grad():
+            null = u(uncond.to(context.dtype).expand_as(context))
+        pred = (pred.float() - (1.0 - cfg.guidance) * null.float()) / cfg.guidance
+    return (pred.float() - velocity_target(x0, noise).float()).pow(2).mean()
 
 
 def split_positions(global_batch: int) -> tuple[int, int]:
@@ -96,36 +164,49 @@ def draw_times_and_noise(x0: torch.Tensor, seeds: list[int], global_indices: tor
     return T, R, torch.tensor(drop, device=x0.device), torch.stack(noise).to(x0.device, x0.dtype)
 
 
+def student_output(model: torch.nn.Module, z: torch.Tensor, T: torch.Tensor, context: torch.Tensor, R: torch.Tensor,
+                   clean: torch.Tensor | None = None) -> torch.Tensor:
+    """u(z, T, R, c); with ``clean`` the causal student's teacher-forcing call (docs/method.md §6): noisy chunk
+    j reads the clean chunks before it and itself, and only the noisy tokens' outputs come back."""
+    if clean is None:
+        return call_model(model, z, T, context, R)
+    return model(z, T, context, timestep_r=R, clean_states=clean, return_dict=False)[0]
+
+
 @torch.no_grad()
 def total_derivative(model: torch.nn.Module, z: torch.Tensor, v: torch.Tensor, T: torch.Tensor, R: torch.Tensor,
-                     context: torch.Tensor, method: str = "fd", delta: float = 5.0) -> torch.Tensor:
+                     context: torch.Tensor, method: str = "fd", delta: float = 5.0, clean: torch.Tensor | None = None,
+                     time_tangent: torch.Tensor | None = None) -> torch.Tensor:
     """d/dT of u(z_T, T, R, c) along the path dz/dT = v/1000, in fp32 (per unit of T).
 
     ``fd``: [u(z + (delta/1000) v, T + delta) - u(z - (delta/1000) v, T - delta)] / (2 delta).
     ``jvp``: exact forward-mode derivative with tangents (v/1000, 1).
+    Causal student (§6): ``clean`` is the teacher-forcing copy, held fixed; ``T``, ``R`` are per chunk (B, n)
+    and ``time_tangent`` (1 on noised chunks, 0 on clean-context ones) says which times move with the path.
     """
+    tangent = torch.ones_like(T) if time_tangent is None else time_tangent
     if method == "fd":
         step = (delta / T_SCALE) * v
-        plus = call_model(model, z + step, T + delta, context, R).float()
-        minus = call_model(model, z - step, T - delta, context, R).float()
+        plus = student_output(model, z + step, T + delta * tangent, context, R, clean).float()
+        minus = student_output(model, z - step, T - delta * tangent, context, R, clean).float()
         return (plus - minus) / (2.0 * delta)
     if method == "jvp":
-        fn = lambda z_, T_: call_model(model, z_, T_, context, R)  # noqa: E731
+        fn = lambda z_, T_: student_output(model, z_, T_, context, R, clean)  # noqa: E731
         # forward-mode AD needs the math attention kernel (fused CPU/GPU kernels lack it)
         with sdpa_kernel(SDPBackend.MATH):
-            _, tangent = torch.func.jvp(fn, (z, T), (v / T_SCALE, torch.ones_like(T)))
-        return tangent.float()
+            _, out = torch.func.jvp(fn, (z, T), (v / T_SCALE, tangent))
+        return out.float()
     raise ValueError(f"derivative method must be 'fd' or 'jvp', got {method!r}")
 
 
 def fused_guidance(model: torch.nn.Module, z: torch.Tensor, T: torch.Tensor, R: torch.Tensor, context: torch.Tensor,
-                   uncond: torch.Tensor, g: float) -> torch.Tensor:
+                   uncond: torch.Tensor, g: float, clean: torch.Tensor | None = None) -> torch.Tensor:
     """u_hat = [u(z, T, R, c) - (1 - g) sg(u(z, T, R, c_null))] / g: CFG g baked into the student."""
-    cond = call_model(model, z, T, context, R)
+    cond = student_output(model, z, T, context, R, clean)
     if g == 1.0:
         return cond
     with torch.no_grad():
-        null = call_model(model, z, T, uncond.to(context.dtype).expand_as(context), R)
+        null = student_output(model, z, T, uncond.to(context.dtype).expand_as(context), R, clean)
     return (cond.float() - (1.0 - g) * null.float()) / g
 
 
@@ -148,8 +229,8 @@ def adaptive_normalise(losses: torch.Tensor, diagonal: torch.Tensor, eps: float 
 
 def flowmap_terms(model: torch.nn.Module, x0: torch.Tensor, context: torch.Tensor, uncond: torch.Tensor,
                   global_indices: torch.Tensor, global_batch: int, seeds: list[int], weight: Beta08Weight,
-                  cfg: FlowMapLossConfig = FlowMapLossConfig(),
-                  teacher: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
+                  cfg: FlowMapLossConfig = FlowMapLossConfig(), teacher: torch.nn.Module | None = None,
+                  layout: ChunkLayout | None = None) -> dict[str, torch.Tensor]:
     """Steps 1-7 of docs/method.md §4 for this rank's slice: times, fused prediction, target, weighted losses.
 
     ``per_sample_fm`` is the flow-matching loss against the data velocity eps - x0 whatever
@@ -157,43 +238,68 @@ def flowmap_terms(model: torch.nn.Module, x0: torch.Tensor, context: torch.Tenso
     normalisation brings every off-diagonal loss to (with the teacher's velocity as target and no fused
     CFG, a student that starts as the teacher has a diagonal loss of 0, which would switch the
     off-diagonal terms off).
+
+    ``layout`` (the causal student, §6): teacher forcing. The clip is cut to ``layout.frames``; its noised
+    chunks share the sample's (T, R) and its clean-context chunks sit at T = R = 0; the model reads the
+    clean copy ``x0`` beside them, and the loss (the total derivative's path included) covers the noised
+    chunks' frames only.
     """
     if cfg.target not in VELOCITY_TARGETS:
         raise ValueError(f"pretrain.target must be one of {VELOCITY_TARGETS}, got {cfg.target!r}")
     if cfg.target == "teacher" and teacher is None:
         raise ValueError("pretrain.target='teacher' needs the teacher model, none was given")
+    if layout is not None:
+        if cfg.target != "data":
+            raise ValueError("pretrain.target must be 'data' for a causal student: the bidirectional teacher's "
+                             "velocity sees noisy, not clean, earlier chunks (docs/method.md §6)")
+        x0 = x0[:, :, :layout.frames]
     T, R, drop, noise = draw_times_and_noise(x0, seeds, global_indices, global_batch, cfg)
     context = torch.where(drop[:, None, None], uncond.to(context.dtype).expand_as(context), context)
-    z = add_noise(x0, noise, T)
     v_data = velocity_target(x0, noise).float()
+    clean, tangent, noised = None, None, slice(None)
+    T_in, R_in, gap = T, R, broadcast_time(T - R, v_data)
+    if layout is not None:
+        tangent = layout.noised(x0.device).expand(x0.shape[0], -1)  # (B, n): 1 on noised chunks
+        T_in, R_in = T[:, None] * tangent, R[:, None] * tangent
+        gap = layout.per_frame(T_in - R_in)
+        t = layout.per_frame(T_in) / T_SCALE  # add_noise with a time per frame: x0 itself in context chunks
+        z = ((1.0 - t) * x0.float() + t * noise.float()).to(x0.dtype)
+        clean, noised = x0, slice(layout.first_noised_frame, None)
+        v_data = v_data * layout.per_frame(tangent)  # the path moves the noised frames only
+    else:
+        z = add_noise(x0, noise, T)
     if cfg.target == "teacher":
         with torch.no_grad():
             v = call_model(teacher, z, T, context).float()
     else:
         v = v_data
-    u_hat = fused_guidance(model, z, T, R, context, uncond, cfg.guidance)
-    D = total_derivative(model, z, v.to(z.dtype), T, R, context, cfg.derivative, cfg.delta) / cfg.guidance
-    target = v - broadcast_time(T - R, v) * D  # MeanFlow identity; = v on the diagonal
+    u_hat = fused_guidance(model, z, T_in, R_in, context, uncond, cfg.guidance, clean)
+    D = total_derivative(model, z, v.to(z.dtype), T_in, R_in, context, cfg.derivative, cfg.delta, clean,
+                         tangent) / cfg.guidance
+    target = v - gap * D  # MeanFlow identity; = v on the diagonal
     w = weight(T)
-    per_sample = w * (u_hat.float() - target).pow(2).flatten(1).mean(dim=1)
+    per_sample = w * (u_hat.float() - target)[:, :, noised].pow(2).flatten(1).mean(dim=1)
     if cfg.target == "data":
         per_sample_fm = per_sample
     else:
         per_sample_fm = w * (u_hat.detach().float() - v_data).pow(2).flatten(1).mean(dim=1)
     return {"T": T, "R": R, "v": v, "u_hat": u_hat, "target": target, "per_sample": per_sample,
-            "per_sample_fm": per_sample_fm}
+            "per_sample_fm": per_sample_fm, "context": context}
 
 
 def flowmap_loss(model: torch.nn.Module, x0: torch.Tensor, context: torch.Tensor, uncond: torch.Tensor,
                  global_indices: torch.Tensor, global_batch: int, seeds: list[int], weight: Beta08Weight,
                  cfg: FlowMapLossConfig = FlowMapLossConfig(), all_reduce=None,
-                 teacher: torch.nn.Module | None = None) -> tuple[torch.Tensor, dict]:
+                 teacher: torch.nn.Module | None = None, layout: ChunkLayout | None = None,
+                 bidirectional: bool = False) -> tuple[torch.Tensor, dict]:
     """Stage-1 loss of this rank's slice of a global batch; its mean over ranks is the global mean.
 
     1 forward with grad + 3 without (unconditional branch, skipped at guidance 1; two finite-difference
-    points), + 1 teacher call with ``cfg.target == "teacher"``.
+    points), + 1 teacher call with ``cfg.target == "teacher"``. Causal student (§6): ``layout`` makes it
+    teacher-forced; ``bidirectional`` adds the auxiliary bidirectional step (1 more with grad, 1 without).
     """
-    terms = flowmap_terms(model, x0, context, uncond, global_indices, global_batch, seeds, weight, cfg, teacher)
+    terms = flowmap_terms(model, x0, context, uncond, global_indices, global_batch, seeds, weight, cfg, teacher,
+                          layout)
     diagonal = terms["T"] == terms["R"]
     normalised, m = adaptive_normalise(terms["per_sample"], diagonal, cfg.norm_eps, all_reduce,
                                        reference=terms["per_sample_fm"])
@@ -202,7 +308,14 @@ def flowmap_loss(model: torch.nn.Module, x0: torch.Tensor, context: torch.Tensor
     if cfg.target != "data":  # m is the data scale; this is the diagonal loss actually trained (this rank)
         trained = (terms["per_sample"].detach() * diagonal).sum() / diagonal.sum().clamp_min(1)
         metrics["diag_target_loss"] = float(trained)
-    return normalised.mean(), metrics
+    loss = normalised.mean()
+    if layout is not None:
+        metrics["noised_chunks"] = len(layout.sizes) - layout.context
+    if bidirectional:  # the reference adds its gradient to the causal loss's (two backward passes)
+        aux = bidirectional_loss(model, x0, terms["context"], uncond, seeds, cfg)
+        metrics["bidirectional_loss"] = float(aux.detach())
+        loss = loss + aux
+    return loss, metrics
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,15 +14,19 @@ What is counted per learner GPU (bf16 training, the learner worker's DeepSpeed s
   (about L (60 D + 4 F) bytes per clip: an estimate of the bf16/fp32 intermediates of attention, norms
   and FFN, flash attention assumed). Without checkpointing every block keeps that much.
 LoRA makes only the adapters (and E_r when it has no adapters of its own) trainable; see ``models/lora.py``.
+A causal student (``model.causal.chunks``, docs/method.md §6) runs its graphs teacher-forced: the noisy
+chunks followed by their clean copy, twice a clip's tokens, so each of its clip-forwards counts twice; its
+rollout actors also hold the KV cache of a clip's clean chunks (K and V per layer).
 Not counted: CUDA context and allocator fragmentation (keep a few GB of headroom), communication buckets.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 GiB = 2 ** 30
 BF16, FP32, ADAM = 2, 4, 12  # bytes per parameter: weights/grads, EMA, master + two moments
@@ -81,7 +85,7 @@ class MemoryPlan:
                                   f"{self.limit_gb:g}; biggest: {worst}")
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelCounts:
     total: int
     trainable: int
@@ -89,15 +93,23 @@ class ModelCounts:
 
 def transformer_counts(size: str, flow_map: bool, lora) -> ModelCounts:
     """Parameter counts of the Wan2.1 ``size`` transformer on the meta device, with LoRA when enabled."""
+    return _counts(size, flow_map, OmegaConf.to_yaml(lora))
+
+
+@functools.lru_cache(maxsize=None)
+def _counts(size: str, flow_map: bool, lora_yaml: str) -> ModelCounts:
+    """``transformer_counts`` once per (size, kind, LoRA settings): a meta 14B with LoRA takes seconds."""
     from anyflow_ray.models.architectures import count_parameters, meta_transformer
     from anyflow_ray.models.lora import apply_lora
 
+    lora = OmegaConf.create(lora_yaml)
     model = meta_transformer(size, flow_map=flow_map)
     if lora.enabled:
         apply_lora(model, lora)
     return ModelCounts(count_parameters(model), count_parameters(model, trainable_only=True))
 
 
+@functools.lru_cache(maxsize=None)
 def text_encoder_parameters() -> int:
     """Parameters of Wan2.1's UMT5-XXL encoder (meta device)."""
     from transformers import UMT5Config, UMT5EncoderModel
@@ -111,9 +123,16 @@ def tokens_per_clip(cfg: DictConfig) -> int:
     """Transformer tokens of one clip: Wan VAE (4x temporal, 8x spatial) then the 1x2x2 patches."""
     from anyflow_ray.models.architectures import WAN_CONFIGS
 
+    from anyflow_ray.config import latent_frames
+
     p_t, p_h, p_w = WAN_CONFIGS[cfg.model.full_size]["patch_size"]
-    frames = (cfg.data.frames - 1) // 4 + 1
-    return (frames // p_t) * (cfg.data.height // 8 // p_h) * (cfg.data.width // 8 // p_w)
+    return (latent_frames(cfg) // p_t) * (cfg.data.height // 8 // p_h) * (cfg.data.width // 8 // p_w)
+
+
+def student_sequence(cfg: DictConfig) -> int:
+    """Clips' worth of tokens in one student forward with grad: 2 for a causal student (teacher forcing:
+    the noisy chunks and their clean copy, docs/method.md §6), else 1."""
+    return 2 if cfg.model.causal.chunks else 1
 
 
 def activation_bytes(cfg: DictConfig, clips_forwards: int, clips_per_pass: int) -> tuple[float, float]:
@@ -177,8 +196,15 @@ def plan_pretrain(cfg: DictConfig) -> MemoryPlan:
     if cfg.pretrain.target == "teacher":  # a frozen teacher outside the engine: whole on every rank
         frozen = transformer_counts(cfg.model.full_size, False, _no_lora())
         plan.items.append(Item("teacher weights (frozen)", BF16 * frozen.total, "pretrain.target=teacher"))
-    micro = cfg.pretrain.global_batch // ranks
-    plan.items += _activation_items(cfg, micro, micro, f"{micro} clip(s) x 1 forward with grad (+3 without)")
+    micro, seq = cfg.pretrain.global_batch // ranks, student_sequence(cfg)
+    what = f"{micro} clip(s) x 1 forward with grad (+3 without)"
+    forwards = micro * seq
+    if seq > 1:
+        what = f"{micro} clip(s) x 1 teacher-forced forward (2x tokens) with grad (+3 without)"
+    if cfg.model.causal.bidirectional_aux > 0:  # one graph with the causal loss's: both alive at the backward
+        forwards += micro
+        what += " + the bidirectional auxiliary forward"
+    plan.items += _activation_items(cfg, forwards, micro * seq, what)
     plan.other = _host_items(cfg)
     return plan
 
@@ -189,15 +215,16 @@ def distill_forwards(cfg: DictConfig) -> tuple[int, int]:
     The generator's graph holds the student jumps with grad (k-th step and jump to 0; the prefix too
     with ``grad_scope: all``) for each of the rank's ``rollout.batch_size`` clips, plus the co-training
     batch; the critic's graph is built after the student's backward (learners/distill.py), so the peak is
-    the larger of the two.
+    the larger of the two. A causal student's forwards are teacher-forced (``student_sequence``: twice a
+    clip's tokens); the critic stays bidirectional.
     """
     from anyflow_ray.config import distill_ranks
 
-    clips = cfg.rollout.batch_size
+    clips, seq = cfg.rollout.batch_size, student_sequence(cfg)
     jumps = 3 if cfg.distill.grad_scope == "all" else 2
     real = cfg.distill.real_batch // distill_ranks(cfg)
-    generator = clips * jumps + real
-    return max(generator, clips), max(clips, real)
+    generator = (clips * jumps + real) * seq
+    return max(generator, clips), max(clips, real) * seq
 
 
 def plan_distill(cfg: DictConfig) -> MemoryPlan:
@@ -235,13 +262,16 @@ def _rollout_items(cfg: DictConfig, student: ModelCounts) -> list[Item]:
     arch = WAN_CONFIGS[cfg.model.full_size]
     d, f = arch["num_attention_heads"] * arch["attention_head_dim"], arch["ffn_dim"]
     block = cfg.rollout.batch_size * tokens_per_clip(cfg) * (16 * d + 4 * f)
-    return [Item("student weights", BF16 * student.total, "bf16, whole"),
-            Item("no-grad forward (est.)", block, f"{cfg.rollout.batch_size} clip(s), one block's intermediates")]
+    items = [Item("student weights", BF16 * student.total, "bf16, whole"),
+             Item("no-grad forward (est.)", block, f"{cfg.rollout.batch_size} clip(s), one block's intermediates")]
+    if cfg.model.causal.chunks:  # chunk by chunk on the K/V of the clip's earlier chunks (docs/method.md §6)
+        cache = cfg.rollout.batch_size * arch["num_layers"] * 2 * tokens_per_clip(cfg) * d * BF16
+        items.append(Item("KV cache (causal rollout)", cache, f"{cfg.rollout.batch_size} clip(s), K and V of every "
+                          f"chunk, {arch['num_layers']} layers"))
+    return items
 
 
 def _no_lora():
-    from omegaconf import OmegaConf
-
     return OmegaConf.create({"enabled": False})
 
 

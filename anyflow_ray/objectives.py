@@ -19,7 +19,7 @@ import torch
 from omegaconf import DictConfig
 
 from anyflow_ray.data.shards import ClipBatch
-from anyflow_ray.losses import FlowMapLossConfig, flowmap_loss, sample_seeds, teacher_loss
+from anyflow_ray.losses import FlowMapLossConfig, draw_layout, flowmap_loss, sample_seeds, teacher_loss
 from anyflow_ray.schedule import Beta08Weight
 
 
@@ -87,13 +87,20 @@ class Stage1Objective:
     """docs/method.md §4: forward flow-map training with guidance fusion and adaptive normalisation.
 
     ``teacher``: the frozen single-time teacher, needed (and only used) with ``pretrain.target=teacher``.
+    With ``model.causal.chunks`` the student is causal and the loss teacher-forced (§6): each step draws
+    its chunk layout (``losses.draw_layout``) and, with probability ``bidirectional_aux`` (default
+    ``model.causal.bidirectional_aux``; Stage 2's co-training passes 0 as the reference does), adds a
+    bidirectional flow-matching step. Both draws depend on (seed, step) only, so every rank makes them alike.
     """
 
     name = "stage1"
 
-    def __init__(self, data: TrainData, cfg: DictConfig, teacher: torch.nn.Module | None = None):
+    def __init__(self, data: TrainData, cfg: DictConfig, teacher: torch.nn.Module | None = None,
+                 bidirectional_aux: float | None = None):
         pc = cfg.pretrain
         self.data, self.cfg, self.teacher = data, cfg, teacher
+        self.causal = cfg.model.causal
+        self.bidirectional_aux = self.causal.bidirectional_aux if bidirectional_aux is None else bidirectional_aux
         self.global_batch = pc.global_batch
         self.loss_cfg = FlowMapLossConfig(shift=cfg.schedule.shift, guidance=pc.guidance, delta=pc.fd_delta,
                                           uncond_prob=pc.uncond_prob, derivative=pc.derivative, target=pc.target)
@@ -106,8 +113,15 @@ class Stage1Objective:
         x0, context, positions = self.data.local_batch(step, self.global_batch, self.cfg.run.seed, rank,
                                                        world_size, device, dtype)
         seeds = sample_seeds(self.cfg.run.seed, step, positions)
+        layout, bidirectional = None, False
+        if self.causal.chunks:
+            layout = draw_layout(list(self.causal.chunks), self.causal.noisy_chunks, self.causal.long_context_prob,
+                                 self.cfg.run.seed, step)
+            gen = torch.Generator().manual_seed((self.cfg.run.seed * 1_000_003 + step) * 10_007 + 29)
+            bidirectional = float(torch.rand((), generator=gen, dtype=torch.float64)) < self.bidirectional_aux
         return flowmap_loss(model, x0, context, self.data.uncond.to(device, dtype), positions, self.global_batch,
-                            seeds, self.weight, self.loss_cfg, all_reduce=all_reduce, teacher=self.teacher)
+                            seeds, self.weight, self.loss_cfg, all_reduce=all_reduce, teacher=self.teacher,
+                            layout=layout, bidirectional=bidirectional)
 
 
 OBJECTIVES = {"teacher": TeacherObjective, "stage1": Stage1Objective}

@@ -5,8 +5,10 @@
                   generator=torch.Generator().manual_seed(0)).frames   # (B, F, H, W, 3) in [0, 1]
 
 With a ``WanFlowMapTransformer3DModel`` each step is one flow-map jump; with a plain
-``WanTransformer3DModel`` (a teacher) it is an Euler step. Latent models decode with the Wan VAE
-(``AutoencoderKLWan``); pixel-space models (the tiny default, ``vae=None``) use the identity.
+``WanTransformer3DModel`` (a teacher) it is an Euler step; a ``WanCausalFlowMapTransformer3DModel`` samples
+chunk by chunk, also from an image or a leading clip and past its training length (``pipeline_causal.py``).
+Latent models decode with the Wan VAE (``AutoencoderKLWan``); pixel-space models (the tiny default,
+``vae=None``) use the identity.
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils import BaseOutput
 
+from anyflow_ray.models.causal import is_causal
 from anyflow_ray.models.text import UNCONDITIONAL_PROMPT, encode_prompts
+from anyflow_ray.pipeline_causal import causal_call, conditioning_latents
 from anyflow_ray.sampling import consistency_sample, sample
 
 
@@ -63,9 +67,15 @@ class AnyFlowPipeline(DiffusionPipeline):
 
     @property
     def default_sample_size(self) -> tuple[int, int, int]:
-        """(frames, height, width) of a call that gives none: the model's own, else Wan's 81 x 480 x 832."""
+        """(frames, height, width) of a call that gives none: the model's own, else (a Wan VAE pipeline) Wan's
+        81 x 480 x 832. A pixel-space pipeline without a stored size has no sensible default: refused."""
         stored = self.config.get("sample_size")
-        return tuple(int(v) for v in stored) if stored else WAN_SAMPLE_SIZE
+        if stored:
+            return tuple(int(v) for v in stored)
+        if self.vae is None:
+            raise ValueError("this pipeline stores no sample_size (its model folder was written without one): "
+                             "pass num_frames, height and width")
+        return WAN_SAMPLE_SIZE
 
     @property
     def num_timesteps(self) -> int:
@@ -145,7 +155,8 @@ class AnyFlowPipeline(DiffusionPipeline):
                  prompt_embeds: torch.Tensor | None = None, progress: bool = False, return_dict: bool = True,
                  negative_prompt: str | list[str] | None = None, negative_prompt_embeds: torch.Tensor | None = None,
                  num_videos_per_prompt: int = 1, callback_on_step_end=None,
-                 callback_on_step_end_tensor_inputs: list[str] = ("latents",)):
+                 callback_on_step_end_tensor_inputs: list[str] = ("latents",), image=None, video=None,
+                 cache_chunks: int = 0, callback_on_chunk_end=None):
         """Sample videos in ``num_inference_steps`` steps (any N >= 1); deterministic given ``generator``.
 
         As diffusers' WanPipeline: ``prompt`` or ``prompt_embeds`` (not both); ``negative_prompt`` (default:
@@ -156,6 +167,12 @@ class AnyFlowPipeline(DiffusionPipeline):
         every step, with ``kwargs`` holding ``callback_on_step_end_tensor_inputs``; the latents and embeddings
         it returns replace the current ones.
         ``sampler="consistency"`` uses x0-prediction + re-noising instead of the flow-map trajectory.
+
+        A causal transformer (docs/method.md §6) samples chunk by chunk, N steps per chunk, for any
+        ``num_frames`` (past the training length the chunks stream on a KV cache of ``cache_chunks`` chunks,
+        0: all); ``image`` (image-to-video) or ``video`` (continuation) fixes the leading frames (see
+        ``pipeline_causal.media_to_pixels`` for the accepted forms); ``callback_on_chunk_end(pipe, j, frames)``
+        gets each chunk's new frames, (B, f, H, W, 3) in [0, 1], as it is finished.
         """
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
@@ -165,10 +182,18 @@ class AnyFlowPipeline(DiffusionPipeline):
             raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
         if num_videos_per_prompt < 1:
             raise ValueError(f"num_videos_per_prompt must be >= 1, got {num_videos_per_prompt}")
+        causal = is_causal(self.transformer)
+        if not causal and (image is not None or video is not None or callback_on_chunk_end is not None):
+            raise ValueError("image=, video= and callback_on_chunk_end need a causal transformer "
+                             "(WanCausalFlowMapTransformer3DModel)")
+        if causal and (sampler != "flowmap" or callback_on_step_end is not None):
+            raise ValueError("a causal transformer samples with sampler='flowmap' and callback_on_chunk_end, "
+                             "not callback_on_step_end")
         if sampler not in ("flowmap", "consistency"):
             raise ValueError(f"sampler must be 'flowmap' or 'consistency', got {sampler!r}")
-        default_frames, default_height, default_width = self.default_sample_size
-        num_frames, height, width = num_frames or default_frames, height or default_height, width or default_width
+        if not (num_frames and height and width):
+            default_frames, default_height, default_width = self.default_sample_size
+            num_frames, height, width = num_frames or default_frames, height or default_height, width or default_width
         device, dtype = self._execution_device, self.transformer.dtype
 
         # text: (B * num_videos_per_prompt, L, D), the videos of one prompt next to each other
@@ -191,7 +216,11 @@ class AnyFlowPipeline(DiffusionPipeline):
             on_step = self._step_hook(callback_on_step_end, list(callback_on_step_end_tensor_inputs))
         self._num_timesteps = num_inference_steps
         shift = self.config.shift
-        if sampler == "flowmap":
+        if causal:
+            fixed = conditioning_latents(self, image, video, noise.shape[0], height, width)
+            out = causal_call(self, noise, context, num_inference_steps, guidance_scale, uncond, fixed, cache_chunks,
+                              callback_on_chunk_end, progress)
+        elif sampler == "flowmap":
             out = sample(self.transformer, noise, context, num_inference_steps, shift, guidance_scale, uncond,
                          progress, on_step=on_step)
         else:

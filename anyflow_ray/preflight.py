@@ -42,10 +42,12 @@ def _training(cfg: DictConfig, command: str) -> None:
 
 
 def _sample(cfg: DictConfig, command: str) -> None:
-    keys = ["sample.model"] if cfg.sample.get("model") else []
-    models = cfg.sample.get("models") or []
-    for key, path in [(key, OmegaConf.select(cfg, key)) for key in keys] + [("sample.models", m) for m in models]:
-        _pipeline_folder(cfg, key, str(path))
+    """``sample.model`` when set (it replaces ``sample.models``), else every folder of ``sample.models``."""
+    if cfg.sample.get("model"):
+        _pipeline_folder(cfg, "sample.model", str(cfg.sample.model))
+        return
+    for path in cfg.sample.get("models") or []:
+        _pipeline_folder(cfg, "sample.models", str(path))
 
 
 def _prepare(cfg: DictConfig, command: str) -> None:

@@ -7,6 +7,8 @@ the base weights, R is F with its adapters switched off). Per step, on trajector
     (``grad_scope: all`` recomputes the prefix from the noise too), DMD loss with CFG on R, plus the
     Stage-1 loss on a real batch times ``distill.real_weight`` (the reference: 1, equal weight);
   critic update: flow matching of F on a fresh critic trajectory's x_hat (one per generator update).
+A causal student (docs/method.md §6) re-runs every chunk at once by teacher forcing on the actor's own
+x_hat of the earlier chunks (the trajectory's ``context_chunks``); R and F stay bidirectional.
 Trajectories that cannot be fetched (lost with their actor) or fail validation are counted, never used.
 """
 
@@ -21,7 +23,10 @@ import torch
 from ray.exceptions import GetTimeoutError, ObjectLostError, OwnerDiedError
 
 from anyflow_ray.backward_sim import RolloutState, finish, prefix
+from anyflow_ray.causal_backward_sim import causal_finish, causal_prefix
+from anyflow_ray.consistency_rollout import consistency_finish
 from anyflow_ray.losses import critic_loss, dmd_loss
+from anyflow_ray.models.causal import is_causal
 from anyflow_ray.models.loading import load_transformer
 from anyflow_ray.objectives import Stage1Objective
 from anyflow_ray.schedule import sampling_grid
@@ -39,15 +44,20 @@ class TrajectoryError(ValueError):
 
 
 def validate_trajectory(payload: dict, kind: str, clip_shape: tuple[int, ...], num_prompts: int,
-                        embedding_shape: tuple[int, ...] | None = None) -> None:
+                        embedding_shape: tuple[int, ...] | None = None, causal: bool = False) -> None:
     """Raise TrajectoryError for a payload with missing keys, wrong shapes or non-finite values. A payload
     that carries its prompt embeddings (``context``: the actor read its own shards) is checked against
-    ``embedding_shape``; otherwise ``prompt_idx`` must index the learner's ``num_prompts`` prompts."""
-    missing = [key for key in REQUIRED[kind] if key not in payload]
+    ``embedding_shape``; otherwise ``prompt_idx`` must index the learner's ``num_prompts`` prompts. A causal
+    student's generator trajectory carries ``context_chunks`` (the actor's x_hat of every chunk, docs/method.md
+    §6); a bidirectional student's carries none (an actor and a learner disagreeing on the student)."""
+    required = REQUIRED[kind] + (("context_chunks",) if causal and kind == "generator" else ())
+    missing = [key for key in required if key not in payload]
     if missing:
         raise TrajectoryError(f"{kind} trajectory lacks {missing}")
+    if not causal and "context_chunks" in payload:
+        raise TrajectoryError(f"{kind} trajectory carries context_chunks but the student is bidirectional")
     batch = len(payload["prompt_idx"])
-    for key in ("z_k", "x_hat", "noise"):
+    for key in ("z_k", "x_hat", "noise", "context_chunks"):
         if key in payload:
             tensor = payload[key]
             if tuple(tensor.shape) != (batch, *clip_shape):
@@ -74,7 +84,9 @@ class DistillWorker(LearnerWorker):
         import deepspeed
 
         dc = self.cfg.distill
-        student = load_transformer(dc.init, flow_map=True, gate=self.cfg.model.gate, dtype=self.dtype)
+        student = load_transformer(dc.init, flow_map=True, gate=self.cfg.model.gate, dtype=self.dtype,
+                                   causal_chunks=list(self.cfg.model.causal.chunks))
+        self.causal = is_causal(student)  # teacher and critic stay bidirectional (docs/method.md §6)
         teacher = load_transformer(dc.teacher, flow_map=False, dtype=self.dtype)
         shared = dc.critic == "lora"  # F = LoRA on the frozen teacher; R = the same module, adapters off
         critic = teacher if shared else copy.deepcopy(teacher)
@@ -90,7 +102,8 @@ class DistillWorker(LearnerWorker):
             self.teacher = teacher.to(self.device).eval().requires_grad_(False)
         data = self._load_data()
         self.data = data
-        self.objective = Stage1Objective(data, self._co_training_cfg(), teacher=self.teacher)
+        # the co-training takes no bidirectional auxiliary step (the reference's FAR Stage 2 sets it to 0)
+        self.objective = Stage1Objective(data, self._co_training_cfg(), teacher=self.teacher, bidirectional_aux=0.0)
         self.engines = {}
         for name, model in (("student", student), ("critic", critic)):
             params = [p for p in model.parameters() if p.requires_grad]
@@ -131,7 +144,7 @@ class DistillWorker(LearnerWorker):
                 continue
             try:
                 validate_trajectory(payload, kind, clip_shape, len(self.data.clips.prompts),
-                                    tuple(self.data.clips.embeddings.shape[1:]))
+                                    tuple(self.data.clips.embeddings.shape[1:]), self.causal)
             except TrajectoryError:
                 rejected += 1
                 continue
@@ -145,16 +158,23 @@ class DistillWorker(LearnerWorker):
         return context.to(self.device, self.dtype)
 
     def student_x_hat(self, payload: dict) -> torch.Tensor:
-        """x_hat with gradient: from z_k (or from the noise when grad_scope is all)."""
+        """x_hat with gradient: from z_k (or from the noise when grad_scope is all). A causal student re-runs
+        every chunk at once on the actor's own earlier chunks (teacher forcing, docs/method.md §6)."""
         context = self._context(payload)
         student = self.engines["student"].module
         uniform = self.zero_stage == 3  # the same calls on every rank, whatever (N, k)
+        clean = payload["context_chunks"].to(self.device, self.dtype) if self.causal else None
         if self.cfg.distill.grad_scope == "all" and "noise" in payload:
-            state = prefix(student, payload["noise"].to(self.device, self.dtype), context, payload["num_steps"],
-                           payload["k"], self.cfg.schedule.shift, uniform_calls=uniform)
+            noise, draw = payload["noise"].to(self.device, self.dtype), (payload["num_steps"], payload["k"])
+            state = (causal_prefix(student, noise, clean, context, *draw, self.cfg.schedule.shift, uniform)
+                     if self.causal else prefix(student, noise, context, *draw, self.cfg.schedule.shift, uniform))
         else:
             state = RolloutState(payload["num_steps"], payload["k"], payload["T_k"].to(self.device),
                                  payload["T_next"].to(self.device), payload["z_k"].to(self.device, self.dtype))
+        if self.causal:
+            return causal_finish(student, state, clean, context, uniform_calls=uniform)[1], context
+        if self.cfg.distill.rollout == "consistency":  # one call whatever (N, k): uniform under ZeRO-3 too
+            return consistency_finish(student, state, context), context
         return finish(student, state, context, uniform_calls=uniform)[1], context
 
     # -- ZeRO-3: every model call gathers weights from all ranks, so all ranks make the same calls ------
@@ -173,8 +193,9 @@ class DistillWorker(LearnerWorker):
         if kind == "critic":
             return {"prompt_idx": torch.zeros(1, dtype=torch.long), "x_hat": clip}
         grid = sampling_grid(2, self.cfg.schedule.shift)
-        return {"prompt_idx": torch.zeros(1, dtype=torch.long), "num_steps": 2, "k": 0, "z_k": clip, "noise": clip,
-                "T_k": grid[0:1].clone(), "T_next": grid[1:2].clone()}
+        stand_in = {"prompt_idx": torch.zeros(1, dtype=torch.long), "num_steps": 2, "k": 0, "z_k": clip,
+                    "noise": clip, "T_k": grid[0:1].clone(), "T_next": grid[1:2].clone()}
+        return {**stand_in, "context_chunks": clip} if self.causal else stand_in
 
     # -- one step -----------------------------------------------------------------------------
     halted: int | None = None  # the step whose non-finite loss stopped this rank

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 from anyflow_ray import checkpoint as ckpt_io
-from anyflow_ray.config import distill_zero_stage
+from anyflow_ray.config import ConfigError, distill_zero_stage
 from anyflow_ray.data.shards import read_shards
 from anyflow_ray.device import collective_backend, resolve_device, resolve_dtype, set_threads
 from anyflow_ray.models.loading import load_text_encoder, load_transformer, text_max_length
@@ -47,15 +47,31 @@ def job_settings(cfg: DictConfig, job: str) -> DictConfig:
 
 
 def build_model(cfg: DictConfig, job: str, dtype: torch.dtype) -> torch.nn.Module:
-    """Teacher: the base folder's single-time transformer. Stage 1: the teacher wrapped as a flow map."""
+    """Teacher: the base folder's single-time transformer. Stage 1: the teacher wrapped as a flow map, or
+    with ``model.causal.chunks`` as the causal flow map over those chunks (docs/method.md §6)."""
     if job == "teacher":
         model = load_transformer(cfg.model.base, flow_map=False, dtype=dtype)
     else:
-        model = load_transformer(cfg.pretrain.init, flow_map=True, gate=cfg.model.gate, dtype=dtype)
+        model = stage1_student(cfg, dtype)
     if cfg.model.lora.enabled:
         apply_lora(model, cfg.model.lora)
     if cfg.model.gradient_checkpointing:
         model.enable_gradient_checkpointing()
+    return model
+
+
+def stage1_student(cfg: DictConfig, dtype: torch.dtype) -> torch.nn.Module:
+    """``pretrain.init`` as the Stage-1 student: a two-time flow map (E_r := copy of E_t), made causal over
+    ``model.causal.chunks`` when they are set (a causal folder must already have those chunks)."""
+    from anyflow_ray.models.causal import WanCausalFlowMapTransformer3DModel, is_causal
+
+    chunks = [int(c) for c in cfg.model.causal.chunks]
+    model = load_transformer(cfg.pretrain.init, flow_map=True, gate=cfg.model.gate, dtype=dtype)
+    if is_causal(model) and list(model.config.causal_chunks) != chunks:
+        raise ConfigError(f"model.causal.chunks={chunks}: pretrain.init={cfg.pretrain.init} holds a causal model "
+                          f"over chunks {list(model.config.causal_chunks)}")
+    if chunks and not is_causal(model):
+        model = WanCausalFlowMapTransformer3DModel.from_base(model, chunks, gate=cfg.model.gate)
     return model
 
 

@@ -23,7 +23,7 @@ def tiny_cfg():
 def tiny_model_dir(tmp_path_factory, tiny_cfg):
     from anyflow_ray.models.loading import make_tiny
 
-    return make_tiny(tmp_path_factory.mktemp("tiny") / "base-model", tiny_cfg.model.tiny)
+    return make_tiny(tmp_path_factory.mktemp("tiny") / "base-model", tiny_cfg.model.tiny, sample_size=(8, 16, 16))
 
 
 @pytest.fixture(scope="module")

@@ -54,6 +54,32 @@ def test_bad_keys_and_values_name_the_key(override, key):
         load_config("configs/tiny.yaml", [override])
 
 
+@pytest.mark.parametrize("overrides, key", [
+    (["model.causal.chunks=[2,2,2]"], "model.causal.chunks"),  # 6 of the 8 latent frames
+    (["model.causal.chunks=[2,2,2,0,2]"], "model.causal.chunks"),
+    (["model.causal.noisy_chunks=1"], "model.causal.noisy_chunks"),  # no chunks: bidirectional
+    (["model.causal.chunks=[2,2,2,2]", "model.causal.noisy_chunks=5"], "model.causal.noisy_chunks"),
+    (["model.causal.bidirectional_aux=0.1"], "model.causal.bidirectional_aux"),
+    (["model.causal.chunks=[2,2,2,2]", "model.causal.long_context_prob=0.5"], "model.causal.long_context_prob"),
+    (["model.causal.chunks=[2,2,2,2]", "model.causal.cache_chunks=-1"], "model.causal.cache_chunks"),
+    (["sample.max_chunks=-1"], "sample.max_chunks"),
+    (["model.causal.chunks=[2,2,2,2]", "pretrain.target=teacher"], "pretrain.target"),
+])
+def test_bad_causal_keys_name_the_key(overrides, key):
+    with pytest.raises(ConfigError, match="^" + key.replace(".", r"\.") + "="):
+        load_config("configs/tiny.yaml", overrides)
+
+
+def test_causal_chunks_tile_the_latent_frames_of_each_config():
+    tiny = load_config("configs/tiny-causal.yaml")
+    assert list(tiny.model.causal.chunks) == [2, 2, 2, 2] and tiny.pretrain.target == "data"
+    assert tiny.run.output_dir == "outputs/tiny-causal" and tiny.sample.max_chunks == 8
+    with pytest.raises(ConfigError, match="multiples of 2"):  # tiny-wide puts two frames in a patch
+        load_config("configs/tiny-wide.yaml", ["model.causal.chunks=[1,3,2,2]", "pretrain.target=data"])
+    latent = load_config("configs/tiny-latent.yaml", ["model.causal.chunks=[1,2]", "pretrain.target=data"])
+    assert sum(latent.model.causal.chunks) == 3  # 9 frames through the Wan VAE: 3 latent frames
+
+
 def test_frames_must_fill_whole_patches():
     assert load_config("configs/tiny-wide.yaml", ["data.frames=6"]).data.frames == 6
     with pytest.raises(ConfigError, match=r"data\.frames"):  # tiny-wide puts two frames in a patch

@@ -3,7 +3,7 @@
 import pytest
 
 from anyflow_ray.cli import EXIT_MEMORY_PLAN, main
-from anyflow_ray.config import distill_zero_stage, load_config
+from anyflow_ray.config import distill_ranks, distill_zero_stage, load_config
 from anyflow_ray.memory_plan import GiB, MemoryPlanError, memory_plan, tokens_per_clip
 
 ARCH = {"1.3b": dict(d=1536, f=8960, layers=30), "14b": dict(d=5120, f=13824, layers=40)}
@@ -101,3 +101,23 @@ def test_cli_dry_run_exit_codes(capsys):
 def test_dry_run_needs_a_full_size_model():
     with pytest.raises(ValueError, match="model.full_size"):
         main(["distill", "--config", "configs/tiny.yaml", "--dry-run"])
+
+
+@pytest.mark.parametrize("size", ["1.3b", "14b"])
+def test_causal_plans_count_the_clean_copy_and_the_rollout_kv_cache(size):
+    """Teacher forcing doubles the student's tokens (noisy chunks + clean copy); the bidirectional auxiliary
+    step adds one plain forward; causal rollouts hold K and V of every chunk; both plans fit their GPUs."""
+    cfg = load_config(f"configs/wan2.1-t2v-{size}-causal.yaml")
+    a, tokens = ARCH[size], tokens_per_clip(cfg)
+    per_clip = a["layers"] * tokens * a["d"] * 2  # one clip-forward's checkpointed block inputs
+    micro = cfg.pretrain.global_batch // cfg.learner.num_ranks
+    assert items(memory_plan(cfg, "pretrain"))["activations: kept block inputs"] == (2 * micro + micro) * per_clip
+    no_aux = load_config(f"configs/wan2.1-t2v-{size}-causal.yaml", ["model.causal.bidirectional_aux=0"])
+    assert items(memory_plan(no_aux, "pretrain"))["activations: kept block inputs"] == 2 * micro * per_clip
+    clips, real = cfg.rollout.batch_size, cfg.distill.real_batch // distill_ranks(cfg)
+    plan = memory_plan(cfg, "distill")
+    assert items(plan)["activations: kept block inputs"] == 2 * (3 * clips + real) * per_clip  # grad_scope all
+    rollout = {item.name: item.bytes for item in plan.other["rollout actor GPU"]}
+    assert rollout["KV cache (causal rollout)"] == clips * a["layers"] * 2 * tokens * a["d"] * 2
+    plan.check()
+    memory_plan(cfg, "pretrain").check()

@@ -62,10 +62,12 @@ def test_frames_height_width_default_to_the_model_size(tiny_cfg, tmp_path):
     loaded = AnyFlowPipeline.from_pretrained(tmp_path / "p")
     assert loaded.default_sample_size == (4, 32, 16)
     assert loaded(PROMPT, num_inference_steps=1).frames.shape == (1, 4, 32, 16, 3)
-    # a model folder without a size of its own (Wan's) defaults to WanPipeline's 81 x 480 x 832
-    wan_like = AnyFlowPipeline(transformer=loaded.transformer, text_encoder=loaded.text_encoder,
+    # a pixel-space folder without a size of its own has no sensible default (Wan's would not finish): refused
+    sizeless = AnyFlowPipeline(transformer=loaded.transformer, text_encoder=loaded.text_encoder,
                                tokenizer=loaded.tokenizer)
-    assert wan_like.default_sample_size == WAN_SAMPLE_SIZE == (81, 480, 832)
+    with pytest.raises(ValueError, match="pass num_frames, height and width"):
+        sizeless(PROMPT, num_inference_steps=1)
+    assert sizeless(PROMPT, num_inference_steps=1, num_frames=4, height=16, width=16).frames.shape == (1, 4, 16, 16, 3)
 
 
 def test_a_latent_model_pipeline_carries_its_vae_and_returns_pixels(tiny_cfg, tmp_path):
@@ -75,6 +77,10 @@ def test_a_latent_model_pipeline_carries_its_vae_and_returns_pixels(tiny_cfg, tm
     loaded = AnyFlowPipeline.from_pretrained(tmp_path / "p")
     out = loaded(PROMPT, num_inference_steps=1, generator=torch.Generator().manual_seed(0))
     assert out.frames.shape == (1, 5, 32, 32, 3)  # decoded by the VAE, not the latents (1, 4, 2, 4, 4)
+    # a VAE pipeline without a size of its own (Wan's folders) defaults to WanPipeline's 81 x 480 x 832
+    wan_like = AnyFlowPipeline(transformer=loaded.transformer, text_encoder=loaded.text_encoder,
+                               tokenizer=loaded.tokenizer, vae=loaded.vae)
+    assert wan_like.default_sample_size == WAN_SAMPLE_SIZE == (81, 480, 832)
 
 
 def test_num_videos_per_prompt_keeps_a_prompts_videos_together(pipe):
@@ -101,7 +107,8 @@ def test_negative_prompt_is_used_only_with_guidance(pipe):
     no_cfg = [pipe(PROMPT, guidance_scale=1.0, latents=noise, negative_prompt=n, **kw).frames for n in ("", "a blue square")]
     torch.testing.assert_close(*no_cfg)
     stored = AnyFlowPipeline(transformer=pipe.transformer, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
-                             text_max_length=pipe.config.text_max_length, negative_prompt="a blue square moving up")
+                             text_max_length=pipe.config.text_max_length, negative_prompt="a blue square moving up",
+                             sample_size=[8, 16, 16])
     torch.testing.assert_close(stored(PROMPT, guidance_scale=3.0, latents=noise, **kw).frames, other)
 
 

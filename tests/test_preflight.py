@@ -64,6 +64,19 @@ def test_sample_of_a_missing_model_is_one_line_not_a_repo_id_error(capsys):
     assert "sample.model=/nope: no such folder" in err and "repo id" not in err
 
 
+def test_sample_model_replaces_sample_models_in_the_pre_flight(tmp_path):
+    from anyflow_ray import preflight
+    from anyflow_ray.config import load_config
+
+    (tmp_path / "student").mkdir()
+    (tmp_path / "student" / "model_index.json").write_text("{}")
+    # the default sample.models (the Stage-2 folder) does not exist here; sample.model alone is what is sampled
+    preflight.check(load_config("configs/tiny.yaml", [f"run.output_dir={tmp_path}", f"sample.model={tmp_path}/student"]),
+                    "sample")
+    with pytest.raises(preflight.PreflightError, match="sample.models=.*stage2: no such folder"):
+        preflight.check(load_config("configs/tiny.yaml", [f"run.output_dir={tmp_path}"]), "sample")
+
+
 def test_a_truncated_shard_is_named(inputs, tmp_path, capsys):
     shard = sorted((tmp_path / "data" / "train").glob("shard-*.parquet"))[1]
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])

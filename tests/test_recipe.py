@@ -50,3 +50,37 @@ def test_tiny_config_keeps_its_behaviour():
     assert (cfg.teacher.ema_warmup, cfg.pretrain.ema_warmup, cfg.distill.ema_warmup) == (0, 0, 0)
     assert list(cfg.teacher.betas) == [0.9, 0.999] and cfg.distill.critic == "copy"
     assert cfg.pretrain.init == cfg.teacher.output and cfg.distill.grad_scope == "last"
+
+
+# the reference's FAR options (options/train/anyflow/farwan_causal): chunk_partition, full_chunk_limit,
+# long_context_training_ratio, bidirectional_modeling_prob
+FAR = {"model.causal.chunks": [1, 3, 3, 3, 3, 3, 3, 2], "model.causal.noisy_chunks": 3,
+       "model.causal.long_context_prob": 0.5, "model.causal.bidirectional_aux": 0.1}
+# what each causal config changes besides FAR and its own folder (docs/method.md §6; the configs say why)
+CAUSAL_CHANGES = {"1.3b": {"model.causal.cache_chunks": 7, "distill.num_ranks": 16, "rollout.batch_size": 2},
+                  "14b": {"model.causal.cache_chunks": 7, "run.gpu_memory_gb": 141.0, "learner.zero_stage": 3}}
+
+
+def _flat(cfg) -> dict:
+    def walk(node, prefix):
+        for key, value in node.items():
+            if isinstance(value, dict):
+                yield from walk(value, f"{prefix}{key}.")
+            else:
+                yield f"{prefix}{key}", value
+    return dict(walk(OmegaConf.to_container(cfg), ""))
+
+
+@pytest.mark.parametrize("size", ["1.3b", "14b"])
+def test_causal_wan_config_is_the_bidirectional_recipe_plus_the_references_far_options(size):
+    causal, bidirectional = (_flat(load_config(f"configs/wan2.1-t2v-{size}{tail}.yaml")) for tail in ("-causal", ""))
+    assert {key: causal[key] for key in FAR} == FAR
+    assert sum(FAR["model.causal.chunks"]) == (81 - 1) // 4 + 1  # 21 latent frames
+    changed = {key for key in causal if causal[key] != bidirectional[key]}
+    own_folder = {key for key in changed if f"/mnt/anyflow/runs/wan2.1-t2v-{size}-causal" in str(causal[key])}
+    assert changed - own_folder == set(FAR) | set(CAUSAL_CHANGES[size])
+    assert {key: causal[key] for key in CAUSAL_CHANGES[size]} == CAUSAL_CHANGES[size]
+    assert causal["teacher.output"] == bidirectional["teacher.output"]  # the bidirectional run's teacher
+    assert causal["pretrain.init"] == causal["model.base"] and causal["pretrain.target"] == "data"
+    cfg = load_config(f"configs/wan2.1-t2v-{size}-causal.yaml")
+    assert distill_ranks(cfg) * cfg.rollout.batch_size == cfg.distill.real_batch

@@ -4,6 +4,11 @@ The reference is the teacher's ``eval.reference_steps``-step Euler ODE solution 
 ``eval.teacher_guidance``) from the same noise and held-out prompts. Single-time models (teachers)
 sample with that CFG; flow maps with guidance 1 (CFG is fused into them). Prints a Markdown table and
 writes ``results.json``, ``results.md`` and ``quality_vs_steps.png`` to ``eval.output``.
+
+With ``model.causal.chunks`` (docs/method.md §6) every model is also measured per chunk, and each causal
+one streams videos of ``sample.max_chunks`` chunks (twice the training length when that is not longer)
+from its rolling KV cache (``model.causal.cache_chunks``): per-chunk tables, ``chunk_rows`` in the JSON
+and ``quality_per_chunk.png``.
 """
 
 from __future__ import annotations
@@ -15,7 +20,8 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from anyflow_ray.data.shards import read_shards
-from anyflow_ray.evaluate import batched_sample, evaluate_model, format_table, is_flow_map, write_results
+from anyflow_ray.evaluate import (batched_sample, chunk_bounds, evaluate_model, evaluate_stream, format_chunk_tables,
+                                  format_table, is_causal, is_flow_map, write_results)
 from anyflow_ray.jobs.common import heldout_root, log, prepare
 from anyflow_ray.pipeline import AnyFlowPipeline
 from anyflow_ray.sampling import draw_noise
@@ -36,8 +42,10 @@ def run(cfg: DictConfig) -> Path:
                                ec.teacher_guidance, uncond, ec.batch_size)
     # a latent-space model's samples are decoded by its VAE for the adherence checks (pixels in [-1, 1])
     to_pixels = None if teacher.vae is None else (lambda z: teacher.decode(z) * 2 - 1)
-    rows = []
-    bar = tqdm(total=len(ec.models) * len(ec.steps), desc="evaluating")
+    chunks, cache_chunks = [int(c) for c in cfg.model.causal.chunks], int(cfg.model.causal.cache_chunks)
+    stream_noise = _stream_noise(cfg, n, heldout.videos.shape[1:], device, dtype) if chunks else None
+    rows, chunk_rows = [], []
+    bar = tqdm(total=len(ec.models) * len(ec.steps) * (2 if chunks else 1), desc="evaluating")
     for model_dir in ec.models:
         if not (Path(model_dir) / "model_index.json").is_file():
             raise FileNotFoundError(f"eval.models: {model_dir} is not a pipeline folder (no model_index.json); "
@@ -47,15 +55,38 @@ def run(cfg: DictConfig) -> Path:
         guidance = 1.0 if is_flow_map(pipe.transformer) else ec.teacher_guidance
         rows += evaluate_model(Path(model_dir).name, pipe.transformer, noise, contexts, prompts, uncond, reference,
                                real, [int(s) for s in ec.steps], cfg.schedule.shift, guidance, ec.batch_size,
-                               ec.swd_projections, progress=lambda _: bar.update(), to_pixels=to_pixels)
+                               ec.swd_projections, progress=lambda _: bar.update(), to_pixels=to_pixels,
+                               chunks=chunks, cache_chunks=cache_chunks, chunk_rows=chunk_rows)
+        if chunks and is_causal(pipe.transformer):
+            chunk_rows += evaluate_stream(Path(model_dir).name, pipe.transformer, stream_noise, contexts, real, chunks,
+                                          [int(s) for s in ec.steps], cfg.schedule.shift, cache_chunks, ec.batch_size,
+                                          ec.swd_projections, progress=lambda _: bar.update())
+        elif chunks:
+            bar.update(len(ec.steps))
     bar.close()
     meta = {"num_prompts": n, "reference_steps": ec.reference_steps, "teacher_guidance": ec.teacher_guidance,
             "reference_swd_floor": _data_floor(heldout.videos, n, ec.swd_projections)}
-    paths = write_results(rows, out, meta)
+    if chunks:
+        meta.update(chunks=chunks, cache_chunks=cache_chunks, stream_frames=stream_noise.shape[2],
+                    chunk_swd_floor=[_data_floor(heldout.videos[:, :, a:b], n, ec.swd_projections)
+                                     for a, b in chunk_bounds(chunks, heldout.videos.shape[2])])
+    paths = write_results(rows, out, meta, chunk_rows)
     print(format_table(rows))
+    if chunk_rows:
+        print("\n" + format_chunk_tables(chunk_rows))
     log.info("SWD between two halves of the held-out data (noise floor): %.4f", meta["reference_swd_floor"])
     log.info("wrote %s", ", ".join(str(p) for p in paths.values()))
     return out
+
+
+def _stream_noise(cfg: DictConfig, n: int, clip_shape, device, dtype) -> torch.Tensor:
+    """Noise of the streaming videos: ``sample.max_chunks`` chunks, or twice the training length's chunks
+    when that is not longer; chunks past the training length take the last chunk's size."""
+    chunks = [int(c) for c in cfg.model.causal.chunks]
+    count = cfg.sample.max_chunks if cfg.sample.max_chunks > len(chunks) else 2 * len(chunks)
+    frames = sum(chunks) + (count - len(chunks)) * chunks[-1]
+    channels, _, height, width = clip_shape
+    return draw_noise((n, channels, frames, height, width), cfg.eval.seed + 1, device, dtype)
 
 
 def _data_floor(videos: torch.Tensor, n: int, projections: int) -> float:

@@ -40,7 +40,9 @@ def dry_run_report(cfg: DictConfig) -> dict:
     world = cfg.learner.num_ranks
     micro = cfg.pretrain.global_batch // world
     ds_config = deepspeed_config(cfg, "stage1", micro, torch.bfloat16)
-    print(f"model: Wan2.1-T2V-{cfg.model.full_size.upper()} flow map (meta device, no weights)")
+    chunks = list(cfg.model.causal.chunks)
+    kind = f"causal flow map, chunks {chunks}, teacher-forced (docs/method.md §6)" if chunks else "flow map"
+    print(f"model: Wan2.1-T2V-{cfg.model.full_size.upper()} {kind} (meta device, no weights)")
     print(f"parameters: total {total:,}  trainable {trainable:,} ({100 * trainable / total:.2f}%)"
           f"{'  [LoRA rank %d]' % cfg.model.lora.rank if cfg.model.lora.enabled else ''}")
     print("deepspeed config:\n" + json.dumps(ds_config, indent=2))

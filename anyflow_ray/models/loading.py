@@ -1,7 +1,7 @@
 """Loading models from local diffusers folders, and writing the tiny one.
 
 The same code reads Wan2.1-T2V-1.3B-Diffusers and the folder ``anyflow-ray make-tiny`` writes:
-``transformer/`` (WanTransformer3DModel or the flow map), ``text_encoder/`` (UMT5EncoderModel),
+``transformer/`` (WanTransformer3DModel or a flow map, causal or not), ``text_encoder/`` (UMT5EncoderModel),
 ``tokenizer/``, ``scheduler/`` and, for latent models, ``vae/`` (AutoencoderKLWan). Nothing is ever
 downloaded: a missing folder is an error naming it.
 """
@@ -17,6 +17,7 @@ from diffusers.models.transformers.transformer_wan import WanTransformer3DModel
 from transformers import AutoTokenizer, UMT5EncoderModel
 
 from anyflow_ray.models.architectures import tiny_transformer_config
+from anyflow_ray.models.causal import WanCausalFlowMapTransformer3DModel
 from anyflow_ray.models.flowmap import WanFlowMapTransformer3DModel
 from anyflow_ray.models.text import build_word_tokenizer, tiny_text_encoder
 
@@ -32,21 +33,30 @@ def _require_folder(path: str | Path, what: str) -> Path:
 
 
 def load_transformer(folder: str | Path, flow_map: bool = False, gate: float = 0.25,
-                     dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+                     dtype: torch.dtype = torch.float32, causal_chunks: list[int] | None = None) -> torch.nn.Module:
     """A transformer from ``folder`` (a ``transformer/`` subfolder or a model root).
 
-    ``flow_map=True`` returns a two-time model: loaded as is when the folder holds one, otherwise the
-    single-time weights are wrapped (E_r := copy of E_t). ``flow_map=False`` returns the folder's class.
+    ``flow_map=True`` returns a two-time model: loaded as is when the folder holds one (causal or not),
+    otherwise the single-time weights are wrapped (E_r := copy of E_t). ``causal_chunks`` (non-empty,
+    with ``flow_map=True``) returns the causal flow map on those chunks (docs/method.md §6), wrapping a
+    bidirectional folder or re-chunking a causal one. ``flow_map=False`` returns the folder's class.
     """
     folder = Path(folder)
     if (folder / "transformer").is_dir():
         folder = folder / "transformer"
     _require_folder(folder, "transformer")
     class_name = json.loads((folder / "config.json").read_text()).get("_class_name")
-    if class_name == WanFlowMapTransformer3DModel.__name__:
-        return WanFlowMapTransformer3DModel.from_pretrained(folder, dtype=dtype, **LOCAL_ONLY)
-    base = WanTransformer3DModel.from_pretrained(folder, dtype=dtype, **LOCAL_ONLY)
-    return WanFlowMapTransformer3DModel.from_base(base, gate) if flow_map else base
+    classes = {cls.__name__: cls for cls in (WanFlowMapTransformer3DModel, WanCausalFlowMapTransformer3DModel)}
+    if class_name in classes:
+        model = classes[class_name].from_pretrained(folder, dtype=dtype, **LOCAL_ONLY)
+    else:
+        model = WanTransformer3DModel.from_pretrained(folder, dtype=dtype, **LOCAL_ONLY)
+        if flow_map:
+            model = WanFlowMapTransformer3DModel.from_base(model, gate)
+    chunks = [int(c) for c in causal_chunks or []]
+    if flow_map and chunks and list(getattr(model.config, "causal_chunks", None) or []) != chunks:
+        model = WanCausalFlowMapTransformer3DModel.from_base(model, chunks, gate)
+    return model
 
 
 def load_text_encoder(root: str | Path, dtype: torch.dtype = torch.float32):

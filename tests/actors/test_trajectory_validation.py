@@ -44,3 +44,21 @@ def test_a_trajectory_carrying_its_prompt_embeddings_is_checked_by_them_not_by_i
     with pytest.raises(TrajectoryError, match="context holds NaN"):
         validate_trajectory(_payload(context=torch.full((2, 12, 32), float("nan"))), "generator", SHAPE,
                             num_prompts=10, embedding_shape=(12, 32))
+
+
+def test_a_causal_students_generator_trajectory_must_carry_finite_context_chunks_of_the_clip():
+    """docs/method.md §6: the learner re-runs every chunk on the actor's own earlier chunks."""
+    chunks = torch.zeros(2, *SHAPE)
+    validate_trajectory(_payload(context_chunks=chunks), "generator", SHAPE, num_prompts=10, causal=True)
+    validate_trajectory({"prompt_idx": torch.tensor([0, 5]), "x_hat": chunks}, "critic", SHAPE, num_prompts=10,
+                        causal=True)  # the critic trains on x_hat alone
+    with pytest.raises(TrajectoryError, match="lacks \\['context_chunks'\\]"):
+        validate_trajectory(_payload(), "generator", SHAPE, num_prompts=10, causal=True)
+    with pytest.raises(TrajectoryError, match="context_chunks has shape"):
+        validate_trajectory(_payload(context_chunks=torch.zeros(2, 3, 6, 16, 16)), "generator", SHAPE,
+                            num_prompts=10, causal=True)
+    with pytest.raises(TrajectoryError, match="context_chunks holds NaN"):
+        validate_trajectory(_payload(context_chunks=torch.full((2, *SHAPE), float("nan"))), "generator", SHAPE,
+                            num_prompts=10, causal=True)
+    with pytest.raises(TrajectoryError, match="student is bidirectional"):
+        validate_trajectory(_payload(context_chunks=chunks), "generator", SHAPE, num_prompts=10)

@@ -33,13 +33,39 @@ def _kill_an_actor_at_submit(monkeypatch, fleet_cls, nth: int) -> dict:
     return calls
 
 
-@pytest.mark.parametrize("lag", [0, 1])
-def test_distill_pipeline_runs_and_its_books_balance(ray_local, prepared_run, tmp_path, lag):
+class CriticRerunProbe(DistillWorker):
+    """Reports, per step, how far the learner's one-call re-run x_hat = Phi(z_k; T_k -> 0) of each critic
+    trajectory is from the actor's own x_hat: zero when the actor made it the consistency way with the
+    weights the learner holds (lag 0)."""
+
+    def _fetch(self, wrapped_refs, kind):
+        from anyflow_ray.backward_sim import RolloutState
+        from anyflow_ray.consistency_rollout import consistency_finish
+
+        good, lost, rejected = super()._fetch(wrapped_refs, kind)
+        if kind == "critic":
+            student = self.engines["student"].module
+            with torch.no_grad():
+                for p in good:
+                    state = RolloutState(p["num_steps"], p["k"], p["T_k"], p["T_next"], p["z_k"].to(self.dtype))
+                    gap = (consistency_finish(student, state, self._context(p)).cpu() - p["x_hat"]).abs().max()
+                    self.gap = max(getattr(self, "gap", 0.0), float(gap))
+        return good, lost, rejected
+
+    def train_step(self, step, generator_refs=(), critic_refs=()):
+        result = super().train_step(step, generator_refs, critic_refs)
+        return {**result, "critic_rerun_gap": getattr(self, "gap", float("nan"))}
+
+
+@pytest.mark.parametrize("lag, rollout", [(0, "consistency"), (1, "flowmap")])
+def test_distill_pipeline_runs_and_its_books_balance(ray_local, prepared_run, tmp_path, lag, rollout):
+    """Both rollouts through the same job; the consistency baseline's states are re-run exactly (lag 0)."""
     from anyflow_ray.jobs import distill
 
     cfg = run_cfg(prepared_run, f"distill.output={tmp_path}/s2", "distill.steps=4", "distill.save_every=2",
-                  "distill.log_every=1", "rollout.num_actors=2", f"distill.max_policy_lag={lag}")
-    out = distill.run(cfg)
+                  "distill.log_every=1", "rollout.num_actors=2", f"distill.max_policy_lag={lag}",
+                  f"distill.rollout={rollout}")
+    out = distill.run(cfg, worker_cls=CriticRerunProbe)
     summary = json.loads((out / "pipeline_summary.json").read_text())
     _summary_balances(summary)
     assert summary["trained"] == 8 and summary["lost"] == summary["rejected"] == 0  # 1 gen + 1 critic per step
@@ -47,6 +73,11 @@ def test_distill_pipeline_runs_and_its_books_balance(ray_local, prepared_run, tm
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     assert all(r["stage2/policy_lag"] <= lag for r in records)
+    gaps = [r["stage2/critic_rerun_gap"] for r in records]
+    if rollout == "consistency":
+        assert all(g < 1e-5 for g in gaps), gaps
+    else:  # backward simulation's x_hat takes the k-th step first: not the one-jump prediction
+        assert max(gaps) > 1e-3, gaps
     assert records[-1]["stage2/version"] == 4
     meta = json.loads((out / "checkpoints" / "step-000004" / "training_state" / "meta.json").read_text())
     assert meta["weight_version"] == 4
