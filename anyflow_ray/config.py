@@ -251,6 +251,8 @@ class EvalConfig:
     swd_projections: int = 256
     output: str = "${run.output_dir}/eval"
     seed: int = 7
+    consistency_models: list[str] = field(default_factory=list)  # also sampled the consistency way (the demo trains them)
+    frechet: bool = True  # Fréchet distance + adherence of the data's feature classifier (synthetic prompts only)
 
 
 @dataclass

@@ -22,9 +22,9 @@ import torch
 
 from anyflow_ray.causal_sampling import causal_sample
 from anyflow_ray.data.synthetic import adherence
-from anyflow_ray.models.causal import is_causal
+from anyflow_ray.models.causal import chunk_bounds, is_causal
 from anyflow_ray.models.flowmap import is_flow_map
-from anyflow_ray.sampling import sample
+from anyflow_ray.sampling import consistency_sample, sample
 
 
 @dataclass
@@ -37,6 +37,13 @@ class StepResult:
     shape: float
     direction: float
     all: float
+    fd: float | None = None  # Fréchet distance in the feature classifier's space (video_features.py)
+    classifier_all: float | None = None  # that classifier's all-attribute adherence
+    sampler: str = "flowmap"  # or "consistency" (predict x0, re-noise): the baseline's own sampler
+
+    @property
+    def label(self) -> str:
+        return self.model if self.sampler == "flowmap" else f"{self.model} [{self.sampler} sampler]"
 
 
 @dataclass
@@ -51,17 +58,6 @@ class ChunkResult:
     ode_rmse: float | None
     swd: float
     streaming: bool = False
-
-
-def chunk_bounds(chunks: list[int], frames: int) -> list[tuple[int, int]]:
-    """[start, end) of each chunk of a ``frames``-frame video, as the causal model cuts it: past
-    ``sum(chunks)`` chunks of the last size continue, the last one cut at ``frames``."""
-    bounds, start = [], 0
-    while start < frames:
-        size = chunks[len(bounds)] if len(bounds) < len(chunks) else chunks[-1]
-        bounds.append((start, min(start + size, frames)))
-        start = bounds[-1][1]
-    return bounds
 
 
 def data_windows(videos: torch.Tensor, chunks: list[int], size: int) -> torch.Tensor:
@@ -93,16 +89,20 @@ def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, num_projections: int = 
 
 @torch.no_grad()
 def batched_sample(model, noise, contexts, num_steps, shift, guidance, uncond, batch_size,
-                   cache_chunks: int = 0) -> torch.Tensor:
+                   cache_chunks: int = 0, sampler: str = "flowmap") -> torch.Tensor:
     """``sample`` over the batch in chunks of ``batch_size`` (same result as one big batch); a causal model
-    samples chunk by chunk (``causal_sample``, KV cache of ``cache_chunks`` chunks, 0: all)."""
-    def one(z, c):
+    samples chunk by chunk (``causal_sample``, KV cache of ``cache_chunks`` chunks, 0: all); ``sampler=
+    "consistency"``: ``consistency_sample``, its fresh noise seeded per batch (the same for every model)."""
+    def one(i, z, c):
+        if sampler == "consistency":
+            return consistency_sample(model, z, c, num_steps, shift, torch.Generator().manual_seed(i),
+                                      guidance, uncond)
         if is_causal(model):
             return causal_sample(model, z, c, num_steps, shift, cache_chunks=cache_chunks, guidance_scale=guidance,
                                  uncond_context=uncond)
         return sample(model, z, c, num_steps, shift, guidance, uncond)
 
-    return torch.cat([one(noise[i:i + batch_size], contexts[i:i + batch_size])
+    return torch.cat([one(i, noise[i:i + batch_size], contexts[i:i + batch_size])
                       for i in range(0, noise.shape[0], batch_size)])
 
 
@@ -110,16 +110,20 @@ def evaluate_model(name: str, model: torch.nn.Module, noise: torch.Tensor, conte
                    prompts: list[str], uncond: torch.Tensor, reference: torch.Tensor, heldout: torch.Tensor,
                    steps: list[int], shift: float, guidance: float, batch_size: int = 32,
                    swd_projections: int = 256, progress=None, to_pixels=None, chunks: list[int] | None = None,
-                   cache_chunks: int = 0, chunk_rows: list[ChunkResult] | None = None) -> list[StepResult]:
+                   cache_chunks: int = 0, chunk_rows: list[ChunkResult] | None = None, features=None,
+                   sampler: str = "flowmap") -> list[StepResult]:
     """ODE distance and SWD where the model works (pixels or latents); adherence on pixels in [-1, 1]
     (``to_pixels`` decodes latents: the VAE of a latent-space model). With ``chunks`` (a causal config),
-    the same samples are measured per chunk too, appended to ``chunk_rows``."""
+    the same samples are measured per chunk too, appended to ``chunk_rows``. ``features``: a
+    ``FeatureScore`` (Fréchet distance and adherence of the data's feature classifier)."""
     rows = []
     for n in steps:
-        out = batched_sample(model, noise, contexts, n, shift, guidance, uncond, batch_size, cache_chunks)
-        acc = adherence(out if to_pixels is None else to_pixels(out), prompts)
+        out = batched_sample(model, noise, contexts, n, shift, guidance, uncond, batch_size, cache_chunks, sampler)
+        pixels = out if to_pixels is None else to_pixels(out)
+        scores = features.score(pixels, prompts) if features is not None else {}
         rows.append(StepResult(model=name, steps=n, ode_rmse=ode_rmse(out, reference),
-                               swd=sliced_wasserstein(out, heldout, swd_projections), **acc))
+                               swd=sliced_wasserstein(out, heldout, swd_projections), **adherence(pixels, prompts),
+                               **scores, sampler=sampler))
         if chunks and chunk_rows is not None:
             chunk_rows += per_chunk(name, n, out, reference, heldout, chunks, swd_projections)
         if progress is not None:
@@ -155,11 +159,28 @@ def evaluate_stream(name: str, model: torch.nn.Module, noise: torch.Tensor, cont
     return rows
 
 
+class FeatureScore:
+    """Fréchet distance to the held-out clips and adherence, in the space of the data's feature classifier."""
+
+    def __init__(self, classifier, heldout_pixels: torch.Tensor):
+        from anyflow_ray.video_features import frechet_distance
+
+        self.classifier, self.distance = classifier, frechet_distance
+        self.reference = classifier.features(heldout_pixels)
+
+    def score(self, pixels: torch.Tensor, prompts: list[str]) -> dict[str, float]:
+        return {"fd": self.distance(self.classifier.features(pixels), self.reference),
+                "classifier_all": self.classifier.adherence(pixels, prompts)["all"]}
+
+
 def format_table(rows: list[StepResult]) -> str:
-    """A Markdown table, one line per (model, steps)."""
-    head = "| model | steps | ODE RMSE ↓ | SWD ↓ | colour ↑ | shape ↑ | direction ↑ | all ↑ |\n|---|---|---|---|---|---|---|---|"
-    lines = [f"| {r.model} | {r.steps} | {r.ode_rmse:.4f} | {r.swd:.4f} | {r.color:.2f} | {r.shape:.2f} | "
-             f"{r.direction:.2f} | {r.all:.2f} |" for r in rows]
+    """A Markdown table, one line per (model, sampler, steps); the Fréchet columns when measured."""
+    fd = any(r.fd is not None for r in rows)
+    head = ("| model | steps | ODE RMSE ↓ | SWD ↓ | " + ("FD ↓ | " if fd else "") + "colour ↑ | shape ↑ | direction ↑ | "
+            "all ↑ |" + (" all (classifier) ↑ |" if fd else "") + "\n|---|---|---|---|" + "---|" * (6 if fd else 4))
+    lines = [f"| {r.label} | {r.steps} | {r.ode_rmse:.4f} | {r.swd:.4f} | " + (f"{r.fd:.1f} | " if fd else "")
+             + f"{r.color:.2f} | {r.shape:.2f} | {r.direction:.2f} | {r.all:.2f} |"
+             + (f" {r.classifier_all:.2f} |" if fd else "") for r in rows]
     return "\n".join([head, *lines])
 
 
@@ -217,12 +238,18 @@ def plot_results(rows: list[StepResult], path: str | Path) -> None:
     import matplotlib.pyplot as plt
 
     metrics = [("ode_rmse", "distance to teacher ODE (RMSE) ↓"), ("swd", "sliced W2 to held-out data ↓"),
-               ("all", "prompt adherence (all attributes) ↑")]
+               ("fd", "Fréchet distance (feature classifier) ↓"), ("all", "prompt adherence (all attributes) ↑")]
+    metrics = [(key, title) for key, title in metrics if any(getattr(r, key) is not None for r in rows)]
+    teacher = [r for r in rows if r.model == "teacher" and r.sampler == "flowmap"]
     fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.8))
     for ax, (key, title) in zip(axes, metrics):
-        for model in dict.fromkeys(r.model for r in rows):
-            pts = sorted((r.steps, getattr(r, key)) for r in rows if r.model == model)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=model)
+        for label in dict.fromkeys(r.label for r in rows):
+            pts = sorted((r.steps, getattr(r, key)) for r in rows if r.label == label)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+        if teacher:  # the teacher's many-step level, what a few-step student should reach
+            best = max(teacher, key=lambda r: r.steps)
+            ax.axhline(getattr(best, key), color="grey", linestyle="--", linewidth=1,
+                       label=f"teacher, {best.steps} steps")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("sampling steps N")
         ax.set_title(title, fontsize=10)
@@ -245,12 +272,14 @@ def plot_chunks(chunk_rows: list[ChunkResult], path: str | Path) -> None:
     panels = [(False, "SWD per chunk, training length ↓"), (True, "SWD per chunk, streaming ↓")]
     panels = [(mode, title) for mode, title in panels if any(r.streaming == mode for r in chunk_rows)]
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.8), squeeze=False)
+    colors = {model: f"C{i}" for i, model in enumerate(dict.fromkeys(r.model for r in chunk_rows))}  # one per model
     for ax, (mode, title) in zip(axes[0], panels):
         rows = [r for r in chunk_rows if r.streaming == mode]
         for model in dict.fromkeys(r.model for r in rows):
             steps = max(r.steps for r in rows if r.model == model)
             pts = sorted((r.chunk + 1, r.swd) for r in rows if r.model == model and r.steps == steps)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{model} (N={steps})")
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{model} (N={steps})",
+                     color=colors[model])
         if mode:
             ax.axvline(max(r.chunk for r in chunk_rows if not r.streaming) + 1.5, color="grey", linestyle="--",
                        linewidth=1)

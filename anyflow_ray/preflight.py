@@ -63,8 +63,9 @@ def _prepare(cfg: DictConfig, command: str) -> None:
 
 def _evaluate(cfg: DictConfig, command: str) -> None:
     _pipeline_folder(cfg, "teacher.output", cfg.teacher.output)
-    for path in cfg.eval.models:
-        _pipeline_folder(cfg, "eval.models", str(path))
+    for key in ("eval.models", "eval.consistency_models"):
+        for path in OmegaConf.select(cfg, key):
+            _pipeline_folder(cfg, key, str(path))
 
 
 # -- models -------------------------------------------------------------------------------------

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from pathlib import Path
 from typing import Callable, Sequence
@@ -31,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from anyflow_ray.data.shard_writer import write_atomically
 from anyflow_ray.data.shards import read_shards
 from anyflow_ray.data.synthetic import COLORS, DIRECTIONS, SHAPES, parse_prompt
 
@@ -267,15 +267,6 @@ def _sha256_file(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(temp)
-        os.replace(temp, path)
-    finally:
-        temp.unlink(missing_ok=True)
-
-
 def _load_cached(folder: Path, fingerprint: str, input_shape: tuple[int, ...],
                  device: torch.device) -> VideoFeatureClassifier | None:
     """The cached classifier when its record matches this data and this code in every respect, else None."""
@@ -300,9 +291,9 @@ def _save(model: VideoFeatureClassifier, folder: Path, record: dict) -> None:
     """Weights first, the record (with the weights' sha256) last: a record always names complete weights."""
     folder.mkdir(parents=True, exist_ok=True)
     state = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
-    _write_atomically(folder / WEIGHTS_NAME, lambda temp: save_file(state, temp))
+    write_atomically(folder / WEIGHTS_NAME, lambda temp: save_file(state, temp))
     record = {**record, "weights_sha256": _sha256_file(folder / WEIGHTS_NAME)}
-    _write_atomically(folder / RECORD_NAME, lambda temp: temp.write_text(json.dumps(record, indent=2)))
+    write_atomically(folder / RECORD_NAME, lambda temp: temp.write_text(json.dumps(record, indent=2)))
     model.record = record
 
 

@@ -92,7 +92,7 @@ def _shard_table(
     return pa.Table.from_arrays(columns, schema=SHARD_SCHEMA)
 
 
-def _write_atomically(path: Path, write: Any) -> None:
+def write_atomically(path: Path, write: Any) -> None:
     """Call ``write(temp_path)`` and rename the result to ``path``; no partial file remains."""
     temp_path = path.with_name(f".{path.name}.tmp")
     try:
@@ -129,7 +129,7 @@ def write_shards(
             video_array[rows], embedding_array[rows], prompt_list[rows], seed_list[rows]
         )
         path = root / shard_name(index)
-        _write_atomically(path, lambda temp, table=table: pq.write_table(table, temp))
+        write_atomically(path, lambda temp, table=table: pq.write_table(table, temp))
         paths.append(path)
     for stale in sorted(set(root.glob(SHARD_GLOB)) - set(paths)):
         stale.unlink()
@@ -140,7 +140,7 @@ def write_shards(
         "embedding_shape": list(embedding_array.shape[1:]),
     }
     manifest_text = json.dumps(manifest, indent=2)
-    _write_atomically(root / MANIFEST_NAME, lambda temp: temp.write_text(manifest_text))
+    write_atomically(root / MANIFEST_NAME, lambda temp: temp.write_text(manifest_text))
     return paths
 
 

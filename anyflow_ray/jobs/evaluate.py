@@ -20,8 +20,9 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from anyflow_ray.data.shards import read_shards
-from anyflow_ray.evaluate import (batched_sample, chunk_bounds, evaluate_model, evaluate_stream, format_chunk_tables,
-                                  format_table, is_causal, is_flow_map, write_results)
+from anyflow_ray.evaluate import (FeatureScore, batched_sample, evaluate_model, evaluate_stream, format_chunk_tables,
+                                  format_table, is_flow_map, write_results)
+from anyflow_ray.models.causal import chunk_bounds, is_causal
 from anyflow_ray.jobs.common import heldout_root, log, prepare
 from anyflow_ray.pipeline import AnyFlowPipeline
 from anyflow_ray.sampling import draw_noise
@@ -44,19 +45,23 @@ def run(cfg: DictConfig) -> Path:
     to_pixels = None if teacher.vae is None else (lambda z: teacher.decode(z) * 2 - 1)
     chunks, cache_chunks = [int(c) for c in cfg.model.causal.chunks], int(cfg.model.causal.cache_chunks)
     stream_noise = _stream_noise(cfg, n, heldout.videos.shape[1:], device, dtype) if chunks else None
+    features, fd_floor = _feature_score(cfg, heldout, n, prompts, to_pixels, device)
     rows, chunk_rows = [], []
-    bar = tqdm(total=len(ec.models) * len(ec.steps) * (2 if chunks else 1), desc="evaluating")
-    for model_dir in ec.models:
+    runs = [(m, "flowmap") for m in ec.models] + [(m, s) for m in ec.consistency_models for s in ("flowmap", "consistency")]
+    bar = tqdm(total=len(runs) * len(ec.steps) * (2 if chunks else 1), desc="evaluating")
+    for model_dir, sampler in runs:
+        key = "eval.models" if sampler == "flowmap" and model_dir in ec.models else "eval.consistency_models"
         if not (Path(model_dir) / "model_index.json").is_file():
-            raise FileNotFoundError(f"eval.models: {model_dir} is not a pipeline folder (no model_index.json); "
-                                    f"train it first or drop it from eval.models")
+            raise FileNotFoundError(f"{key}: {model_dir} is not a pipeline folder (no model_index.json); "
+                                    f"train it first or drop it from {key}")
         pipe = teacher if Path(model_dir) == Path(cfg.teacher.output) else \
             AnyFlowPipeline.from_pretrained(model_dir, dtype=dtype).to(device)
         guidance = 1.0 if is_flow_map(pipe.transformer) else ec.teacher_guidance
         rows += evaluate_model(Path(model_dir).name, pipe.transformer, noise, contexts, prompts, uncond, reference,
                                real, [int(s) for s in ec.steps], cfg.schedule.shift, guidance, ec.batch_size,
                                ec.swd_projections, progress=lambda _: bar.update(), to_pixels=to_pixels,
-                               chunks=chunks, cache_chunks=cache_chunks, chunk_rows=chunk_rows)
+                               chunks=chunks if sampler == "flowmap" else None, cache_chunks=cache_chunks,
+                               chunk_rows=chunk_rows, features=features, sampler=sampler)
         if chunks and is_causal(pipe.transformer):
             chunk_rows += evaluate_stream(Path(model_dir).name, pipe.transformer, stream_noise, contexts, real, chunks,
                                           [int(s) for s in ec.steps], cfg.schedule.shift, cache_chunks, ec.batch_size,
@@ -66,6 +71,8 @@ def run(cfg: DictConfig) -> Path:
     bar.close()
     meta = {"num_prompts": n, "reference_steps": ec.reference_steps, "teacher_guidance": ec.teacher_guidance,
             "reference_swd_floor": _data_floor(heldout.videos, n, ec.swd_projections)}
+    if features is not None:
+        meta["reference_fd_floor"] = fd_floor
     if chunks:
         meta.update(chunks=chunks, cache_chunks=cache_chunks, stream_frames=stream_noise.shape[2],
                     chunk_swd_floor=[_data_floor(heldout.videos[:, :, a:b], n, ec.swd_projections)
@@ -75,8 +82,32 @@ def run(cfg: DictConfig) -> Path:
     if chunk_rows:
         print("\n" + format_chunk_tables(chunk_rows))
     log.info("SWD between two halves of the held-out data (noise floor): %.4f", meta["reference_swd_floor"])
+    if features is not None:
+        log.info("FD of %d held-out clips against the others (noise floor at this count): %.1f", n, fd_floor)
     log.info("wrote %s", ", ".join(str(p) for p in paths.values()))
     return out
+
+
+def _feature_score(cfg: DictConfig, heldout, n: int, prompts: list[str], to_pixels, device
+                   ) -> tuple[FeatureScore | None, float | None]:
+    """The Fréchet distance's scorer (``eval.frechet``) against the held-out clips past the first ``n`` (those
+    give the prompts), and its floor: the first ``n`` clips scored like a model's samples. Only for data whose
+    prompts name the synthetic attributes; the classifier is trained once and cached beside the shards."""
+    from anyflow_ray.data.synthetic import parse_prompt
+    from anyflow_ray.video_features import classifier_for
+
+    if not cfg.eval.frechet:
+        return None, None
+    try:
+        for prompt in heldout.prompts:
+            parse_prompt(prompt)
+    except ValueError as err:
+        log.info("no Fréchet distance: the data's prompts are not the synthetic attributes (%s)", err)
+        return None, None
+    classifier = classifier_for(cfg.data.root, device=device, progress=True, to_pixels=to_pixels)
+    pixels = heldout.videos if to_pixels is None else to_pixels(heldout.videos.to(device))
+    scorer = FeatureScore(classifier, pixels[n:] if len(pixels) > n else pixels)
+    return scorer, scorer.score(pixels[:n], prompts)["fd"]
 
 
 def _stream_noise(cfg: DictConfig, n: int, clip_shape, device, dtype) -> torch.Tensor:

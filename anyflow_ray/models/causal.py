@@ -88,13 +88,7 @@ class WanCausalFlowMapTransformer3DModel(WanFlowMapTransformer3DModel):
     def chunk_bounds(self, num_frames: int) -> list[tuple[int, int]]:
         """[start, end) latent frames of each chunk of a ``num_frames`` video; past ``sum(causal_chunks)``
         chunks of the last size continue (streaming), the last one cut at ``num_frames``."""
-        chunks = self.config.causal_chunks
-        bounds, start = [], 0
-        while start < num_frames:
-            size = chunks[len(bounds)] if len(bounds) < len(chunks) else chunks[-1]
-            bounds.append((start, min(start + size, num_frames)))
-            start = bounds[-1][1]
-        return bounds
+        return chunk_bounds(self.config.causal_chunks, num_frames)
 
     def new_cache(self) -> KVCache:
         return KVCache(len(self.blocks))
@@ -270,9 +264,20 @@ def _per_chunk(t: torch.Tensor, batch: int, chunks: int, name: str) -> torch.Ten
                      f"per chunk of hidden_states")
 
 
+def chunk_bounds(chunks: list[int], frames: int) -> list[tuple[int, int]]:
+    """[start, end) of each chunk of a ``frames``-frame video: ``chunks`` first, then chunks of the last
+    size (streaming), the last one cut at ``frames``."""
+    bounds, start = [], 0
+    while start < frames:
+        size = chunks[len(bounds)] if len(bounds) < len(chunks) else chunks[-1]
+        bounds.append((start, min(start + size, frames)))
+        start = bounds[-1][1]
+    return bounds
+
+
 def is_causal(model: torch.nn.Module) -> bool:
     """Whether ``model`` (possibly behind peft / DeepSpeed / DDP wrappers) is a causal flow map."""
     return bool(getattr(_unwrap(model), "is_causal", False))
 
 
-__all__ = ["WanCausalFlowMapTransformer3DModel", "KVCache", "is_causal"]
+__all__ = ["WanCausalFlowMapTransformer3DModel", "KVCache", "chunk_bounds", "is_causal"]

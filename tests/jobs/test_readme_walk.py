@@ -133,7 +133,8 @@ def test_every_readme_command_runs_as_written_or_names_what_is_missing(walk):
 def test_the_walk_did_what_each_command_says(walk):
     root, _, _ = walk
     tiny = root / "tiny"
-    # "make demo": every stage, samples of the three models, the evaluation
+    # "make demo": every stage, the consistency baseline, samples of the three models, the evaluation
+    assert yaml_of(tiny / "consistency" / "config.yaml")["distill"]["rollout"] == "consistency"
     for stage in ("teacher", "stage1", "stage2"):
         assert (tiny / stage / "model_index.json").is_file()
         assert (tiny / "samples" / stage / "contact_sheet.png").is_file()
@@ -206,11 +207,18 @@ def test_sample_defaults_to_the_student_and_writes_one_folder_per_model(walk, tm
 
 def test_evaluate_writes_table_json_and_plot(walk):
     results = json.loads((walk[0] / "tiny" / "eval" / "results.json").read_text())
-    assert {r["model"] for r in results["rows"]} == {"teacher", "stage1", "stage2"}
+    runs = {(r["model"], r["sampler"]) for r in results["rows"]}
+    assert runs == {("teacher", "flowmap"), ("stage1", "flowmap"), ("stage2", "flowmap"),
+                    ("consistency", "flowmap"), ("consistency", "consistency")}  # the baseline with both samplers
     assert sorted({r["steps"] for r in results["rows"]}) == [1, 2]
     assert all(r["ode_rmse"] >= 0 and 0 <= r["all"] <= 1 for r in results["rows"])
+    assert all(r["fd"] > 0 and 0 <= r["classifier_all"] <= 1 for r in results["rows"])  # the feature classifier's
+    assert 0 <= results["meta"]["reference_fd_floor"] < float("inf")  # 4 clips a side here: no ranking to check
+    assert (walk[0] / "tiny" / "data" / "feature_classifier" / "classifier.json").is_file()  # cached with the data
     assert (walk[0] / "tiny" / "eval" / "quality_vs_steps.png").stat().st_size > 1000
-    assert (walk[0] / "tiny" / "eval" / "results.md").read_text().count("| teacher |") == 2
+    table = (walk[0] / "tiny" / "eval" / "results.md").read_text()
+    assert table.count("| teacher |") == 2 and table.count("| consistency [consistency sampler] |") == 2
+    assert "FD ↓" in table
 
 
 def test_corrupt_shard_is_refused_by_name(walk, tmp_path, capsys):

@@ -44,7 +44,7 @@ def test_evaluating_a_causal_model_reports_each_chunk_and_a_stream(causal_run, p
 
     evaluate.run(run_cfg(prepared_run, *CAUSAL, f"pretrain.output={causal_run.pretrain.output}",
                          f"eval.output={tmp_path}", "eval.steps=[1,2]", "eval.num_prompts=8", "eval.reference_steps=2",
-                         "eval.swd_projections=8", "eval.batch_size=4",
+                         "eval.swd_projections=8", "eval.batch_size=4", "eval.consistency_models=[]",
                          f"eval.models=[{causal_run.teacher.output},{causal_run.pretrain.output}]"))
     result = json.loads((tmp_path / "results.json").read_text())
     assert [(r["model"], r["steps"]) for r in result["rows"]] == [("teacher", 1), ("teacher", 2),
