@@ -4,7 +4,9 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 CLI    := $(VENV)/bin/anyflow-ray
 STAMP  := $(VENV)/.installed
-CONFIG ?= configs/tiny.yaml
+# make demo: the tiny model that follows its prompts; make bench: the tiny default of README's figures
+CONFIG ?= configs/tiny-wide.yaml
+BENCH_CONFIG ?= configs/tiny.yaml
 
 .PHONY: install demo test bench clean
 
@@ -22,10 +24,10 @@ demo: $(STAMP)
 	$(CLI) demo --config $(CONFIG)
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 bench: $(STAMP)
-	$(CLI) bench --config $(CONFIG)
+	$(CLI) bench --config $(BENCH_CONFIG)
 
 clean:
 	rm -rf outputs wandb .pytest_cache

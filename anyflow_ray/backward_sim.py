@@ -58,14 +58,17 @@ def prefix(model, noise: torch.Tensor, context: torch.Tensor, num_steps: int, k:
     return RolloutState(num_steps, k, as_batch_time(grid[k], B, noise.device), as_batch_time(grid[k + 1], B, noise.device), z_k)
 
 
-def finish(model, state: RolloutState, context: torch.Tensor, uniform_calls: bool = False
-           ) -> tuple[torch.Tensor, torch.Tensor]:
+def finish(model, state: RolloutState, context: torch.Tensor, uniform_calls: bool = False,
+           detach_step: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(z_{k+1}, x_hat) from z_k: the real k-th step and the jump to 0 (the part the learner re-runs).
-    ``uniform_calls``: two network calls whatever k (for k = N - 1 the identity jump 0 -> 0), as ``prefix``."""
+    ``uniform_calls``: two network calls whatever k (for k = N - 1 the identity jump 0 -> 0), as ``prefix``.
+    ``detach_step``: x_hat's gradient reaches the jump to 0 only, not the k-th step before it (the k-th
+    step keeps its gradient when it is the jump to 0 itself, k = N - 1)."""
     z_next = _phi(model, state.z_k, float(state.T_k[0]), float(state.T_next[0]), context)
     if state.k == state.num_steps - 1 and not uniform_calls:
         return z_next, z_next
-    return z_next, _phi(model, z_next, float(state.T_next[0]), 0.0, context)
+    start = z_next.detach() if detach_step else z_next
+    return z_next, _phi(model, start, float(state.T_next[0]), 0.0, context)
 
 
 def backward_simulation(model, noise: torch.Tensor, context: torch.Tensor, num_steps: int, k: int,

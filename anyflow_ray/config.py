@@ -1,10 +1,9 @@
 """One config tree: OmegaConf structured configs (dataclasses), YAML files, ``key=value`` overrides.
 
-``load_config("configs/tiny.yaml", ["train.steps=200"])`` merges YAML and overrides onto the
-dataclass schema; a YAML file may start from another with ``extends: other.yaml`` (its own keys
-win). An unknown key or a value of the wrong type fails with OmegaConf's message (which names the
-key); ``validate`` then checks ranges and names the offending key too. Nothing runs before the
-config is valid.
+``load_config("configs/tiny.yaml", ["train.steps=200"])`` merges YAML and overrides onto the dataclass schema;
+a YAML file may start from another with ``extends: other.yaml`` (its own keys win). An unknown key or a value
+of the wrong type fails with OmegaConf's message (which names the key); ``validate`` then checks ranges and
+names the offending key too. Nothing runs before the config is valid.
 """
 
 from __future__ import annotations
@@ -43,8 +42,7 @@ class LoraConfig:
     rank: int = 64
     alpha: int = 64
     target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2"])
-    # extra targets of the two-time student only (Stage 1/2, rollout actors), e.g. the time embedder E_t and
-    # E_r ("time_embedder.linear_1", "time_embedder_r.linear_1", ...). Empty: E_r is trained in full instead.
+    # extra targets of the two-time student only (e.g. "time_embedder.linear_1"); empty: E_r is trained in full
     flow_map_targets: list[str] = field(default_factory=list)
 
 
@@ -200,13 +198,14 @@ class DistillConfig:
     ema: float = 0.99
     ema_warmup: int = 0  # the EMA is a plain copy of the weights for the first N steps, then decays
     grad_clip: float = 1.0
-    # critic F: "copy" = a full trainable copy of the teacher (LoRA on it when model.lora.enabled); "lora" =
-    # LoRA adapters on the frozen teacher itself, so one copy of the base weights serves R (adapters off)
-    # and F (adapters on); needs model.lora.enabled
+    # critic F: "copy" = a trainable copy of the teacher (LoRA on it when model.lora.enabled); "lora" = LoRA adapters
+    # on the frozen teacher itself: one copy of the base weights serves R (adapters off) and F (on); needs LoRA on
     critic: str = "copy"
     dmd_guidance: float = 4.0  # CFG of the real score in x0 form
+    dmd_shift: float = 0.0  # shift of DMD's and the critic's noise levels; 0: schedule.shift (the reference)
+    critic_times: str = "logit_normal"  # the critic's noise levels (the reference); uniform: DMD's, sigma_shift(U(0,1))
     budgets: list[int] = field(default_factory=lambda: [2, 4, 8, 16, 50])
-    grad_scope: str = "last"  # last: grad through the k-th step and the jump to 0; all: prefix too
+    grad_scope: str = "last"  # last: grad through the k-th step and the jump to 0; all: prefix too; jump: the jump only
     # flowmap: backward simulation (the method); consistency: the rollout ablation's baseline (predict x0,
     # re-noise with fresh noise; k calls to z_k, the learner re-runs the last prediction; docs/method.md §5)
     rollout: str = "flowmap"
@@ -363,7 +362,7 @@ def validate(cfg: DictConfig) -> None:
         _require(OmegaConf.select(cfg, key) >= 1, key, OmegaConf.select(cfg, key), "must be >= 1")
     for key in ("prepare.decode_cpus", "prepare.vae_gpus", "prepare.text_gpus", "prepare.actor_cpus", "teacher.ema_warmup",
                 "pretrain.ema_warmup", "distill.ema_warmup", "distill.max_policy_lag", "distill.real_weight",
-                "rollout.cpus_per_actor", "model.causal.cache_chunks", "sample.max_chunks"):
+                "distill.dmd_shift", "rollout.cpus_per_actor", "model.causal.cache_chunks", "sample.max_chunks"):
         _require(OmegaConf.select(cfg, key) >= 0, key, OmegaConf.select(cfg, key), "must be >= 0")
     patch = list(cfg.model.tiny.patch_size)
     _require(len(patch) == 3 and all(p >= 1 for p in patch), "model.tiny.patch_size", patch, "must be 3 positive ints")
@@ -408,8 +407,10 @@ def validate(cfg: DictConfig) -> None:
     for key in ("steps", "save_every", "log_every", "sync_every"):
         _require(dc[key] >= 1, f"distill.{key}", dc[key], "must be >= 1")
     _require(dc.buffer_capacity >= 0, "distill.buffer_capacity", dc.buffer_capacity, "must be >= 0 (0: from the demand)")
-    _require(dc.grad_scope in ("last", "all"), "distill.grad_scope", dc.grad_scope, "must be last or all")
+    _require(dc.grad_scope in ("last", "all") or (dc.grad_scope == "jump" and not cfg.model.causal.chunks),
+             "distill.grad_scope", dc.grad_scope, "must be last, all or jump (jump: a bidirectional student only)")
     _require(dc.rollout in ("flowmap", "consistency"), "distill.rollout", dc.rollout, "must be flowmap or consistency")
+    _require(dc.critic_times in ("logit_normal", "uniform"), "distill.critic_times", dc.critic_times, "must be logit_normal or uniform")
     _require(dc.rollout == "flowmap" or (dc.grad_scope == "last" and not cfg.model.causal.chunks), "distill.rollout",
              dc.rollout, "consistency takes distill.grad_scope=last and a bidirectional student (model.causal.chunks=[])")
     _require(dc.critic in ("copy", "lora"), "distill.critic", dc.critic, "must be copy or lora")

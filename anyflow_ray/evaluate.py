@@ -111,11 +111,12 @@ def evaluate_model(name: str, model: torch.nn.Module, noise: torch.Tensor, conte
                    steps: list[int], shift: float, guidance: float, batch_size: int = 32,
                    swd_projections: int = 256, progress=None, to_pixels=None, chunks: list[int] | None = None,
                    cache_chunks: int = 0, chunk_rows: list[ChunkResult] | None = None, features=None,
-                   sampler: str = "flowmap") -> list[StepResult]:
+                   sampler: str = "flowmap", keep: dict | None = None, keep_count: int = 4) -> list[StepResult]:
     """ODE distance and SWD where the model works (pixels or latents); adherence on pixels in [-1, 1]
     (``to_pixels`` decodes latents: the VAE of a latent-space model). With ``chunks`` (a causal config),
     the same samples are measured per chunk too, appended to ``chunk_rows``. ``features``: a
-    ``FeatureScore`` (Fréchet distance and adherence of the data's feature classifier)."""
+    ``FeatureScore`` (Fréchet distance and adherence of the data's feature classifier). ``keep``: gets the
+    pixels of the first ``keep_count`` prompts at every step count, keyed by (row label, steps)."""
     rows = []
     for n in steps:
         out = batched_sample(model, noise, contexts, n, shift, guidance, uncond, batch_size, cache_chunks, sampler)
@@ -124,6 +125,8 @@ def evaluate_model(name: str, model: torch.nn.Module, noise: torch.Tensor, conte
         rows.append(StepResult(model=name, steps=n, ode_rmse=ode_rmse(out, reference),
                                swd=sliced_wasserstein(out, heldout, swd_projections), **adherence(pixels, prompts),
                                **scores, sampler=sampler))
+        if keep is not None:
+            keep[(rows[-1].label, n)] = pixels[:keep_count].detach().float().cpu()
         if chunks and chunk_rows is not None:
             chunk_rows += per_chunk(name, n, out, reference, heldout, chunks, swd_projections)
         if progress is not None:

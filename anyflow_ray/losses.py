@@ -357,10 +357,14 @@ def dmd_loss(x_hat: torch.Tensor, critic: torch.nn.Module, teacher: torch.nn.Mod
 
 
 def critic_loss(critic: torch.nn.Module, x_hat: torch.Tensor, context: torch.Tensor, generator: torch.Generator,
-                shift: float = 5.0) -> tuple[torch.Tensor, dict]:
-    """Flow matching of the critic on the student's samples: ||v_F(x_sigma, sigma, c) - (eps - x_hat)||^2."""
+                shift: float = 5.0, times: str = "logit_normal") -> tuple[torch.Tensor, dict]:
+    """Flow matching of the critic on the student's samples: ||v_F(x_sigma, sigma, c) - (eps - x_hat)||^2, at
+    sigma = sigma_shift of a logit-normal draw (the reference) or, with ``times="uniform"``, of U(0,1) as
+    ``dmd_loss`` draws them (the critic is then trained where DMD reads it, the tails included)."""
     x_hat = x_hat.detach()
-    T = T_SCALE * sample_logit_normal(x_hat.shape[0], generator, shift).to(x_hat.device)
+    u = sample_logit_normal(x_hat.shape[0], generator, shift) if times == "logit_normal" else \
+        shift_time(torch.rand(x_hat.shape[0], generator=generator), shift)
+    T = T_SCALE * u.to(x_hat.device)
     noise = randn_like(x_hat, generator)
     pred = call_model(critic, add_noise(x_hat, noise, T), T, context)
     loss = (pred.float() - velocity_target(x_hat, noise).float()).pow(2).mean()

@@ -213,7 +213,7 @@ def distill_forwards(cfg: DictConfig) -> tuple[int, int]:
     """(clip-forwards alive at the peak, clips per backward pass) of one Stage-2 learner rank.
 
     The generator's graph holds the student jumps with grad (k-th step and jump to 0; the prefix too
-    with ``grad_scope: all``) for each of the rank's ``rollout.batch_size`` clips, plus the co-training
+    with ``grad_scope: all``; the jump alone with ``jump``) for each of the rank's ``rollout.batch_size`` clips, plus the co-training
     batch; the critic's graph is built after the student's backward (learners/distill.py), so the peak is
     the larger of the two. A causal student's forwards are teacher-forced (``student_sequence``: twice a
     clip's tokens); the critic stays bidirectional.
@@ -221,7 +221,7 @@ def distill_forwards(cfg: DictConfig) -> tuple[int, int]:
     from anyflow_ray.config import distill_ranks
 
     clips, seq = cfg.rollout.batch_size, student_sequence(cfg)
-    jumps = 3 if cfg.distill.grad_scope == "all" else 2
+    jumps = {"all": 3, "last": 2, "jump": 1}[cfg.distill.grad_scope]
     real = cfg.distill.real_batch // distill_ranks(cfg)
     generator = (clips * jumps + real) * seq
     return max(generator, clips), max(clips, real) * seq

@@ -175,7 +175,8 @@ class DistillWorker(LearnerWorker):
             return causal_finish(student, state, clean, context, uniform_calls=uniform)[1], context
         if self.cfg.distill.rollout == "consistency":  # one call whatever (N, k): uniform under ZeRO-3 too
             return consistency_finish(student, state, context), context
-        return finish(student, state, context, uniform_calls=uniform)[1], context
+        return finish(student, state, context, uniform_calls=uniform,
+                      detach_step=self.cfg.distill.grad_scope == "jump")[1], context
 
     # -- ZeRO-3: every model call gathers weights from all ranks, so all ranks make the same calls ------
     def _padding(self, *counts: int) -> list[int]:
@@ -224,7 +225,7 @@ class DistillWorker(LearnerWorker):
         for i, payload in enumerate(gen_payloads + [self._stand_in("generator")] * gen_pad):
             x_hat, context = self.student_x_hat(payload)
             loss, info = dmd_loss(x_hat, self.engines["critic"].module, self.teacher, context, uncond, rng,
-                                  self.cfg.schedule.shift, self.cfg.distill.dmd_guidance)
+                                  self.cfg.distill.dmd_shift or self.cfg.schedule.shift, self.cfg.distill.dmd_guidance)
             (dmd_terms if i < len(gen_payloads) else pad_terms).append(loss)
             if i < len(gen_payloads):
                 metrics.update(info)
@@ -247,7 +248,7 @@ class DistillWorker(LearnerWorker):
         for i, payload in enumerate(crit_payloads + [self._stand_in("critic")] * crit_pad):
             context = self._context(payload)
             loss, _ = critic_loss(critic.module, payload["x_hat"].to(self.device, self.dtype), context, rng,
-                                  self.cfg.schedule.shift)
+                                  self.cfg.distill.dmd_shift or self.cfg.schedule.shift, self.cfg.distill.critic_times)
             (crit_terms if i < len(crit_payloads) else pad_terms).append(loss)
         crit = torch.stack(crit_terms).mean() if crit_terms else None
         if pad_terms:  # weight 0, as the generator's stand-ins

@@ -26,6 +26,7 @@ from anyflow_ray.models.causal import chunk_bounds, is_causal
 from anyflow_ray.jobs.common import heldout_root, log, prepare
 from anyflow_ray.pipeline import AnyFlowPipeline
 from anyflow_ray.sampling import draw_noise
+from anyflow_ray.visualize import write_contact_sheet
 
 
 def run(cfg: DictConfig) -> Path:
@@ -46,7 +47,7 @@ def run(cfg: DictConfig) -> Path:
     chunks, cache_chunks = [int(c) for c in cfg.model.causal.chunks], int(cfg.model.causal.cache_chunks)
     stream_noise = _stream_noise(cfg, n, heldout.videos.shape[1:], device, dtype) if chunks else None
     features, fd_floor = _feature_score(cfg, heldout, n, prompts, to_pixels, device)
-    rows, chunk_rows = [], []
+    rows, chunk_rows, kept = [], [], {}
     runs = [(m, "flowmap") for m in ec.models] + [(m, s) for m in ec.consistency_models for s in ("flowmap", "consistency")]
     bar = tqdm(total=len(runs) * len(ec.steps) * (2 if chunks else 1), desc="evaluating")
     for model_dir, sampler in runs:
@@ -61,7 +62,7 @@ def run(cfg: DictConfig) -> Path:
                                real, [int(s) for s in ec.steps], cfg.schedule.shift, guidance, ec.batch_size,
                                ec.swd_projections, progress=lambda _: bar.update(), to_pixels=to_pixels,
                                chunks=chunks if sampler == "flowmap" else None, cache_chunks=cache_chunks,
-                               chunk_rows=chunk_rows, features=features, sampler=sampler)
+                               chunk_rows=chunk_rows, features=features, sampler=sampler, keep=kept)
         if chunks and is_causal(pipe.transformer):
             chunk_rows += evaluate_stream(Path(model_dir).name, pipe.transformer, stream_noise, contexts, real, chunks,
                                           [int(s) for s in ec.steps], cfg.schedule.shift, cache_chunks, ec.batch_size,
@@ -78,6 +79,7 @@ def run(cfg: DictConfig) -> Path:
                     chunk_swd_floor=[_data_floor(heldout.videos[:, :, a:b], n, ec.swd_projections)
                                      for a, b in chunk_bounds(chunks, heldout.videos.shape[2])])
     paths = write_results(rows, out, meta, chunk_rows)
+    paths["comparison"] = write_comparison(kept, prompts, [int(s) for s in ec.steps], out / "comparison.png")
     print(format_table(rows))
     if chunk_rows:
         print("\n" + format_chunk_tables(chunk_rows))
@@ -86,6 +88,20 @@ def run(cfg: DictConfig) -> Path:
         log.info("FD of %d held-out clips against the others (noise floor at this count): %.1f", n, fd_floor)
     log.info("wrote %s", ", ".join(str(p) for p in paths.values()))
     return out
+
+
+def write_comparison(kept: dict, prompts: list[str], steps: list[int], path: Path) -> Path:
+    """One contact sheet of every evaluated model on the same prompts and noise: a row per (prompt, model),
+    columns at the fewest steps, 4 (when evaluated) and the most. ``kept``: ``evaluate_model``'s ``keep``."""
+    columns = sorted({steps[0], steps[-1], *([4] if 4 in steps else [])})
+    labels = list(dict.fromkeys(label for label, _ in kept))
+    videos, rows = {}, []
+    for i, prompt in enumerate(prompts[:len(next(iter(kept.values())))]):
+        for label in labels:
+            rows.append(f"{label}: {prompt}")
+            for n in columns:  # (C, F, H, W) in [-1, 1] -> (F, H, W, C) in [0, 1]
+                videos[(rows[-1], n)] = ((kept[(label, n)][i].permute(1, 2, 3, 0) + 1) / 2).numpy()
+    return write_contact_sheet(videos, rows, columns, path, title="the same prompts and noise, every model")
 
 
 def _feature_score(cfg: DictConfig, heldout, n: int, prompts: list[str], to_pixels, device

@@ -4,7 +4,7 @@ Every command line in README.md's ``bash`` blocks is either run here (in README 
 the CLI's entry point on one Ray instance for the module) or named below with the test that covers it,
 so a command added to the README without a walk fails this module. Tiny configs get ``SMALL`` (a 1-layer
 model, 16 clips, 2 steps per stage) and every ``outputs/`` path moves under a temporary folder; a step
-budget the README raises (``teacher.steps=2500``: "500 more steps") becomes 2 more steps than ``SMALL``.
+budget the README raises (``teacher.steps=3500``: "500 more steps") becomes 2 more steps than ``SMALL``.
 Commands that need what this machine lacks (a GPU, real Wan weights, a video folder) must stop with one
 line naming it. The walk's folders then serve the checks of what the core jobs write (the causal ones included) and of runs
 as records (a resume with a larger budget and ``run.new_run=true`` are README commands).
@@ -20,12 +20,16 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from anyflow_ray.cli import main
 from anyflow_ray.data.shards import read_shards
 from anyflow_ray.metrics import read_metrics
 
 README = Path(__file__).resolve().parents[2] / "README.md"
+# what `make demo` runs (the Makefile's CONFIG) and the folder under outputs/ it writes
+DEMO_CONFIG = re.search(r"^CONFIG \?= (\S+)$", (README.parent / "Makefile").read_text(), re.M).group(1)
+DEMO = Path(yaml.safe_load(Path(README.parent / DEMO_CONFIG).read_text())["run"]["output_dir"]).name
 BUDGETS = {"teacher.steps": 2, "pretrain.steps": 2, "distill.steps": 2}
 SMALL = ["model.tiny.num_layers=1", "model.tiny.ffn_dim=32", "run.threads=1", "data.num_train=16",
          "data.num_heldout=8", "data.shard_size=8", "learner.num_ranks=1", "learner.cpus_per_rank=0.5",
@@ -99,7 +103,7 @@ def walk(ray_module, tmp_path_factory):
     for tokens in readme_commands(README.read_text()):
         line = " ".join(tokens)
         if line == "make demo":
-            tokens = ["anyflow-ray", "demo", "--config", "configs/tiny.yaml"]
+            tokens = ["anyflow-ray", "demo", "--config", DEMO_CONFIG]
             capture.setenv("WANDB_MODE", "offline")  # as on a fresh machine (the suite turns wandb off)
         elif any(line.startswith(prefix) for prefix in COVERED_ELSEWHERE):
             skipped.append(line)
@@ -114,7 +118,7 @@ def walk(ray_module, tmp_path_factory):
             capture.undo()
         results[line] = (code, cli_lines(err.getvalue()))
         if line == "make demo":  # what the README's run.new_run=true commands must leave as it is
-            results["stage1 after make demo"] = snapshot(root / "tiny" / "stage1")
+            results["stage1 after make demo"] = snapshot(root / DEMO / "stage1")
         print(f"{time.perf_counter() - started:6.1f}s  {line}")  # pytest -s: where the walk's time goes
     return root, results, skipped
 
@@ -134,14 +138,14 @@ def test_every_readme_command_runs_as_written_or_names_what_is_missing(walk):
 
 def test_the_walk_did_what_each_command_says(walk):
     root, _, _ = walk
-    tiny = root / "tiny"
+    tiny = root / DEMO
     # "make demo": every stage, the consistency baseline, samples of the three models, the evaluation
     assert yaml_of(tiny / "consistency" / "config.yaml")["distill"]["rollout"] == "consistency"
     for stage in ("teacher", "stage1", "stage2"):
         assert (tiny / stage / "model_index.json").is_file()
         assert (tiny / "samples" / stage / "contact_sheet.png").is_file()
     assert (tiny / "eval" / "results.json").is_file()
-    # "teacher.steps=2500: 500 more teacher steps": the teacher resumed and trained on
+    # "teacher.steps=3500: 500 more teacher steps": the teacher resumed and trained on
     assert [r["step"] for r in read_metrics(tiny / "teacher" / "metrics.jsonl")] == [1, 2, 3, 4]
     assert (tiny / "teacher" / "checkpoints" / "latest").read_text().strip() == "step-000004"
     assert yaml_of(tiny / "teacher" / "config.yaml")["teacher"]["steps"] == 4  # the resume records its budget
@@ -152,7 +156,9 @@ def test_the_walk_did_what_each_command_says(walk):
     assert yaml_of(tiny / "stage1-3" / "config.yaml")["pretrain"]["target"] == "data"
     summary = json.loads((tiny / "stage2-2" / "pipeline_summary.json").read_text())
     assert len(summary["loaded_versions"]) == 2 and summary["trained"] == summary["taken"]
-    assert (root / "tiny-wide" / "eval" / "results.json").is_file()
+    assert (root / "tiny" / "eval" / "results.json").is_file()  # the faster tiny.yaml, demo'd by the README too
+    # every evaluated model side by side on the same prompts and noise
+    assert (tiny / "eval" / "comparison.png").stat().st_size > 1000
     assert (root / "make-tiny-out" / "transformer" / "config.json").is_file()
     # the real-video path on the tiny latent model: mp4 clips -> prepared shards -> three stages
     latent = root / "tiny-latent"
@@ -165,14 +171,12 @@ def test_the_walk_did_what_each_command_says(walk):
 
 
 def yaml_of(path: Path) -> dict:
-    import yaml
-
     return yaml.safe_load(path.read_text())
 
 
 # -- what the core jobs write, checked on the walk's folders ------------------------------------------
 def test_data_shards_and_resolved_config(walk):
-    data = walk[0] / "tiny" / "data"
+    data = walk[0] / DEMO / "data"
     train, heldout = read_shards(data / "train"), read_shards(data / "heldout")
     assert len(train.prompts) == 16 and len(heldout.prompts) == 8
     assert train.videos.shape[1:] == (3, 8, 16, 16)
@@ -183,7 +187,7 @@ def test_data_shards_and_resolved_config(walk):
 def test_teacher_writes_pipeline_metrics_and_wandb(walk):
     from anyflow_ray.pipeline import AnyFlowPipeline
 
-    teacher = walk[0] / "tiny" / "teacher"
+    teacher = walk[0] / DEMO / "teacher"
     assert type(AnyFlowPipeline.from_pretrained(teacher).transformer).__name__ == "WanTransformer3DModel"
     assert all(r["teacher/loss"] > 0 for r in read_metrics(teacher / "metrics.jsonl"))
     assert list((teacher / "wandb").glob("offline-run-*"))
@@ -196,11 +200,11 @@ def test_sample_defaults_to_the_student_and_writes_one_folder_per_model(walk, tm
     from anyflow_ray.config import load_config
     from anyflow_ray.jobs.sample import models_to_sample
 
-    tiny = walk[0] / "tiny"
-    cfg = load_config("configs/tiny.yaml", [f"run.output_dir={tiny}"])
+    tiny = walk[0] / DEMO
+    cfg = load_config(DEMO_CONFIG, [f"run.output_dir={tiny}"])
     assert models_to_sample(cfg) == [str(tiny / "stage2")]  # the final student, not the teacher
-    assert models_to_sample(load_config("configs/tiny.yaml", [f"run.output_dir={tiny}", "sample.model=/m/x"])) == ["/m/x"]
-    args = ["--config", "configs/tiny.yaml", *SMALL, f"run.output_dir={tiny}", f"sample.output={tmp_path}/s"]
+    assert models_to_sample(load_config(DEMO_CONFIG, [f"run.output_dir={tiny}", "sample.model=/m/x"])) == ["/m/x"]
+    args = ["--config", DEMO_CONFIG, *SMALL, f"run.output_dir={tiny}", f"sample.output={tmp_path}/s"]
     assert main(["sample", *args, f"distill.output={tmp_path}/none"]) != 0  # no student: refused by key and folder
     err = capsys.readouterr().err
     assert "sample.models" in err and f"{tmp_path}/none" in err
@@ -214,7 +218,7 @@ def test_sample_defaults_to_the_student_and_writes_one_folder_per_model(walk, tm
 
 
 def test_evaluate_writes_table_json_and_plot(walk):
-    results = json.loads((walk[0] / "tiny" / "eval" / "results.json").read_text())
+    results = json.loads((walk[0] / DEMO / "eval" / "results.json").read_text())
     runs = {(r["model"], r["sampler"]) for r in results["rows"]}
     assert runs == {("teacher", "flowmap"), ("stage1", "flowmap"), ("stage2", "flowmap"),
                     ("consistency", "flowmap"), ("consistency", "consistency")}  # the baseline with both samplers
@@ -222,18 +226,18 @@ def test_evaluate_writes_table_json_and_plot(walk):
     assert all(r["ode_rmse"] >= 0 and 0 <= r["all"] <= 1 for r in results["rows"])
     assert all(r["fd"] > 0 and 0 <= r["classifier_all"] <= 1 for r in results["rows"])  # the feature classifier's
     assert 0 <= results["meta"]["reference_fd_floor"] < float("inf")  # 4 clips a side here: no ranking to check
-    assert (walk[0] / "tiny" / "data" / "feature_classifier" / "classifier.json").is_file()  # cached with the data
-    assert (walk[0] / "tiny" / "eval" / "quality_vs_steps.png").stat().st_size > 1000
-    table = (walk[0] / "tiny" / "eval" / "results.md").read_text()
+    assert (walk[0] / DEMO / "data" / "feature_classifier" / "classifier.json").is_file()  # cached with the data
+    assert (walk[0] / DEMO / "eval" / "quality_vs_steps.png").stat().st_size > 1000
+    table = (walk[0] / DEMO / "eval" / "results.md").read_text()
     assert table.count("| teacher |") == 2 and table.count("| consistency [consistency sampler] |") == 2
     assert "FD ↓" in table
 
 
 def test_corrupt_shard_is_refused_by_name(walk, tmp_path, capsys):
     bad = tmp_path / "data"
-    shutil.copytree(walk[0] / "tiny" / "data", bad)
+    shutil.copytree(walk[0] / DEMO / "data", bad)
     (bad / "train" / "shard-00000.parquet").write_bytes(b"not parquet")
-    code = main(["teacher", "--config", "configs/tiny.yaml", *SMALL, f"run.output_dir={walk[0] / 'tiny'}",
+    code = main(["teacher", "--config", DEMO_CONFIG, *SMALL, f"run.output_dir={walk[0] / DEMO}",
                  f"data.root={bad}", f"teacher.output={tmp_path}/t"])
     assert code != 0 and "shard-00000.parquet" in capsys.readouterr().err
 
@@ -241,7 +245,7 @@ def test_corrupt_shard_is_refused_by_name(walk, tmp_path, capsys):
 def test_stage1_writes_a_loadable_flow_map_checkpoints_and_metrics(walk):
     from anyflow_ray.pipeline import AnyFlowPipeline
 
-    out = walk[0] / "tiny" / "stage1"
+    out = walk[0] / DEMO / "stage1"
     assert type(AnyFlowPipeline.from_pretrained(out).transformer).__name__ == "WanFlowMapTransformer3DModel"
     assert json.loads((out / "model_index.json").read_text())["transformer"][1] == "WanFlowMapTransformer3DModel"
     assert (out / "checkpoints" / "latest").read_text().strip() == "step-000002"
@@ -257,28 +261,28 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 
 
 def teacher(walk, *extra) -> int:
-    return main(["teacher", "--config", "configs/tiny.yaml", *SMALL, f"run.output_dir={walk[0] / 'tiny'}",
+    return main(["teacher", "--config", DEMO_CONFIG, *SMALL, f"run.output_dir={walk[0] / DEMO}",
                  "teacher.steps=4", *extra])
 
 
 def test_resume_with_a_changed_config_is_refused_and_rewrites_nothing(walk, capsys):
-    before = snapshot(walk[0] / "tiny" / "teacher")
+    before = snapshot(walk[0] / DEMO / "teacher")
     assert teacher(walk, "teacher.lr=0.01", "teacher.steps=6") == 2
     err = cli_lines(capsys.readouterr().err)
     assert len(err) == 1 and err[0].startswith("anyflow-ray teacher: ")
-    assert "teacher.lr: 0.001 -> 0.01" in err[0] and "run.new_run=true" in err[0] and "teacher.steps" not in err[0]
+    assert "teacher.lr: 0.002 -> 0.01" in err[0] and "run.new_run=true" in err[0] and "teacher.steps" not in err[0]
     assert teacher(walk, "learner.num_ranks=2", "teacher.steps=6") == 2  # a checkpoint of another world size
     err = cli_lines(capsys.readouterr().err)
     assert len(err) == 1 and "learner.num_ranks: 1 -> 2" in err[0]
-    assert snapshot(walk[0] / "tiny" / "teacher") == before  # config.yaml, metrics, model, checkpoints
+    assert snapshot(walk[0] / DEMO / "teacher") == before  # config.yaml, metrics, model, checkpoints
 
 
 def test_nothing_left_to_train_says_so_and_leaves_the_folder_byte_identical(walk, capsys):
-    before = snapshot(walk[0] / "tiny" / "teacher")
+    before = snapshot(walk[0] / DEMO / "teacher")
     assert teacher(walk, "teacher.log_every=2") == 0  # a logging knob may differ
     out = capsys.readouterr().out.strip().splitlines()
     assert any("nothing to train" in line and "step 4 of teacher.steps=4" in line for line in out)
-    assert snapshot(walk[0] / "tiny" / "teacher") == before
+    assert snapshot(walk[0] / DEMO / "teacher") == before
 
 
 def test_a_cluster_too_small_for_the_config_stops_at_once_in_one_line(walk, capsys):
