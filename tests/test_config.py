@@ -35,7 +35,7 @@ def test_the_wide_tiny_config_is_the_tiny_default_with_a_wider_model():
 def test_the_reproduction_run_trains_stage2_longer_from_the_demos_teacher_and_stage1():
     repro, demo = load_config("configs/tiny-repro.yaml"), load_config("configs/tiny-wide.yaml")
     assert (repro.teacher.output, repro.pretrain.output) == (demo.teacher.output, demo.pretrain.output)
-    assert repro.distill.steps == 5 * demo.distill.steps and repro.distill.output != demo.distill.output
+    assert repro.distill.steps == 3 * demo.distill.steps and repro.distill.output != demo.distill.output
     outputs = [repro.distill.output, *repro.eval.consistency_models, repro.eval.output, repro.sample.output]
     assert all(path.startswith(f"{demo.run.output_dir}/repro/") for path in outputs)  # nothing of the demo's rewritten
 
