@@ -58,6 +58,9 @@ def test_overrides_apply_and_interpolations_resolve():
     ("distill.num_ranks=3", "distill.real_batch"),  # 16 clips cannot be split over 3 ranks
     ("pretrain.target=oracle", "pretrain.target"),
     ("run.keep_checkpoints=0", "run.keep_checkpoints"),
+    ("distill.critic_times=normal", "distill.critic_times"),
+    ("distill.dmd_shift=-1", "distill.dmd_shift"),
+    ("distill.grad_scope=prefix", "distill.grad_scope"),
 ])
 def test_bad_keys_and_values_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
@@ -74,6 +77,7 @@ def test_bad_keys_and_values_name_the_key(override, key):
     (["model.causal.chunks=[2,2,2,2]", "model.causal.cache_chunks=-1"], "model.causal.cache_chunks"),
     (["sample.max_chunks=-1"], "sample.max_chunks"),
     (["model.causal.chunks=[2,2,2,2]", "pretrain.target=teacher"], "pretrain.target"),
+    (["model.causal.chunks=[2,2,2,2]", "pretrain.target=data", "distill.grad_scope=jump"], "distill.grad_scope"),
 ])
 def test_bad_causal_keys_name_the_key(overrides, key):
     with pytest.raises(ConfigError, match="^" + key.replace(".", r"\.") + "="):

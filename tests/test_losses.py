@@ -281,3 +281,34 @@ def test_critic_loss_is_zero_for_a_critic_that_knows_the_samples():
     assert float(loss) < 1e-8
     wrong, _ = critic_loss(ConstantX0(x_hat + 1), x_hat, torch.ones(3, 3, 4), torch.Generator().manual_seed(2))
     assert float(wrong) > 0.1
+
+
+class TimeRecorder(torch.nn.Module):
+    """A single-time model that records the times it is called at (velocity 0)."""
+
+    def __init__(self):
+        super().__init__()
+        self.times = []
+
+    def forward(self, z, T, context, timestep_r=None, return_dict=False):
+        self.times.append(T.clone())
+        return (torch.zeros_like(z),)
+
+
+def test_critic_times_uniform_are_the_dmd_draw_and_the_shift_sets_both():
+    """distill.critic_times=uniform trains the critic at the noise levels DMD reads it at (the same draw for
+    the same generator state); logit-normal (the reference) puts fewer of them in the tails; the shift passed
+    (distill.dmd_shift) moves both."""
+    from anyflow_ray.losses import critic_loss, dmd_loss
+
+    x_hat, context = torch.zeros(4096, 1, 1, 1, 1), torch.ones(4096, 1, 2)
+    for shift in (5.0, 1.0):
+        critic, dmd_critic = TimeRecorder(), TimeRecorder()
+        critic_loss(critic, x_hat, context, torch.Generator().manual_seed(3), shift, times="uniform")
+        dmd_loss(x_hat, dmd_critic, TimeRecorder(), context, context[:1], torch.Generator().manual_seed(3), shift, 1.0)
+        assert torch.allclose(critic.times[0].clamp(min=1.0), dmd_critic.times[0])
+        reference = TimeRecorder()
+        critic_loss(reference, x_hat, context, torch.Generator().manual_seed(3), shift)  # logit-normal
+        tails = [float(((t < 300) | (t > 980)).float().mean()) for t in (critic.times[0], reference.times[0])]
+        assert tails[0] > 1.5 * tails[1], (shift, tails)
+    assert float(dmd_critic.times[0].median()) < 600  # unshifted (1.0): median sigma 0.5; shift 5 puts it at 0.83

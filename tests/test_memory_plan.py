@@ -121,3 +121,15 @@ def test_causal_plans_count_the_clean_copy_and_the_rollout_kv_cache(size):
     assert rollout["KV cache (causal rollout)"] == clips * a["layers"] * 2 * tokens * a["d"] * 2
     plan.check()
     memory_plan(cfg, "pretrain").check()
+
+
+def test_the_generator_graph_holds_the_jumps_the_grad_scope_names():
+    from anyflow_ray.memory_plan import distill_forwards
+
+    def generator(scope):
+        cfg = load_config("configs/wan2.1-t2v-1.3b.yaml", [f"distill.grad_scope={scope}"])
+        return distill_forwards(cfg)[0], cfg.rollout.batch_size, cfg.distill.real_batch // distill_ranks(cfg)
+
+    (all_, clips, real), (last, _, _), (jump, _, _) = generator("all"), generator("last"), generator("jump")
+    seq = all_ // (3 * clips + real)
+    assert (all_, last, jump) == ((3 * clips + real) * seq, (2 * clips + real) * seq, (clips + real) * seq)
