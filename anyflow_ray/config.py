@@ -3,8 +3,7 @@
 ``load_config("configs/tiny.yaml", ["train.steps=200"])`` merges YAML and overrides onto the dataclass schema;
 a YAML file may start from another with ``extends: other.yaml`` (its own keys win). An unknown key or a value
 of the wrong type fails with OmegaConf's message (which names the key); ``validate`` then checks ranges and
-names the offending key too. Nothing runs before the config is valid.
-"""
+names the offending key too. Nothing runs before the config is valid."""
 
 from __future__ import annotations
 
@@ -193,6 +192,7 @@ class DistillConfig:
     steps: int = 1200
     lr: float = 2.0e-6
     critic_lr: float = 0.0  # 0: same as lr (the reference); > 0 lets the critic track a fast-moving student
+    critic_updates: int = 1  # critic updates per student update (the reference: 1; DMD2: 5), same x_hat, fresh noise
     betas: list[float] = field(default_factory=lambda: [0.0, 0.999])
     weight_decay: float = 0.0
     ema: float = 0.99
@@ -404,7 +404,7 @@ def validate(cfg: DictConfig) -> None:
     for key in ("steps", "save_every", "log_every"):
         _require(pc[key] >= 1, f"pretrain.{key}", pc[key], "must be >= 1")
     dc = cfg.distill
-    for key in ("steps", "save_every", "log_every", "sync_every"):
+    for key in ("steps", "save_every", "log_every", "sync_every", "critic_updates"):
         _require(dc[key] >= 1, f"distill.{key}", dc[key], "must be >= 1")
     _require(dc.buffer_capacity >= 0, "distill.buffer_capacity", dc.buffer_capacity, "must be >= 0 (0: from the demand)")
     _require(dc.grad_scope in ("last", "all") or (dc.grad_scope == "jump" and not cfg.model.causal.chunks),

@@ -244,27 +244,40 @@ class DistillWorker(LearnerWorker):
 
         critic = self.engines["critic"]
         critic.train()
-        crit_terms, pad_terms = [], []
-        for i, payload in enumerate(crit_payloads + [self._stand_in("critic")] * crit_pad):
-            context = self._context(payload)
-            loss, _ = critic_loss(critic.module, payload["x_hat"].to(self.device, self.dtype), context, rng,
-                                  self.cfg.distill.dmd_shift or self.cfg.schedule.shift, self.cfg.distill.critic_times)
-            (crit_terms if i < len(crit_payloads) else pad_terms).append(loss)
-        crit = torch.stack(crit_terms).mean() if crit_terms else None
-        if pad_terms:  # weight 0, as the generator's stand-ins
-            crit = 0.0 * torch.stack(pad_terms).sum() + (crit if crit is not None else 0.0)
-        self._refuse_non_finite(step, {"critic": crit}, versions)
-
+        crit = self._critic_loss(crit_payloads, crit_pad, rng, step, versions)
         student.step()
         self.ema.update()
         crit_value = float("nan")
-        if self._all_ranks_have(crit is not None):  # else skip this critic update on every rank together
+        # distill.critic_updates > 1: more updates on the same x_hat, each with fresh noise levels and noise
+        # (the later ones checked before their own step; the student's step is already taken)
+        for update in range(self.cfg.distill.critic_updates):
+            if update > 0:
+                crit = self._critic_loss(crit_payloads, crit_pad, rng, step, versions)
+            if not self._all_ranks_have(crit is not None):  # skip the critic update on every rank together
+                break
             critic.backward(crit)
             critic.step()
-            crit_value = float(crit.detach()) if crit_terms else float("nan")
+            crit_value = float(crit.detach()) if crit_payloads else float("nan")
         return {"loss": float(total.detach()), "dmd_loss": float(dmd.detach()), "real_loss": float(real_loss.detach()),
                 "critic_loss": crit_value, **{k: v for k, v in metrics.items()},
                 **{f"diag/{k}": v for k, v in real_info.items()}, **counts}
+
+    def _critic_loss(self, payloads: list[dict], pad: int, rng: torch.Generator, step: int,
+                     versions: list[int]) -> torch.Tensor | None:
+        """Flow matching of the critic on the critic trajectories' x_hat (None when this rank has none;
+        stand-ins enter with weight 0), checked finite on every rank before any step."""
+        critic = self.engines["critic"]
+        terms, pad_terms = [], []
+        for i, payload in enumerate(payloads + [self._stand_in("critic")] * pad):
+            context = self._context(payload)
+            loss, _ = critic_loss(critic.module, payload["x_hat"].to(self.device, self.dtype), context, rng,
+                                  self.cfg.distill.dmd_shift or self.cfg.schedule.shift, self.cfg.distill.critic_times)
+            (terms if i < len(payloads) else pad_terms).append(loss)
+        crit = torch.stack(terms).mean() if terms else None
+        if pad_terms:  # weight 0, as the generator's stand-ins
+            crit = 0.0 * torch.stack(pad_terms).sum() + (crit if crit is not None else 0.0)
+        self._refuse_non_finite(step, {"critic": crit}, versions)
+        return crit
 
     def _refuse_non_finite(self, step: int, losses: dict, versions: list[int]) -> None:
         """Raise FloatingPointError on every rank when any rank's loss is NaN/Inf (a collective), before

@@ -61,6 +61,7 @@ def test_overrides_apply_and_interpolations_resolve():
     ("distill.critic_times=normal", "distill.critic_times"),
     ("distill.dmd_shift=-1", "distill.dmd_shift"),
     ("distill.grad_scope=prefix", "distill.grad_scope"),
+    ("distill.critic_updates=0", "distill.critic_updates"),
 ])
 def test_bad_keys_and_values_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

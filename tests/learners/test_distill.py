@@ -1,6 +1,7 @@
 """Stage 2 on real Ray actors: the pipeline's accounting, faults, and bad trajectories."""
 
 import json
+import math
 
 import pytest
 import ray
@@ -414,5 +415,29 @@ def test_lora_critic_on_the_frozen_teacher_trains(ray_local, prepared_run):
         crit = {"prompt_idx": torch.tensor([2, 3]), "x_hat": torch.randn(2, 3, 8, 16, 16)}
         result = group.run("train_step", 0, [[ray.put(gen)]], [[ray.put(crit)]])[0]
         assert result["trained"] == 2 and torch.isfinite(torch.tensor([result["loss"], result["critic_loss"]])).all()
+    finally:
+        group.shutdown()
+
+
+class CriticStepProbe(DistillWorker):
+    """Reports how many optimizer steps each engine has taken."""
+
+    def train_step(self, step, generator_refs=(), critic_refs=()):
+        result = super().train_step(step, generator_refs, critic_refs)
+        return {**result, **{f"{name}_steps": engine.global_steps for name, engine in self.engines.items()}}
+
+
+def test_critic_updates_step_the_critic_that_many_times_per_student_step(ray_local, prepared_run):
+    gen = {"prompt_idx": torch.tensor([0, 1]), "num_steps": 2, "k": 0, "z_k": torch.randn(2, 3, 8, 16, 16),
+           "T_k": torch.full((2,), 1000.0), "T_next": torch.full((2,), 833.0)}
+    crit = {"prompt_idx": torch.tensor([2, 3]), "x_hat": torch.randn(2, 3, 8, 16, 16)}
+    group = LearnerGroup(run_cfg(prepared_run, "distill.critic_updates=3"), "stage2", worker_cls=CriticStepProbe)
+    try:
+        first = group.run("train_step", 0, [[ray.put(gen)]], [[ray.put(crit)]])[0]
+        assert (first["student_steps"], first["critic_steps"]) == (1, 3)
+        # no critic trajectory this step: no critic update at all, the student still steps
+        second = group.run("train_step", 1, [[ray.put(gen)]], [])[0]
+        assert (second["student_steps"], second["critic_steps"]) == (2, 3)
+        assert math.isnan(second["critic_loss"]) and math.isfinite(first["critic_loss"])
     finally:
         group.shutdown()
