@@ -197,6 +197,7 @@ class DistillConfig:
     weight_decay: float = 0.0
     ema: float = 0.99
     ema_warmup: int = 0  # the EMA is a plain copy of the weights for the first N steps, then decays
+    rollout_weights: str = "current"  # what the actors roll out with: the student as trained, or its EMA ("ema")
     grad_clip: float = 1.0
     # critic F: "copy" = a trainable copy of the teacher (LoRA on it when model.lora.enabled); "lora" = LoRA adapters
     # on the frozen teacher itself: one copy of the base weights serves R (adapters off) and F (on); needs LoRA on
@@ -409,17 +410,14 @@ def validate(cfg: DictConfig) -> None:
     _require(dc.buffer_capacity >= 0, "distill.buffer_capacity", dc.buffer_capacity, "must be >= 0 (0: from the demand)")
     _require(dc.grad_scope in ("last", "all") or (dc.grad_scope == "jump" and not cfg.model.causal.chunks),
              "distill.grad_scope", dc.grad_scope, "must be last, all or jump (jump: a bidirectional student only)")
-    _require(dc.rollout in ("flowmap", "consistency"), "distill.rollout", dc.rollout, "must be flowmap or consistency")
-    _require(dc.critic_times in ("logit_normal", "uniform"), "distill.critic_times", dc.critic_times, "must be logit_normal or uniform")
+    for key, allowed in (("rollout", ("flowmap", "consistency")), ("critic_times", ("logit_normal", "uniform")),
+                         ("rollout_weights", ("current", "ema")), ("critic", ("copy", "lora")),
+                         ("weight_sync", ("object_store", "torch_dist")), ("sync_backend", ("auto", "gloo", "nccl"))):
+        _require(dc[key] in allowed, f"distill.{key}", dc[key], f"must be {', '.join(allowed[:-1])} or {allowed[-1]}")
     _require(dc.rollout == "flowmap" or (dc.grad_scope == "last" and not cfg.model.causal.chunks), "distill.rollout",
              dc.rollout, "consistency takes distill.grad_scope=last and a bidirectional student (model.causal.chunks=[])")
-    _require(dc.critic in ("copy", "lora"), "distill.critic", dc.critic, "must be copy or lora")
     _require(dc.critic != "lora" or cfg.model.lora.enabled, "distill.critic", dc.critic,
              "lora needs model.lora.enabled=true (the critic is LoRA adapters on the frozen teacher)")
-    _require(dc.weight_sync in ("object_store", "torch_dist"), "distill.weight_sync", dc.weight_sync,
-             "must be object_store or torch_dist")
-    _require(dc.sync_backend in ("auto", "gloo", "nccl"), "distill.sync_backend", dc.sync_backend,
-             "must be auto, gloo or nccl")
     _require(len(dc.budgets) > 0 and all(int(n) >= 1 for n in dc.budgets), "distill.budgets", list(dc.budgets),
              "must be a non-empty list of ints >= 1")
     _require(dc.num_ranks >= 0, "distill.num_ranks", dc.num_ranks, "must be >= 0 (0: learner.num_ranks)")

@@ -32,7 +32,7 @@ from anyflow_ray.objectives import Stage1Objective
 from anyflow_ray.schedule import sampling_grid
 from anyflow_ray.models.lora import AdaptersOff, apply_lora
 from anyflow_ray.collective import WeightGroup, host_store, layout_of, pack, resolve_backend
-from learners.partitions import gather_to_cpu
+from learners.partitions import gather_parts, gather_to_cpu
 from learners.worker import LearnerWorker, deepspeed_config, job_zero_stage
 
 REQUIRED = {"generator": ("prompt_idx", "num_steps", "k", "z_k", "T_k", "T_next"),
@@ -309,18 +309,35 @@ class DistillWorker(LearnerWorker):
         ZeRO <= 2 (under ZeRO-3 use ``publish_weights``, a collective)."""
         return {n: p.detach().cpu().clone() for n, p in self.model.named_parameters() if p.requires_grad}
 
+    def _ema_shadows(self) -> dict[int, torch.Tensor]:
+        return {id(p): shadow for p, shadow in zip(self.ema.params, self.ema.shadow)}
+
+    def _rollout_weights(self) -> dict[str, torch.Tensor]:
+        """What the rollout actors sample with (ZeRO <= 2): the trainable parameters as trained, or their
+        EMA in the parameters' dtype (``distill.rollout_weights=ema``), by name."""
+        params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        if self.cfg.distill.rollout_weights != "ema":
+            return {n: p.detach() for n, p in params.items()}
+        shadow_of = self._ema_shadows()
+        return {n: shadow_of[id(p)].to(p.dtype) for n, p in params.items()}
+
     def publish_weights(self, full: bool = False) -> list | None:
-        """ray.put the student's trainable parameters, whole (or its full state dict, for comparison);
+        """ray.put the student's trainable parameters (or their EMA: ``distill.rollout_weights``), whole
+        (or its full state dict, for comparison);
         rank 0 returns the wrapped ref, the other ranks None. Every rank is called: under ZeRO-3 the
         parameters are gathered, a collective; at ZeRO <= 2 rank 0 alone works, the others return at once."""
         self._refuse_after_halt("weight publish")
         if self.zero_stage == 3:
             named = [(n, p) for n, p in self.model.named_parameters() if full or p.requires_grad]
-            state = gather_to_cpu(named, keep=self.rank == 0)
+            if self.cfg.distill.rollout_weights == "ema" and not full:  # each rank's EMA of its partition
+                shadow_of = self._ema_shadows()
+                state = gather_parts(named, [shadow_of[id(p)] for _, p in named], keep=self.rank == 0)
+            else:
+                state = gather_to_cpu(named, keep=self.rank == 0)
             if full and self.rank == 0:  # the persistent buffers, never partitioned
                 state.update({n: t for n, t in self.model.state_dict().items() if n not in state})
         elif self.rank == 0:
-            state = self.model.state_dict() if full else self.trainable_state()
+            state = self.model.state_dict() if full else self._rollout_weights()
         if self.rank != 0:
             return None
         return [ray.put({k: v.detach().cpu() for k, v in state.items()})]
@@ -356,7 +373,7 @@ class DistillWorker(LearnerWorker):
         if group is None:
             raise RuntimeError("broadcast_weights before open_weight_group")
         start = time.perf_counter()
-        named = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        named = self._rollout_weights()
         device = self.device if group.backend == "nccl" else torch.device("cpu")
         group.broadcast(pack(named, layout_of(named), device))
         return time.perf_counter() - start

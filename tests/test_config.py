@@ -62,6 +62,8 @@ def test_overrides_apply_and_interpolations_resolve():
     ("distill.dmd_shift=-1", "distill.dmd_shift"),
     ("distill.grad_scope=prefix", "distill.grad_scope"),
     ("distill.critic_updates=0", "distill.critic_updates"),
+    ("distill.rollout_weights=average", "distill.rollout_weights"),
+    ("distill.sync_backend=mpi", "distill.sync_backend"),
 ])
 def test_bad_keys_and_values_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

@@ -441,3 +441,38 @@ def test_critic_updates_step_the_critic_that_many_times_per_student_step(ray_loc
         assert math.isnan(second["critic_loss"]) and math.isfinite(first["critic_loss"])
     finally:
         group.shutdown()
+
+
+class EmaProbe(ZeRO3Probe):
+    """Also reports the whole EMA of the trainable parameters by name, gathered independently."""
+
+    def gathered_ema(self) -> dict | None:
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        if self.zero_stage == 3:
+            from learners.partitions import gather_parts
+
+            return gather_parts(named, list(self.ema.shadow), keep=self.rank == 0) or None
+        return {n: s.detach().cpu().clone() for (n, _), s in zip(named, self.ema.shadow)}
+
+
+@pytest.mark.parametrize("zero", [0, 3])
+def test_rollout_weights_ema_publishes_the_students_ema_not_its_trained_weights(ray_local, prepared_run, zero):
+    """distill.rollout_weights=ema: the actors get the EMA (decay x initial + (1 - decay) x trained after one
+    step at warm-up 0), at ZeRO-0 from rank 0's whole EMA and at ZeRO-3 gathered from each rank's partition."""
+    ranks = 2 if zero == 3 else 1
+    cfg = run_cfg(prepared_run, "distill.rollout_weights=ema", "distill.ema=0.5", "distill.ema_warmup=0",
+                  "distill.lr=1e-2", f"distill.num_ranks={ranks}", f"learner.zero_stage={zero}")
+    group = LearnerGroup(cfg, "stage2", num_ranks=ranks, worker_cls=EmaProbe)
+    try:
+        initial = group.run("gathered_trainable")[0]
+        group.run("train_step", 0, _trajectories(ranks, "generator"), _trajectories(ranks, "critic"))
+        trained, ema = group.run("gathered_trainable")[0], group.run("gathered_ema")[0]
+        published = ray.get(group.run("publish_weights")[0][0])
+        assert sorted(published) == sorted(trained) == sorted(ema)
+        assert any(not torch.equal(trained[n], initial[n]) for n in trained)  # the step moved the weights
+        for name in published:
+            assert torch.allclose(published[name], ema[name]), name
+            assert torch.allclose(ema[name], 0.5 * initial[name] + 0.5 * trained[name], atol=1e-6), name
+        assert any(not torch.allclose(published[n], trained[n]) for n in published)
+    finally:
+        group.shutdown()
