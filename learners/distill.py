@@ -322,10 +322,10 @@ class DistillWorker(LearnerWorker):
         return {n: shadow_of[id(p)].to(p.dtype) for n, p in params.items()}
 
     def publish_weights(self, full: bool = False) -> list | None:
-        """ray.put the student's trainable parameters (or their EMA: ``distill.rollout_weights``), whole
-        (or its full state dict, for comparison);
-        rank 0 returns the wrapped ref, the other ranks None. Every rank is called: under ZeRO-3 the
-        parameters are gathered, a collective; at ZeRO <= 2 rank 0 alone works, the others return at once."""
+        """ray.put the student's trainable parameters (or their EMA: ``distill.rollout_weights``), whole (or
+        its full state dict, for comparison); rank 0 returns the wrapped ref, the other ranks None. Every
+        rank is called: under ZeRO-3 the parameters (or each rank's EMA partition) are gathered, a
+        collective; at ZeRO <= 2 rank 0 alone works, the others return at once."""
         self._refuse_after_halt("weight publish")
         if self.zero_stage == 3:
             named = [(n, p) for n, p in self.model.named_parameters() if full or p.requires_grad]
