@@ -247,25 +247,30 @@ class DistillWorker(LearnerWorker):
         crit = self._critic_loss(crit_payloads, crit_pad, rng, step, versions)
         student.step()
         self.ema.update()
-        crit_value = float("nan")
-        # distill.critic_updates > 1: more updates on the same x_hat, each with fresh noise levels and noise
-        # (the later ones checked before their own step; the student's step is already taken)
+        crit_value, critic_steps = float("nan"), 0
+        # distill.critic_updates > 1: more updates on the same x_hat, each with fresh noise levels and noise.
+        # The step is already applied (student, EMA, a critic update), so a later non-finite critic loss
+        # ends the critic's updates for this step on every rank rather than halting the run: a checkpoint
+        # taken next holds the whole step, and a resume does not apply it twice.
         for update in range(self.cfg.distill.critic_updates):
             if update > 0:
-                crit = self._critic_loss(crit_payloads, crit_pad, rng, step, versions)
+                crit = self._critic_loss(crit_payloads, crit_pad, rng, step, versions, refuse=False)
+                if not self._all_ranks_have(crit is None or math.isfinite(float(crit.detach()))):
+                    break
             if not self._all_ranks_have(crit is not None):  # skip the critic update on every rank together
                 break
             critic.backward(crit)
             critic.step()
+            critic_steps += 1
             crit_value = float(crit.detach()) if crit_payloads else float("nan")
         return {"loss": float(total.detach()), "dmd_loss": float(dmd.detach()), "real_loss": float(real_loss.detach()),
-                "critic_loss": crit_value, **{k: v for k, v in metrics.items()},
+                "critic_loss": crit_value, "critic_updates": critic_steps, **{k: v for k, v in metrics.items()},
                 **{f"diag/{k}": v for k, v in real_info.items()}, **counts}
 
     def _critic_loss(self, payloads: list[dict], pad: int, rng: torch.Generator, step: int,
-                     versions: list[int]) -> torch.Tensor | None:
+                     versions: list[int], refuse: bool = True) -> torch.Tensor | None:
         """Flow matching of the critic on the critic trajectories' x_hat (None when this rank has none;
-        stand-ins enter with weight 0), checked finite on every rank before any step."""
+        stand-ins enter with weight 0); ``refuse``: checked finite on every rank, halting the run if not."""
         critic = self.engines["critic"]
         terms, pad_terms = [], []
         for i, payload in enumerate(payloads + [self._stand_in("critic")] * pad):
@@ -276,7 +281,8 @@ class DistillWorker(LearnerWorker):
         crit = torch.stack(terms).mean() if terms else None
         if pad_terms:  # weight 0, as the generator's stand-ins
             crit = 0.0 * torch.stack(pad_terms).sum() + (crit if crit is not None else 0.0)
-        self._refuse_non_finite(step, {"critic": crit}, versions)
+        if refuse:
+            self._refuse_non_finite(step, {"critic": crit}, versions)
         return crit
 
     def _refuse_non_finite(self, step: int, losses: dict, versions: list[int]) -> None:
@@ -330,8 +336,9 @@ class DistillWorker(LearnerWorker):
         if self.zero_stage == 3:
             named = [(n, p) for n, p in self.model.named_parameters() if full or p.requires_grad]
             if self.cfg.distill.rollout_weights == "ema" and not full:  # each rank's EMA of its partition
-                shadow_of = self._ema_shadows()
+                shadow_of, dtype_of = self._ema_shadows(), {n: p.dtype for n, p in named}
                 state = gather_parts(named, [shadow_of[id(p)] for _, p in named], keep=self.rank == 0)
+                state = {n: t.to(dtype_of[n]) for n, t in state.items()}  # the parameters' dtype, as at ZeRO <= 2
             else:
                 state = gather_to_cpu(named, keep=self.rank == 0)
             if full and self.rank == 0:  # the persistent buffers, never partitioned

@@ -184,23 +184,26 @@ def test_a_stopped_run_resubmitted_continues_with_the_losses_of_an_uninterrupted
             "critic/zero_pp_rank_0_mp_rank_00_optim_states.pt"} <= set(meta["files"])
 
 
-def test_torch_dist_broadcast_gives_each_actor_the_learners_weights_even_mid_rollout(ray_local, prepared_run):
+@pytest.mark.parametrize("weights", ["current", "ema"])
+def test_torch_dist_broadcast_gives_each_actor_the_learners_weights_even_mid_rollout(ray_local, prepared_run, weights):
     """distill.weight_sync=torch_dist: learner rank 0 + 2 rollout actors in a gloo group of their own. The
-    broadcast carries exactly the learner's trainable tensors, and lands even while an actor's rollout
-    waits inside it for buffer space (no deadlock)."""
+    broadcast carries exactly the learner's trainable tensors (their EMA with distill.rollout_weights=ema),
+    and lands even while an actor's rollout waits inside it for buffer space (no deadlock)."""
     from actors.buffer import TrajectoryBuffer
     from actors.weights import WeightRegistry
     from anyflow_ray.jobs.distill import RolloutFleet
     from anyflow_ray.jobs.weight_sync import CollectiveSync
 
-    cfg = run_cfg(prepared_run, "distill.weight_sync=torch_dist", "rollout.num_actors=2", "distill.sync_timeout_s=30")
-    group = LearnerGroup(cfg, "stage2", worker_cls=DistillWorker)
-    buffer = ray.remote(TrajectoryBuffer).options(name="mid-rollout-buffer").remote(1, 1)  # room for one trajectory
-    registry = ray.remote(WeightRegistry).options(name="mid-rollout-registry").remote()
+    cfg = run_cfg(prepared_run, "distill.weight_sync=torch_dist", "rollout.num_actors=2", "distill.sync_timeout_s=30",
+                  f"distill.rollout_weights={weights}", "distill.ema=0.5", "distill.lr=1e-2")
+    group = LearnerGroup(cfg, "stage2", worker_cls=EmaProbe)
+    names = f"mid-rollout-buffer-{weights}", f"mid-rollout-registry-{weights}"
+    buffer = ray.remote(TrajectoryBuffer).options(name=names[0]).remote(1, 1)  # room for one trajectory
+    registry = ray.remote(WeightRegistry).options(name=names[1]).remote()
     fleet = None
     try:
         sync = CollectiveSync(cfg, group, registry)
-        fleet = sync.start(0, lambda: RolloutFleet(cfg, "mid-rollout-buffer", "mid-rollout-registry"))
+        fleet = sync.start(0, lambda: RolloutFleet(cfg, *names))
         assert ray.get([a.current_version.remote() for a in fleet.actors]) == [0, 0]
         # fill the buffer, then leave a second rollout waiting inside actor 0 for space
         assert ray.get(fleet.actors[0].rollout.remote("critic", 1))["version"] == 0
@@ -210,9 +213,11 @@ def test_torch_dist_broadcast_gives_each_actor_the_learners_weights_even_mid_rol
         gen = [ray.put({"prompt_idx": torch.tensor([0, 1]), "num_steps": 2, "k": 0, "z_k": torch.randn(2, 3, 8, 16, 16),
                         "T_k": torch.full((2,), 1000.0), "T_next": torch.full((2,), 833.0)})]
         group.run("train_step", 0, [gen], [])
-        learner = group.run_on(0, "trainable_state")
+        trained = group.run_on(0, "trainable_state")
+        learner = trained if weights == "current" else group.run_on(0, "gathered_ema")
         before = ray.get(fleet.actors[1].state_of.remote(sorted(learner)))
         assert any(not torch.equal(before[n], learner[n]) for n in learner)
+        assert (weights == "ema") == any(not torch.equal(trained[n], learner[n]) for n in learner)
         sync.publish(1, fleet)  # actor 0 takes it in its "weights" concurrency group
         assert ray.get([a.current_version.remote() for a in fleet.actors]) == [1, 1]
         assert ray.get(registry.loaded_versions.remote()) == {"rollout-0": 1, "rollout-1": 1}
@@ -474,5 +479,34 @@ def test_rollout_weights_ema_publishes_the_students_ema_not_its_trained_weights(
             assert torch.allclose(published[name], ema[name]), name
             assert torch.allclose(ema[name], 0.5 * initial[name] + 0.5 * trained[name], atol=1e-6), name
         assert any(not torch.allclose(published[n], trained[n]) for n in published)
+    finally:
+        group.shutdown()
+
+
+class LaterCriticLossNaN(CriticStepProbe):
+    """The second critic loss of step 0 (the first of the extra updates) is NaN."""
+
+    def _critic_loss(self, payloads, pad, rng, step, versions, refuse=True):
+        loss = super()._critic_loss(payloads, pad, rng, step, versions, refuse)
+        if step == 0 and not refuse and not getattr(self, "poisoned", False):
+            self.poisoned = True
+            return loss * float("nan")
+        return loss
+
+
+def test_a_non_finite_extra_critic_update_ends_the_critic_updates_of_the_step_not_the_run(ray_local, prepared_run):
+    """With distill.critic_updates=3 the step is applied before the extra critic losses exist: a NaN one
+    stops the critic's updates for that step (1 of 3 taken) without halting, and the next step runs all 3."""
+    gen = {"prompt_idx": torch.tensor([0, 1]), "num_steps": 2, "k": 0, "z_k": torch.randn(2, 3, 8, 16, 16),
+           "T_k": torch.full((2,), 1000.0), "T_next": torch.full((2,), 833.0)}
+    crit = {"prompt_idx": torch.tensor([2, 3]), "x_hat": torch.randn(2, 3, 8, 16, 16)}
+    group = LearnerGroup(run_cfg(prepared_run, "distill.critic_updates=3"), "stage2", worker_cls=LaterCriticLossNaN)
+    try:
+        first = group.run("train_step", 0, [[ray.put(gen)]], [[ray.put(crit)]])[0]
+        assert (first["student_steps"], first["critic_steps"], first["critic_updates"]) == (1, 1, 1)
+        assert math.isfinite(first["critic_loss"])
+        second = group.run("train_step", 1, [[ray.put(gen)]], [[ray.put(crit)]])[0]
+        assert (second["student_steps"], second["critic_steps"], second["critic_updates"]) == (2, 4, 3)
+        assert ray.get(group.run("publish_weights")[0][0])  # not halted: publishing still works
     finally:
         group.shutdown()
