@@ -433,15 +433,12 @@ class CriticStepProbe(DistillWorker):
 
 
 def test_critic_updates_step_the_critic_that_many_times_per_student_step(ray_local, prepared_run):
-    gen = {"prompt_idx": torch.tensor([0, 1]), "num_steps": 2, "k": 0, "z_k": torch.randn(2, 3, 8, 16, 16),
-           "T_k": torch.full((2,), 1000.0), "T_next": torch.full((2,), 833.0)}
-    crit = {"prompt_idx": torch.tensor([2, 3]), "x_hat": torch.randn(2, 3, 8, 16, 16)}
     group = LearnerGroup(run_cfg(prepared_run, "distill.critic_updates=3"), "stage2", worker_cls=CriticStepProbe)
     try:
-        first = group.run("train_step", 0, [[ray.put(gen)]], [[ray.put(crit)]])[0]
+        first = group.run("train_step", 0, _trajectories(1, "generator"), _trajectories(1, "critic"))[0]
         assert (first["student_steps"], first["critic_steps"]) == (1, 3)
         # no critic trajectory this step: no critic update at all, the student still steps
-        second = group.run("train_step", 1, [[ray.put(gen)]], [])[0]
+        second = group.run("train_step", 1, _trajectories(1, "generator"), [])[0]
         assert (second["student_steps"], second["critic_steps"]) == (2, 3)
         assert math.isnan(second["critic_loss"]) and math.isfinite(first["critic_loss"])
     finally:
@@ -497,15 +494,12 @@ class LaterCriticLossNaN(CriticStepProbe):
 def test_a_non_finite_extra_critic_update_ends_the_critic_updates_of_the_step_not_the_run(ray_local, prepared_run):
     """With distill.critic_updates=3 the step is applied before the extra critic losses exist: a NaN one
     stops the critic's updates for that step (1 of 3 taken) without halting, and the next step runs all 3."""
-    gen = {"prompt_idx": torch.tensor([0, 1]), "num_steps": 2, "k": 0, "z_k": torch.randn(2, 3, 8, 16, 16),
-           "T_k": torch.full((2,), 1000.0), "T_next": torch.full((2,), 833.0)}
-    crit = {"prompt_idx": torch.tensor([2, 3]), "x_hat": torch.randn(2, 3, 8, 16, 16)}
     group = LearnerGroup(run_cfg(prepared_run, "distill.critic_updates=3"), "stage2", worker_cls=LaterCriticLossNaN)
     try:
-        first = group.run("train_step", 0, [[ray.put(gen)]], [[ray.put(crit)]])[0]
+        first = group.run("train_step", 0, _trajectories(1, "generator"), _trajectories(1, "critic"))[0]
         assert (first["student_steps"], first["critic_steps"], first["critic_updates"]) == (1, 1, 1)
         assert math.isfinite(first["critic_loss"])
-        second = group.run("train_step", 1, [[ray.put(gen)]], [[ray.put(crit)]])[0]
+        second = group.run("train_step", 1, _trajectories(1, "generator"), _trajectories(1, "critic"))[0]
         assert (second["student_steps"], second["critic_steps"], second["critic_updates"]) == (2, 4, 3)
         assert ray.get(group.run("publish_weights")[0][0])  # not halted: publishing still works
     finally:
