@@ -247,7 +247,7 @@ class DistillWorker(LearnerWorker):
         crit = self._critic_loss(crit_payloads, crit_pad, rng, step, versions)
         student.step()
         self.ema.update()
-        crit_value, critic_steps = float("nan"), 0
+        crit_value, critic_updates = float("nan"), 0
         # distill.critic_updates > 1: more updates on the same x_hat, each with fresh noise levels and noise.
         # The step is already applied (student, EMA, a critic update), so a later non-finite critic loss
         # ends the critic's updates for this step on every rank rather than halting the run: a checkpoint
@@ -261,10 +261,10 @@ class DistillWorker(LearnerWorker):
                 break
             critic.backward(crit)
             critic.step()
-            critic_steps += 1
+            critic_updates += 1
             crit_value = float(crit.detach()) if crit_payloads else float("nan")
         return {"loss": float(total.detach()), "dmd_loss": float(dmd.detach()), "real_loss": float(real_loss.detach()),
-                "critic_loss": crit_value, "critic_updates": critic_steps, **{k: v for k, v in metrics.items()},
+                "critic_loss": crit_value, "critic_updates": critic_updates, **{k: v for k, v in metrics.items()},
                 **{f"diag/{k}": v for k, v in real_info.items()}, **counts}
 
     def _critic_loss(self, payloads: list[dict], pad: int, rng: torch.Generator, step: int,
@@ -314,9 +314,6 @@ class DistillWorker(LearnerWorker):
         """The student's trainable parameters by name (LoRA adapters only when LoRA is on); whole at
         ZeRO <= 2 (under ZeRO-3 use ``publish_weights``, a collective)."""
         return {n: p.detach().cpu().clone() for n, p in self.model.named_parameters() if p.requires_grad}
-
-    def _ema_shadows(self) -> dict[int, torch.Tensor]:
-        return {id(p): shadow for p, shadow in zip(self.ema.params, self.ema.shadow)}
 
     def _rollout_weights(self) -> dict[str, torch.Tensor]:
         """What the rollout actors sample with (ZeRO <= 2): the trainable parameters as trained, or their

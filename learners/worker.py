@@ -332,10 +332,14 @@ class LearnerWorker:
                 storage.upload(Path(out) / name)
         return out
 
+    def _ema_shadows(self) -> dict[int, torch.Tensor]:
+        """Each trainable parameter's EMA (this rank's partition of it under ZeRO-3), by ``id`` of the parameter."""
+        return {id(p): shadow for p, shadow in zip(self.ema.params, self.ema.shadow)}
+
     def _whole_ema_model(self) -> torch.nn.Module | None:
         """ZeRO-3: a CPU copy of the model holding the whole EMA weights, on rank 0 (None elsewhere):
         the EMA partitions of every rank put together, the frozen parameters gathered as they are."""
-        shadow_of = {id(p): s for p, s in zip(self.ema.params, self.ema.shadow)}
+        shadow_of = self._ema_shadows()
         named = list(self.model.named_parameters())
         averaged = [(n, p) for n, p in named if id(p) in shadow_of]
         keep = self.rank == 0

@@ -1,0 +1,195 @@
+"""One Stage-2 learner step driven directly through the LearnerGroup (no driver, no rollout actors): what
+the student and the critic step, and what a rank publishes for the actors (the student's weights or their
+EMA, gathered whole under ZeRO-3)."""
+
+import math
+
+import pytest
+import ray
+import torch
+
+from anyflow_ray.pipeline import AnyFlowPipeline
+from learners.distill import DistillWorker
+from learners.group import LearnerGroup
+from tests.learners.conftest import run_cfg
+
+
+class ZeRO3Probe(DistillWorker):
+    """A Stage-2 rank that also reports what ZeRO-3 holds, gathered independently of the worker's code."""
+
+    def partition_sizes(self) -> dict:
+        return {"ema": [s.numel() for s in self.ema.shadow], "local": [p.ds_tensor.numel() for p in self.trainable],
+                "placeholders": [p.numel() for p in self.trainable]}
+
+    def gathered_trainable(self) -> dict | None:
+        import deepspeed
+
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        with deepspeed.zero.GatheredParameters([p for _, p in named]):  # all at once, every rank
+            whole = {n: p.detach().cpu().clone() for n, p in named}
+        return whole if self.rank == 0 else None
+
+
+def _trajectories(n: int, kind: str) -> list:
+    if kind == "generator":
+        return [[ray.put({"prompt_idx": torch.tensor([2 * i, 2 * i + 1]), "num_steps": 2, "k": 0,
+                          "z_k": torch.randn(2, 3, 8, 16, 16), "T_k": torch.full((2,), 1000.0),
+                          "T_next": torch.full((2,), 833.0)})] for i in range(n)]
+    return [[ray.put({"prompt_idx": torch.tensor([i, i + 4]), "x_hat": torch.randn(2, 3, 8, 16, 16)})]
+            for i in range(n)]
+
+
+def test_zero3_publishes_whole_weights_and_exports_the_gathered_partition_wise_ema(ray_local, prepared_run, tmp_path):
+    """2 ranks at ZeRO-3: each rank's EMA averages its own (non-empty) partition; publish_weights returns the
+    whole parameters from rank 0 (None elsewhere); the export is the whole EMA: decay x initial + (1 - decay) x
+    trained after one step."""
+    from anyflow_ray.models.loading import load_transformer
+
+    cfg = run_cfg(prepared_run, "distill.num_ranks=2", "learner.zero_stage=3", "distill.ema=0.9",
+                  "distill.ema_warmup=0", "distill.lr=1e-2")
+    group = LearnerGroup(cfg, "stage2", num_ranks=2, worker_cls=ZeRO3Probe)
+    try:
+        sizes = group.run("partition_sizes")
+        initial = load_transformer(cfg.distill.init, flow_map=True, gate=cfg.model.gate).state_dict()
+        for rank in sizes:
+            assert set(rank["placeholders"]) == {0} and rank["ema"] == rank["local"] and all(rank["ema"])
+        assert sum(sum(rank["ema"]) for rank in sizes) >= sum(t.numel() for t in initial.values())
+
+        wrapped, other = group.run("publish_weights", True)
+        assert other is None
+        before = ray.get(wrapped[0])
+        assert sorted(before) == sorted(initial)
+        assert all(torch.equal(before[n], initial[n]) for n in initial)  # whole shapes, the loaded values
+
+        trained = []
+        for step in range(2):  # the second step: ZeRO-3 now keeps its small parameters whole between steps
+            result = group.run("train_step", step, _trajectories(2, "generator"), _trajectories(2, "critic"))
+            assert [r["trained"] for r in result] == [2, 2]
+            wrapped, other = group.run("publish_weights")
+            after, gathered = ray.get(wrapped[0]), group.run("gathered_trainable")[0]
+            assert other is None and sorted(after) == sorted(gathered) and set(after) <= set(initial)
+            assert all(torch.equal(after[n], gathered[n]) for n in after)
+            trained.append(after)
+        assert any(not torch.equal(trained[1][n], before[n]) for n in before)
+
+        group.run("export_pipeline", str(tmp_path / "export"))
+        exported = AnyFlowPipeline.from_pretrained(tmp_path / "export").transformer.state_dict()
+        for name in trained[0]:
+            ema = 0.81 * before[name] + 0.09 * trained[0][name] + 0.1 * trained[1][name]
+            assert exported[name].shape == initial[name].shape and torch.isfinite(exported[name]).all()
+            assert torch.allclose(exported[name], ema, atol=1e-6), name
+        assert all(torch.equal(exported[n], initial[n]) for n in initial if n not in after)  # frozen: as loaded
+    finally:
+        group.shutdown()
+
+
+def test_zero3_ranks_with_uneven_trajectories_stay_in_step_with_a_lora_critic(ray_local, prepared_run, tmp_path):
+    """Every ZeRO-3 model call gathers weights from all ranks: a rank with fewer trajectories (lost, rejected,
+    or an uneven batch) runs zero-weight stand-ins, so the ranks never wait on different calls."""
+    cfg = run_cfg(prepared_run, "distill.num_ranks=2", "distill.zero_stage=3", "model.lora.enabled=true",
+                  "model.lora.rank=4", "model.lora.alpha=4", "distill.critic=lora", "distill.lr=1e-2")
+    group = LearnerGroup(cfg, "stage2", num_ranks=2, worker_cls=ZeRO3Probe)
+    try:
+        for step in range(2):  # rank 0 gets a generator trajectory, rank 1 none
+            result = group.run("train_step", step, _trajectories(1, "generator"), _trajectories(2, "critic"))
+            assert [r["trained"] for r in result] == [2, 1]
+        wrapped, _ = group.run("publish_weights")
+        after, gathered = ray.get(wrapped[0]), group.run("gathered_trainable")[0]
+        assert sorted(after) == sorted(gathered) and all(torch.equal(after[n], gathered[n]) for n in after)
+        group.run("export_pipeline", str(tmp_path / "export"))
+        exported = AnyFlowPipeline.from_pretrained(tmp_path / "export").transformer.state_dict()
+        assert all(torch.isfinite(t).all() and t.numel() > 0 for t in exported.values())
+    finally:
+        group.shutdown()
+
+
+def test_lora_critic_on_the_frozen_teacher_trains(ray_local, prepared_run):
+    group = LearnerGroup(run_cfg(prepared_run, "model.lora.enabled=true", "model.lora.rank=4", "model.lora.alpha=4",
+                                 "distill.critic=lora"), "stage2", worker_cls=DistillWorker)
+    try:
+        result = group.run("train_step", 0, _trajectories(1, "generator"), _trajectories(1, "critic"))[0]
+        assert result["trained"] == 2 and torch.isfinite(torch.tensor([result["loss"], result["critic_loss"]])).all()
+    finally:
+        group.shutdown()
+
+
+class CriticStepProbe(DistillWorker):
+    """Reports how many optimizer steps each engine has taken."""
+
+    def train_step(self, step, generator_refs=(), critic_refs=()):
+        result = super().train_step(step, generator_refs, critic_refs)
+        return {**result, **{f"{name}_steps": engine.global_steps for name, engine in self.engines.items()}}
+
+
+def test_critic_updates_step_the_critic_that_many_times_per_student_step(ray_local, prepared_run):
+    group = LearnerGroup(run_cfg(prepared_run, "distill.critic_updates=3"), "stage2", worker_cls=CriticStepProbe)
+    try:
+        first = group.run("train_step", 0, _trajectories(1, "generator"), _trajectories(1, "critic"))[0]
+        assert (first["student_steps"], first["critic_steps"]) == (1, 3)
+        # no critic trajectory this step: no critic update at all, the student still steps
+        second = group.run("train_step", 1, _trajectories(1, "generator"), [])[0]
+        assert (second["student_steps"], second["critic_steps"]) == (2, 3)
+        assert math.isnan(second["critic_loss"]) and math.isfinite(first["critic_loss"])
+    finally:
+        group.shutdown()
+
+
+class EmaProbe(ZeRO3Probe):
+    """Also reports the whole EMA of the trainable parameters by name, gathered independently."""
+
+    def gathered_ema(self) -> dict | None:
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        if self.zero_stage == 3:
+            from learners.partitions import gather_parts
+
+            return gather_parts(named, list(self.ema.shadow), keep=self.rank == 0) or None
+        return {n: s.detach().cpu().clone() for (n, _), s in zip(named, self.ema.shadow)}
+
+
+@pytest.mark.parametrize("zero", [0, 3])
+def test_rollout_weights_ema_publishes_the_students_ema_not_its_trained_weights(ray_local, prepared_run, zero):
+    """distill.rollout_weights=ema: the actors get the EMA (decay x initial + (1 - decay) x trained after one
+    step at warm-up 0), at ZeRO-0 from rank 0's whole EMA and at ZeRO-3 gathered from each rank's partition."""
+    ranks = 2 if zero == 3 else 1
+    cfg = run_cfg(prepared_run, "distill.rollout_weights=ema", "distill.ema=0.5", "distill.ema_warmup=0",
+                  "distill.lr=1e-2", f"distill.num_ranks={ranks}", f"learner.zero_stage={zero}")
+    group = LearnerGroup(cfg, "stage2", num_ranks=ranks, worker_cls=EmaProbe)
+    try:
+        initial = group.run("gathered_trainable")[0]
+        group.run("train_step", 0, _trajectories(ranks, "generator"), _trajectories(ranks, "critic"))
+        trained, ema = group.run("gathered_trainable")[0], group.run("gathered_ema")[0]
+        published = ray.get(group.run("publish_weights")[0][0])
+        assert sorted(published) == sorted(trained) == sorted(ema)
+        assert any(not torch.equal(trained[n], initial[n]) for n in trained)  # the step moved the weights
+        for name in published:
+            assert torch.allclose(published[name], ema[name]), name
+            assert torch.allclose(ema[name], 0.5 * initial[name] + 0.5 * trained[name], atol=1e-6), name
+        assert any(not torch.allclose(published[n], trained[n]) for n in published)
+    finally:
+        group.shutdown()
+
+
+class LaterCriticLossNaN(CriticStepProbe):
+    """The second critic loss of step 0 (the first of the extra updates) is NaN."""
+
+    def _critic_loss(self, payloads, pad, rng, step, versions, refuse=True):
+        loss = super()._critic_loss(payloads, pad, rng, step, versions, refuse)
+        if step == 0 and not refuse and not getattr(self, "poisoned", False):
+            self.poisoned = True
+            return loss * float("nan")
+        return loss
+
+
+def test_a_non_finite_extra_critic_update_ends_the_critic_updates_of_the_step_not_the_run(ray_local, prepared_run):
+    """With distill.critic_updates=3 the step is applied before the extra critic losses exist: a NaN one
+    stops the critic's updates for that step (1 of 3 taken) without halting, and the next step runs all 3."""
+    group = LearnerGroup(run_cfg(prepared_run, "distill.critic_updates=3"), "stage2", worker_cls=LaterCriticLossNaN)
+    try:
+        first = group.run("train_step", 0, _trajectories(1, "generator"), _trajectories(1, "critic"))[0]
+        assert (first["student_steps"], first["critic_steps"], first["critic_updates"]) == (1, 1, 1)
+        assert math.isfinite(first["critic_loss"])
+        second = group.run("train_step", 1, _trajectories(1, "generator"), _trajectories(1, "critic"))[0]
+        assert (second["student_steps"], second["critic_steps"], second["critic_updates"]) == (2, 4, 3)
+        assert ray.get(group.run("publish_weights")[0][0])  # not halted: publishing still works
+    finally:
+        group.shutdown()
