@@ -19,16 +19,16 @@ import ray
 import torch
 from omegaconf import OmegaConf
 
-from anyflow_ray.collective import WeightGroup, check_layout, empty_buffers, resolve_backend, unpack_into
-from anyflow_ray.backward_sim import draw_budget, finish, prefix
-from anyflow_ray.causal_backward_sim import causal_rollout
-from anyflow_ray.consistency_rollout import consistency_finish, consistency_prefix
+from anyflow_ray.run.weight_sync import WeightGroup, check_layout, empty_buffers, resolve_backend, unpack_into
+from anyflow_ray.sampling.rollouts import draw_budget, finish, prefix
+from anyflow_ray.sampling.rollouts import causal_rollout
+from anyflow_ray.sampling.rollouts import consistency_finish, consistency_prefix
 from anyflow_ray.data.shards import read_shards
-from anyflow_ray.device import resolve_device, resolve_dtype, set_threads
+from anyflow_ray.run.device import resolve_device, resolve_dtype, set_threads
 from anyflow_ray.models.causal import is_causal
 from anyflow_ray.models.loading import load_transformer
 from anyflow_ray.models.lora import apply_lora
-from anyflow_ray.storage import Storage, job_inputs
+from anyflow_ray.run.storage import Storage, job_inputs
 
 
 class RolloutActor:
@@ -87,7 +87,7 @@ class RolloutActor:
             ray.get(self.registry.report_loaded.remote(self.actor_id, version))
         return self.version
 
-    # torch.distributed backend (anyflow_ray/collective.py). These methods run in their own concurrency
+    # torch.distributed backend (anyflow_ray/run/weight_sync.py). These methods run in their own concurrency
     # group ("weights"), so a broadcast is taken even while a rollout waits for buffer space; the lock
     # keeps a rollout from ever seeing half-loaded weights.
     @ray.method(concurrency_group="weights")

@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-from anyflow_ray.config import ConfigError, load_config
+from anyflow_ray.run.config import ConfigError, load_config
 
 # command -> (module under anyflow_ray.jobs, help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -100,7 +100,7 @@ def _run_command(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     if getattr(args, "dry_run", False):
         return _dry_run(cfg, args.command)
-    from anyflow_ray import preflight
+    from anyflow_ray.run import preflight
 
     preflight.check(cfg, args.command)  # inputs, before Ray starts or anything is asked of it
     module = importlib.import_module(f"anyflow_ray.jobs.{COMMANDS[args.command][0]}")
@@ -131,7 +131,7 @@ def _run_command(args: argparse.Namespace) -> int:
 
 def _dry_run(cfg, command: str) -> int:
     """The memory plan of ``command`` (pretrain also prints its counts and DeepSpeed config first)."""
-    from anyflow_ray.memory_plan import MemoryPlanError
+    from anyflow_ray.run.memory_plan import MemoryPlanError
 
     try:
         if command == "pretrain":
@@ -148,8 +148,8 @@ def _anticipated(err: BaseException | None) -> bool:
     """A config, input, checkpoint, shard or storage error: the user's to fix, told in one line. Classes of
     modules not imported yet cannot have been raised, so the CLI need not import them."""
     kinds = [ConfigError]  # also PreflightError, RunRefused, PlacementError
-    for module, name in (("anyflow_ray.checkpoint", "CheckpointError"), ("anyflow_ray.data.shards", "ShardError"),
-                         ("anyflow_ray.storage", "StorageError")):
+    for module, name in (("anyflow_ray.training.checkpoint", "CheckpointError"), ("anyflow_ray.data.shards", "ShardError"),
+                         ("anyflow_ray.run.storage", "StorageError")):
         if module in sys.modules:
             kinds.append(getattr(sys.modules[module], name))
     return err is not None and isinstance(err, tuple(kinds))

@@ -20,7 +20,7 @@ else
 fi
 "$PY" -c 'import torch, sys; n = torch.cuda.device_count(); print(f"{n} GPU(s):", torch.cuda.get_device_name(0) if n else "-"); sys.exit(n == 0)'
 # the tiny model, synthetic data, untrained teacher and Stage-1 folders (the jobs' own code)
-"$PY" -c 'import sys; from anyflow_ray.config import load_config; from anyflow_ray.jobs.data import scaffold_untrained_run; scaffold_untrained_run(load_config("configs/tiny.yaml", sys.argv[1:]))' "${COMMON[@]}"
+"$PY" -c 'import sys; from anyflow_ray.run.config import load_config; from anyflow_ray.jobs.data import scaffold_untrained_run; scaffold_untrained_run(load_config("configs/tiny.yaml", sys.argv[1:]))' "${COMMON[@]}"
 time "$PY" -m anyflow_ray.cli distill --config configs/tiny.yaml "${COMMON[@]}"
 "$PY" - "$OUT" <<'PY'
 import json, sys

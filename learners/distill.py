@@ -22,16 +22,16 @@ import ray
 import torch
 from ray.exceptions import GetTimeoutError, ObjectLostError, OwnerDiedError
 
-from anyflow_ray.backward_sim import RolloutState, finish, prefix
-from anyflow_ray.causal_backward_sim import causal_finish, causal_prefix
-from anyflow_ray.consistency_rollout import consistency_finish
-from anyflow_ray.losses import critic_loss, dmd_loss
+from anyflow_ray.sampling.rollouts import RolloutState, finish, prefix
+from anyflow_ray.sampling.rollouts import causal_finish, causal_prefix
+from anyflow_ray.sampling.rollouts import consistency_finish
+from anyflow_ray.training.losses import critic_loss, dmd_loss
 from anyflow_ray.models.causal import is_causal
 from anyflow_ray.models.loading import load_transformer
-from anyflow_ray.objectives import Stage1Objective
-from anyflow_ray.schedule import sampling_grid
+from anyflow_ray.training.objectives import Stage1Objective
+from anyflow_ray.sampling.schedule import sampling_grid
 from anyflow_ray.models.lora import AdaptersOff, apply_lora
-from anyflow_ray.collective import WeightGroup, host_store, layout_of, pack, resolve_backend
+from anyflow_ray.run.weight_sync import WeightGroup, host_store, layout_of, pack, resolve_backend
 from learners.partitions import gather_parts, gather_to_cpu
 from learners.worker import LearnerWorker, deepspeed_config, job_zero_stage
 
@@ -239,7 +239,7 @@ class DistillWorker(LearnerWorker):
         versions = sorted({int(p["version"]) for p in gen_payloads + crit_payloads if "version" in p})
         self._refuse_non_finite(step, {"generator": total, "dmd": dmd, "co-training": real_loss}, versions)
         # the student's graph is freed before the critic's is built (the peak holds one of them, not both:
-        # anyflow_ray/memory_plan.py); neither optimizer steps before both losses are known to be finite
+        # anyflow_ray/run/memory_plan.py); neither optimizer steps before both losses are known to be finite
         student.backward(total)
 
         critic = self.engines["critic"]
@@ -346,7 +346,7 @@ class DistillWorker(LearnerWorker):
             return None
         return [ray.put({k: v.detach().cpu() for k, v in state.items()})]
 
-    # torch.distributed backend (anyflow_ray/collective.py): rank 0 is the root of a group of its own
+    # torch.distributed backend (anyflow_ray/run/weight_sync.py): rank 0 is the root of a group of its own
     def weight_layout(self) -> list:
         return layout_of({n: p for n, p in self.model.named_parameters() if p.requires_grad})
 

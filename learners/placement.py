@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import ray
 from omegaconf import DictConfig
 
-from anyflow_ray.config import ConfigError, gpu_amount
+from anyflow_ray.run.config import ConfigError, gpu_amount
 
 
 class PlacementError(ConfigError):

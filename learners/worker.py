@@ -3,9 +3,9 @@
 It owns the model (teacher or flow-map student), a DeepSpeed engine around it (ZeRO stage from the
 config; fp32 on the CPU, bf16 on GPUs; gradient clipping; AdamW with linear warm-up), an EMA of the
 trainable parameters, optional LoRA (peft) and gradient checkpointing, and the training data. One
-worker class serves every job; the job only picks the objective (``anyflow_ray.objectives``).
+worker class serves every job; the job only picks the objective (``anyflow_ray.training.objectives``).
 
-Checkpoints (layout in ``anyflow_ray.checkpoint``) go through DeepSpeed's own ``save_checkpoint`` /
+Checkpoints (layout in ``anyflow_ray.training.checkpoint``) go through DeepSpeed's own ``save_checkpoint`` /
 ``load_checkpoint`` for every engine (any ZeRO stage, fp32 or bf16), plus the EMA, the RNG state, the
 weight version and the driver's state; DeepSpeed's pickles are read with ``restricted_torch_load``.
 """
@@ -23,17 +23,17 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
-from anyflow_ray import checkpoint as ckpt_io
-from anyflow_ray.config import ConfigError, distill_zero_stage
+from anyflow_ray.training import checkpoint as ckpt_io
+from anyflow_ray.run.config import ConfigError, distill_zero_stage
 from anyflow_ray.data.shards import read_shards
-from anyflow_ray.device import collective_backend, resolve_device, resolve_dtype, set_threads
+from anyflow_ray.run.device import collective_backend, resolve_device, resolve_dtype, set_threads
 from anyflow_ray.models.loading import load_text_encoder, load_transformer, text_max_length
 from anyflow_ray.models.lora import apply_lora
 from anyflow_ray.models.text import encode_prompts
-from anyflow_ray.objectives import OBJECTIVES, TrainData, objective_models
+from anyflow_ray.training.objectives import OBJECTIVES, TrainData, objective_models
 from anyflow_ray.pipeline import pipeline_files, save_as_pipeline
-from anyflow_ray.storage import Storage, job_inputs
-from anyflow_ray.training import EMA, warmup_lambda
+from anyflow_ray.run.storage import Storage, job_inputs
+from anyflow_ray.training.optim import EMA, warmup_lambda
 from learners.partitions import gather_parts, gather_to_cpu, local_part
 
 

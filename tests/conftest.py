@@ -14,7 +14,7 @@ torch.set_num_threads(2)
 
 @pytest.fixture(scope="session")
 def tiny_cfg():
-    from anyflow_ray.config import load_config
+    from anyflow_ray.run.config import load_config
 
     return load_config(None, ["model.tiny.num_layers=2", "model.tiny.ffn_dim=64"])
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import yaml
 
 from anyflow_ray.cli import COMMANDS, parse_args
-from anyflow_ray.config import load_config
+from anyflow_ray.run.config import load_config
 
 CLUSTER = Path("cluster")
 

@@ -3,7 +3,7 @@
 import pytest
 from omegaconf import OmegaConf
 
-from anyflow_ray.config import distill_ranks, load_config
+from anyflow_ray.run.config import distill_ranks, load_config
 from anyflow_ray.models.text import WAN_NEGATIVE_PROMPT
 
 SELF_ATTN_FFN = ["attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "ffn.net.0.proj", "ffn.net.2"]

@@ -14,12 +14,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # learners/ lives beside anyflow_ray/
-from anyflow_ray.config import load_config
+from anyflow_ray.run.config import load_config
 from anyflow_ray.data.shards import read_shards
 from anyflow_ray.models.loading import load_transformer
-from anyflow_ray.objectives import Stage1Objective, TrainData
-from anyflow_ray.backward_sim import prefix, finish, draw_budget
-from anyflow_ray.losses import dmd_loss
+from anyflow_ray.training.objectives import Stage1Objective, TrainData
+from anyflow_ray.sampling.rollouts import prefix, finish, draw_budget
+from anyflow_ray.training.losses import dmd_loss
 from learners.worker import load_text_encoder, encode_prompts, text_max_length
 torch.set_num_threads(1)
 base, run = sys.argv[1], sys.argv[2]

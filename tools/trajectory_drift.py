@@ -14,11 +14,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from anyflow_ray.config import load_config  # noqa: E402
+from anyflow_ray.run.config import load_config  # noqa: E402
 from anyflow_ray.data.shards import read_shards  # noqa: E402
 from anyflow_ray.models.flowmap import call_model  # noqa: E402
 from anyflow_ray.pipeline import AnyFlowPipeline  # noqa: E402
-from anyflow_ray.schedule import as_batch_time, jump, sampling_grid  # noqa: E402
+from anyflow_ray.sampling.schedule import as_batch_time, jump, sampling_grid  # noqa: E402
 
 
 def clip_stats(x: torch.Tensor) -> str:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from anyflow_ray.config import load_config
+from anyflow_ray.run.config import load_config
 from anyflow_ray.jobs import bench_control
 from anyflow_ray.jobs.common import log, prepare
 from anyflow_ray.jobs.data import scaffold_untrained_run
@@ -113,8 +113,8 @@ def _plain_loop_step_times(cfg: DictConfig) -> list[float]:
     from anyflow_ray.data.shards import read_shards
     from anyflow_ray.models.loading import load_text_encoder, load_transformer, text_max_length
     from anyflow_ray.models.text import encode_prompts
-    from anyflow_ray.objectives import Stage1Objective, TrainData, objective_models
-    from anyflow_ray.training import SimpleTrainer
+    from anyflow_ray.training.objectives import Stage1Objective, TrainData, objective_models
+    from anyflow_ray.training.optim import SimpleTrainer
 
     torch.set_num_threads(cfg.run.threads)
     tokenizer, encoder = load_text_encoder(cfg.model.base)
@@ -153,9 +153,9 @@ def _learner_step_times(cfg: DictConfig) -> list[float]:
 def _rollout_speedups(cfg: DictConfig) -> dict[int, tuple[float, float]]:
     import torch
 
-    from anyflow_ray.backward_sim import backward_simulation
+    from anyflow_ray.sampling.rollouts import backward_simulation
     from anyflow_ray.models.loading import load_transformer
-    from anyflow_ray.sampling import sample
+    from anyflow_ray.sampling.samplers import sample
 
     student = load_transformer(cfg.pretrain.init, flow_map=True).eval()
     batch = cfg.rollout.batch_size

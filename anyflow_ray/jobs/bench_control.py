@@ -205,10 +205,10 @@ def simulate(out_root: str, actor_counts=ACTOR_COUNTS, rollout_s: float = 1.0, l
 
 def _measure(overrides: list[str], learner_cls: type, actor_cls: type, ideal: float) -> dict:
     """One run of the real driver with the stand-ins; its steady rates, efficiency and buffer books."""
-    from anyflow_ray.config import load_config
+    from anyflow_ray.run.config import load_config
     from anyflow_ray.jobs import distill
     from anyflow_ray.jobs.ray_runtime import init_ray
-    from anyflow_ray.metrics import read_metrics
+    from anyflow_ray.run.logger import read_metrics
 
     cfg = load_config(None, overrides)
     shutil.rmtree(cfg.distill.output, ignore_errors=True)  # metrics.jsonl appends: one run per folder

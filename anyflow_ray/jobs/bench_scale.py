@@ -23,13 +23,13 @@ import torch
 from diffusers.models.transformers.transformer_wan import WanTransformer3DModel
 from omegaconf import DictConfig
 
-from anyflow_ray.backward_sim import backward_simulation
-from anyflow_ray.config import ConfigError
-from anyflow_ray.device import resolve_device
+from anyflow_ray.sampling.rollouts import backward_simulation
+from anyflow_ray.run.config import ConfigError
+from anyflow_ray.run.device import resolve_device
 from anyflow_ray.jobs.common import log, prepare
 from anyflow_ray.models.architectures import WAN_CONFIGS, count_parameters
 from anyflow_ray.models.flowmap import WanFlowMapTransformer3DModel, call_model
-from anyflow_ray.sampling import sample
+from anyflow_ray.sampling.samplers import sample
 
 WAN_VAE_TEMPORAL, WAN_VAE_SPATIAL, WAN_TEXT_TOKENS = 4, 8, 512
 

@@ -10,9 +10,9 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from anyflow_ray.config import save_config
-from anyflow_ray.device import resolve_device, resolve_dtype, set_threads
-from anyflow_ray.storage import Storage
+from anyflow_ray.run.config import save_config
+from anyflow_ray.run.device import resolve_device, resolve_dtype, set_threads
+from anyflow_ray.run.storage import Storage
 
 log = logging.getLogger("anyflow_ray")
 

@@ -13,7 +13,7 @@ import numpy as np
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from anyflow_ray.config import ConfigError
+from anyflow_ray.run.config import ConfigError
 from anyflow_ray.data.shard_writer import write_shards
 from anyflow_ray.data.synthetic import render_video, sample_specs, write_clip_files
 from anyflow_ray.jobs.common import heldout_root, log, prepare, train_root

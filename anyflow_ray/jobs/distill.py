@@ -27,15 +27,15 @@ from pathlib import Path
 import ray
 from omegaconf import DictConfig, OmegaConf
 
-from anyflow_ray import checkpoint as ckpt_io
-from anyflow_ray.config import distill_ranks, distill_zero_stage
+from anyflow_ray.training import checkpoint as ckpt_io
+from anyflow_ray.run.config import distill_ranks, distill_zero_stage
 from anyflow_ray.jobs.common import log, prepare, progress, record_config
 from anyflow_ray.jobs.pipeline_metrics import PipelineMetrics
 from anyflow_ray.jobs.ray_runtime import init_ray
 from anyflow_ray.jobs.weight_sync import make_weight_sync
-from anyflow_ray.metrics import MetricsLogger
-from anyflow_ray.records import open_run
-from anyflow_ray.storage import Storage
+from anyflow_ray.run.logger import MetricsLogger
+from anyflow_ray.run.records import open_run
+from anyflow_ray.run.storage import Storage
 
 
 class RolloutFleet:

@@ -1,6 +1,6 @@
 """``anyflow-ray teacher|pretrain|distill --dry-run``: the per-GPU memory plan, checked before any GPU is asked for.
 
-The plan (``anyflow_ray/memory_plan.py``) is built from the architecture on the meta device; a plan
+The plan (``anyflow_ray/run/memory_plan.py``) is built from the architecture on the meta device; a plan
 above ``run.gpu_memory_gb`` raises ``MemoryPlanError``, which the CLI turns into a non-zero exit.
 """
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
-from anyflow_ray.memory_plan import MemoryPlan, memory_plan
+from anyflow_ray.run.memory_plan import MemoryPlan, memory_plan
 
 
 def run(cfg: DictConfig, job: str) -> MemoryPlan:

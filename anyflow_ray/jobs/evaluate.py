@@ -20,13 +20,13 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from anyflow_ray.data.shards import read_shards
-from anyflow_ray.evaluate import (FeatureScore, batched_sample, evaluate_model, evaluate_stream, format_chunk_tables,
+from anyflow_ray.evaluation.quality import (FeatureScore, batched_sample, evaluate_model, evaluate_stream, format_chunk_tables,
                                   format_table, is_flow_map, write_results)
 from anyflow_ray.models.causal import chunk_bounds, is_causal
 from anyflow_ray.jobs.common import heldout_root, log, prepare
 from anyflow_ray.pipeline import AnyFlowPipeline
-from anyflow_ray.sampling import draw_noise
-from anyflow_ray.visualize import write_contact_sheet
+from anyflow_ray.sampling.samplers import draw_noise
+from anyflow_ray.evaluation.plots import write_contact_sheet
 
 
 def run(cfg: DictConfig) -> Path:
@@ -110,7 +110,7 @@ def _feature_score(cfg: DictConfig, heldout, n: int, prompts: list[str], to_pixe
     give the prompts), and its floor: the first ``n`` clips scored like a model's samples. Only for data whose
     prompts name the synthetic attributes; the classifier is trained once and cached beside the shards."""
     from anyflow_ray.data.synthetic import parse_prompt
-    from anyflow_ray.video_features import classifier_for
+    from anyflow_ray.evaluation.features import classifier_for
 
     if not cfg.eval.frechet:
         return None, None
@@ -138,7 +138,7 @@ def _stream_noise(cfg: DictConfig, n: int, clip_shape, device, dtype) -> torch.T
 
 def _data_floor(videos: torch.Tensor, n: int, projections: int) -> float:
     """SWD of ``n`` held-out clips against the rest: what a perfect model would score at this size."""
-    from anyflow_ray.evaluate import sliced_wasserstein
+    from anyflow_ray.evaluation.quality import sliced_wasserstein
 
     if len(videos) < 2 * n:
         n = len(videos) // 2

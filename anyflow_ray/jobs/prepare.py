@@ -26,12 +26,12 @@ import numpy as np
 import pyarrow.parquet as pq
 from omegaconf import DictConfig
 
-from anyflow_ray.config import ConfigError
+from anyflow_ray.run.config import ConfigError
 from anyflow_ray.data.shard_writer import prepared_table, write_manifest
 from anyflow_ray.data.shards import list_shard_files
 from anyflow_ray.data.video import ClipError, ClipSize, decode_clip, iter_clips, list_sources, stable_seed
 from anyflow_ray.jobs.common import log, prepare
-from anyflow_ray.storage import Storage
+from anyflow_ray.run.storage import Storage
 
 SKIP_LIST = "skipped.jsonl"
 
@@ -67,7 +67,7 @@ def _actor_device(cfg: DictConfig):
     """This actor's device, from the GPUs Ray gave it (never the driver's hardware)."""
     import ray
 
-    from anyflow_ray.device import resolve_device, set_threads
+    from anyflow_ray.run.device import resolve_device, set_threads
 
     set_threads(cfg.run.threads)
     return resolve_device(cfg.run.device, len(ray.get_gpu_ids()))
@@ -94,7 +94,7 @@ class TextStage:
     """Actor: captions -> UMT5 embeddings (as the Wan pipeline encodes them); emits shard rows."""
 
     def __init__(self, cfg: DictConfig):
-        from anyflow_ray.device import resolve_dtype
+        from anyflow_ray.run.device import resolve_dtype
         from anyflow_ray.models.loading import load_text_encoder, text_max_length
 
         device = _actor_device(cfg)

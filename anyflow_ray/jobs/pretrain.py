@@ -3,7 +3,7 @@
 The student wraps the teacher (``pretrain.init``) as a two-time flow map and trains on the real
 (synthetic) data; checkpoints are AnyFlowPipeline folders with safetensors plus training state.
 ``--dry-run`` builds the configured model on the meta device (no weights), applies LoRA, and prints
-parameter counts, the DeepSpeed config and the per-GPU memory plan (``anyflow_ray/memory_plan.py``).
+parameter counts, the DeepSpeed config and the per-GPU memory plan (``anyflow_ray/run/memory_plan.py``).
 """
 
 from __future__ import annotations

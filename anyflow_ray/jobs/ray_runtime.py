@@ -8,7 +8,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from anyflow_ray.config import ConfigError
+from anyflow_ray.run.config import ConfigError
 from anyflow_ray.jobs.common import log
 
 # the runtime env that `ray job submit` hands the driver (Ray merges it with ray.init's own)

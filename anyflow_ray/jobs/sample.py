@@ -19,13 +19,13 @@ import torch
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from anyflow_ray.config import ConfigError
-from anyflow_ray.evaluate import is_flow_map
+from anyflow_ray.run.config import ConfigError
+from anyflow_ray.evaluation.quality import is_flow_map
 from anyflow_ray.jobs.common import log, prepare
 from anyflow_ray.models.causal import is_causal
 from anyflow_ray.pipeline import AnyFlowPipeline
-from anyflow_ray.pipeline_causal import pixel_frames
-from anyflow_ray.visualize import save_video, to_uint8, write_contact_sheet
+from anyflow_ray.pipeline import pixel_frames
+from anyflow_ray.evaluation.plots import save_video, to_uint8, write_contact_sheet
 
 FPS, SCALE = 4, 8  # as visualize.save_video writes them
 

@@ -8,14 +8,14 @@ from omegaconf import DictConfig
 
 from anyflow_ray.jobs.common import log, progress, record_config
 from anyflow_ray.jobs.ray_runtime import init_ray
-from anyflow_ray.metrics import MetricsLogger
+from anyflow_ray.run.logger import MetricsLogger
 
 
 def run_job(cfg: DictConfig, job: str) -> Path:
     """Teacher or Stage 1 as a job: the run's record decides (refused, nothing left to train, fresh or
     resumed) before anything is written or started, then the learner group trains."""
     from anyflow_ray.jobs.common import prepare
-    from anyflow_ray.records import JOB_SECTIONS, open_run
+    from anyflow_ray.run.records import JOB_SECTIONS, open_run
 
     record = open_run(cfg, job)  # refuses a resume that would rewrite the earlier run's record
     if record.done:

@@ -6,7 +6,7 @@ the newest version between rollouts. Asynchronous; a restarted actor
 pulls the newest version in its constructor.
 
 ``torch_dist``: learner rank 0 broadcasts the trainable parameters, packed per dtype, over a process
-group of its own with every rollout actor (gloo on the CPU, nccl on GPUs; ``anyflow_ray/collective.py``).
+group of its own with every rollout actor (gloo on the CPU, nccl on GPUs; ``anyflow_ray/run/weight_sync.py``).
 Synchronous for the driver; each actor serves the weight calls in a concurrency group of their own,
 so a broadcast lands between two trajectories even while a rollout waits for buffer space. Membership
 is fixed per epoch, so when an actor is restarted (or dies mid-broadcast) the driver forms a new epoch
@@ -22,7 +22,7 @@ import time
 import ray
 from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError
 
-from anyflow_ray.config import ConfigError
+from anyflow_ray.run.config import ConfigError
 from anyflow_ray.jobs.common import log
 
 

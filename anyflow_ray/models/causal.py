@@ -31,9 +31,9 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin  # noqa: F401  (DiffusionPipeline looks the loader base up here)
 from diffusers.models.transformers.transformer_wan import WanTransformer3DModel
 
-from anyflow_ray.config import ConfigError
+from anyflow_ray.run.config import ConfigError
 from anyflow_ray.models.causal_attention import CausalWanAttnProcessor, KVCache, LayerPlan, Segment, attention_groups
-from anyflow_ray.models.flowmap import WanFlowMapTransformer3DModel, _unwrap
+from anyflow_ray.models.flowmap import WanFlowMapTransformer3DModel, unwrap_model
 
 # (latents (B, C, F, H, W), clean?, absolute first latent frame) of one part of a call's token sequence
 Part = tuple[torch.Tensor, bool, int]
@@ -277,7 +277,7 @@ def chunk_bounds(chunks: list[int], frames: int) -> list[tuple[int, int]]:
 
 def is_causal(model: torch.nn.Module) -> bool:
     """Whether ``model`` (possibly behind peft / DeepSpeed / DDP wrappers) is a causal flow map."""
-    return bool(getattr(_unwrap(model), "is_causal", False))
+    return bool(getattr(unwrap_model(model), "is_causal", False))
 
 
 __all__ = ["WanCausalFlowMapTransformer3DModel", "KVCache", "chunk_bounds", "is_causal"]

@@ -117,10 +117,10 @@ def call_model(model: torch.nn.Module, z: torch.Tensor, T: torch.Tensor, context
 
 
 def is_flow_map(model: torch.nn.Module) -> bool:
-    return bool(getattr(_unwrap(model), "is_flow_map", False))
+    return bool(getattr(unwrap_model(model), "is_flow_map", False))
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
     """The underlying diffusers model behind peft / DeepSpeed / DDP wrappers."""
     seen = 0
     while seen < 5:

@@ -5,7 +5,7 @@ import threading
 import pytest
 import torch
 
-from anyflow_ray.collective import (WeightGroup, check_layout, empty_buffers, host_store, layout_of, pack, resolve_backend,
+from anyflow_ray.run.weight_sync import (WeightGroup, check_layout, empty_buffers, host_store, layout_of, pack, resolve_backend,
                                unpack_into)
 
 

@@ -13,7 +13,7 @@ import pytest
 import ray
 from ray.cluster_utils import Cluster
 
-from anyflow_ray.config import load_config
+from anyflow_ray.run.config import load_config
 from learners.placement import Placement, PlacementError, check, fits
 
 SMALL = ["model.tiny.num_layers=1", "model.tiny.ffn_dim=32", "data.num_train=32", "data.num_heldout=8",
@@ -131,7 +131,7 @@ def test_run_storage_uri_holds_the_run_and_a_node_with_an_empty_disk_resumes_fro
     import shutil
 
     from anyflow_ray.jobs import distill
-    from anyflow_ray.storage import Storage
+    from anyflow_ray.run.storage import Storage
 
     bucket, staging = tmp_path / "bucket", tmp_path / "staging"
     seed = Storage(f"file://{bucket}", shared_root)  # inputs put there once, as `aws s3 sync` would

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from anyflow_ray.config import load_config
+from anyflow_ray.run.config import load_config
 from anyflow_ray.data.encode import (decode_latents, denormalize_latents, encode_video, load_vae, make_tiny_vae,
                                      normalize_latents)
 from anyflow_ray.data.shards import list_shard_files, read_shards

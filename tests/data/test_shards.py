@@ -271,7 +271,7 @@ def test_prepared_rows_with_source_columns_are_read_and_listed_in_the_manifest(t
 
 
 def test_a_rank_draws_only_from_its_own_part(tmp_path: Path) -> None:
-    from anyflow_ray.objectives import TrainData
+    from anyflow_ray.training.objectives import TrainData
 
     write_shards(tmp_path, *make_clips(16), shard_size=4)
     parts = [TrainData(read_shards(tmp_path, rank, 2), torch.zeros(1, *EMBEDDING_SHAPE)) for rank in (0, 1)]

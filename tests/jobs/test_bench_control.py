@@ -10,7 +10,7 @@ from ray import cloudpickle
 
 from anyflow_ray.cli import main
 from anyflow_ray.jobs import bench_control
-from anyflow_ray.metrics import read_metrics
+from anyflow_ray.run.logger import read_metrics
 
 ROW_KEYS = {"num_actors", "steps_per_s", "ideal_steps_per_s", "efficiency", "wall_s_per_step", "rank_step_s",
             "learner_call_s", "driver_s_per_step", "sync_s", "policy_lag", "steps", "warmup_steps", "buffer"}

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from anyflow_ray.config import load_config
+from anyflow_ray.run.config import load_config
 
 VENV_BIN = str(Path(sys.executable).parent)
 TINY = ["model.tiny.num_layers=1", "model.tiny.ffn_dim=32", "data.num_train=32", "data.num_heldout=8",

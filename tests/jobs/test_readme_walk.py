@@ -24,7 +24,7 @@ import yaml
 
 from anyflow_ray.cli import main
 from anyflow_ray.data.shards import read_shards
-from anyflow_ray.metrics import read_metrics
+from anyflow_ray.run.logger import read_metrics
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 # what `make demo` runs (the Makefile's CONFIG) and the folder under outputs/ it writes
@@ -196,7 +196,7 @@ def test_teacher_writes_pipeline_metrics_and_wandb(walk):
 def test_sample_defaults_to_the_student_and_writes_one_folder_per_model(walk, tmp_path, capsys):
     from PIL import Image
 
-    from anyflow_ray.config import load_config
+    from anyflow_ray.run.config import load_config
     from anyflow_ray.jobs.sample import models_to_sample
 
     tiny = walk[0] / DEMO

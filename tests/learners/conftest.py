@@ -2,7 +2,7 @@
 
 import pytest
 
-from anyflow_ray.config import load_config
+from anyflow_ray.run.config import load_config
 
 SMALL = ["model.tiny.num_layers=1", "model.tiny.ffn_dim=32", "data.num_train=64", "data.num_heldout=16",
          "teacher.batch_size=8", "pretrain.global_batch=8", "pretrain.warmup=2", "pretrain.lr=1e-3",

@@ -40,8 +40,8 @@ class CriticRerunProbe(DistillWorker):
     weights the learner holds (lag 0)."""
 
     def _fetch(self, wrapped_refs, kind):
-        from anyflow_ray.backward_sim import RolloutState
-        from anyflow_ray.consistency_rollout import consistency_finish
+        from anyflow_ray.sampling.rollouts import RolloutState
+        from anyflow_ray.sampling.rollouts import consistency_finish
 
         good, lost, rejected = super()._fetch(wrapped_refs, kind)
         if kind == "critic":

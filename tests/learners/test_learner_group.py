@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from anyflow_ray.checkpoint import CheckpointError, validate_checkpoint
+from anyflow_ray.training.checkpoint import CheckpointError, validate_checkpoint
 from anyflow_ray.pipeline import AnyFlowPipeline
 from learners.group import LearnerGroup, LearnerGroupError
 from tests.learners.conftest import run_cfg

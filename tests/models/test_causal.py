@@ -4,7 +4,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from anyflow_ray.config import ConfigError, TinyModelConfig
+from anyflow_ray.run.config import ConfigError, TinyModelConfig
 from anyflow_ray.models.architectures import tiny_transformer_config
 from anyflow_ray.models.causal import WanCausalFlowMapTransformer3DModel, is_causal
 from anyflow_ray.models.flowmap import WanFlowMapTransformer3DModel, is_flow_map

@@ -43,7 +43,7 @@ def test_diagonal_equals_base_model_exactly(tiny_model_dir, seed):
 
 
 def test_diagonal_equals_base_model_with_two_frame_patches(tmp_path):
-    from anyflow_ray.config import load_config
+    from anyflow_ray.run.config import load_config
     from anyflow_ray.models.loading import make_tiny
 
     tiny = load_config("configs/tiny-wide.yaml").model.tiny

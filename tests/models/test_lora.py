@@ -3,7 +3,7 @@
 import torch
 from omegaconf import OmegaConf
 
-from anyflow_ray.config import TinyModelConfig
+from anyflow_ray.run.config import TinyModelConfig
 from anyflow_ray.models.architectures import tiny_transformer_config
 from anyflow_ray.models.flowmap import WanFlowMapTransformer3DModel, call_model
 from anyflow_ray.models.lora import AdaptersOff, apply_lora

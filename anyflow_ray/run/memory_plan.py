@@ -1,0 +1,293 @@
+"""Per-GPU memory plan of a training job, from the architecture alone (meta device: no weights, no GPU).
+
+``--dry-run`` of ``teacher``, ``pretrain`` and ``distill`` prints it and refuses a plan above
+``run.gpu_memory_gb``, so a cluster run fails on the laptop rather than after it has queued for GPUs.
+
+What is counted per learner GPU (bf16 training, the learner worker's DeepSpeed set-up):
+- weights: 2 bytes per parameter of every model the rank holds; partitioned over the ranks at ZeRO-3
+  only when the model is inside a DeepSpeed engine (a frozen teacher outside one is whole on every rank);
+- gradients: 2 bytes per trainable parameter, partitioned at ZeRO >= 2;
+- optimizer: fp32 master copy + two AdamW moments, 12 bytes per trainable parameter, partitioned at ZeRO >= 1;
+- EMA: 4 bytes per trainable parameter (fp32 shadow), whole on every rank at ZeRO <= 2;
+- activations, with gradient checkpointing: the block input kept per transformer block for every forward
+  whose graph is alive at the peak (B, L, D bf16 each), plus one block recomputed in backward
+  (about L (60 D + 4 F) bytes per clip: an estimate of the bf16/fp32 intermediates of attention, norms
+  and FFN, flash attention assumed). Without checkpointing every block keeps that much.
+LoRA makes only the adapters (and E_r when it has no adapters of its own) trainable; see ``models/lora.py``.
+A causal student (``model.causal.chunks``, docs/method.md §6) runs its graphs teacher-forced: the noisy
+chunks followed by their clean copy, twice a clip's tokens, so each of its clip-forwards counts twice; its
+rollout actors also hold the KV cache of a clip's clean chunks (K and V per layer).
+Not counted: CUDA context and allocator fragmentation (keep a few GB of headroom), communication buckets.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+GiB = 2 ** 30
+BF16, FP32, ADAM = 2, 4, 12  # bytes per parameter: weights/grads, EMA, master + two moments
+
+# Wan2.1's text encoder (google/umt5-xxl, encoder only) and VAE, as their Diffusers folders configure them
+UMT5_XXL = dict(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+                relative_attention_num_buckets=32, relative_attention_max_distance=128,
+                feed_forward_proj="gated-gelu", dropout_rate=0.0)
+
+
+class MemoryPlanError(ValueError):
+    """The plan does not fit ``run.gpu_memory_gb``; the message names the biggest items."""
+
+
+@dataclass
+class Item:
+    name: str
+    bytes: float
+    note: str = ""
+
+
+@dataclass
+class MemoryPlan:
+    job: str
+    limit_gb: float
+    items: list[Item] = field(default_factory=list)  # per learner GPU
+    other: dict[str, list[Item]] = field(default_factory=dict)  # other processes (rollout actor GPU, host RAM)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> float:
+        return sum(item.bytes for item in self.items)
+
+    def biggest(self, n: int = 3) -> list[Item]:
+        return sorted(self.items, key=lambda item: -item.bytes)[:n]
+
+    def fits(self) -> bool:
+        return self.total <= self.limit_gb * GiB
+
+    def table(self) -> str:
+        lines = [f"per-GPU memory plan, {self.job} (learner rank):"]
+        lines += [f"  {item.name:<44s} {item.bytes / GiB:9.2f} GiB  {item.note}".rstrip() for item in self.items]
+        lines.append(f"  {'total':<44s} {self.total / GiB:9.2f} GiB  (run.gpu_memory_gb={self.limit_gb:g})")
+        for where, items in self.other.items():
+            lines.append(f"{where}:")
+            lines += [f"  {item.name:<44s} {item.bytes / GiB:9.2f} GiB  {item.note}".rstrip() for item in items]
+            lines.append(f"  {'total':<44s} {sum(i.bytes for i in items) / GiB:9.2f} GiB")
+        lines += [f"note: {note}" for note in self.notes]
+        return "\n".join(lines)
+
+    def check(self) -> None:
+        """Raise MemoryPlanError when the learner GPU's total exceeds the limit."""
+        if not self.fits():
+            worst = ", ".join(f"{item.name} {item.bytes / GiB:.1f} GiB" for item in self.biggest())
+            raise MemoryPlanError(f"{self.job} needs {self.total / GiB:.1f} GiB per GPU, more than run.gpu_memory_gb="
+                                  f"{self.limit_gb:g}; biggest: {worst}")
+
+
+@dataclass(frozen=True)
+class ModelCounts:
+    total: int
+    trainable: int
+
+
+def transformer_counts(size: str, flow_map: bool, lora) -> ModelCounts:
+    """Parameter counts of the Wan2.1 ``size`` transformer on the meta device, with LoRA when enabled."""
+    return _counts(size, flow_map, OmegaConf.to_yaml(lora))
+
+
+@functools.lru_cache(maxsize=None)
+def _counts(size: str, flow_map: bool, lora_yaml: str) -> ModelCounts:
+    """``transformer_counts`` once per (size, kind, LoRA settings): a meta 14B with LoRA takes seconds."""
+    from anyflow_ray.models.architectures import count_parameters, meta_transformer
+    from anyflow_ray.models.lora import apply_lora
+
+    lora = OmegaConf.create(lora_yaml)
+    model = meta_transformer(size, flow_map=flow_map)
+    if lora.enabled:
+        apply_lora(model, lora)
+    return ModelCounts(count_parameters(model), count_parameters(model, trainable_only=True))
+
+
+@functools.lru_cache(maxsize=None)
+def text_encoder_parameters() -> int:
+    """Parameters of Wan2.1's UMT5-XXL encoder (meta device)."""
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    with torch.device("meta"):
+        model = UMT5EncoderModel(UMT5Config(**UMT5_XXL))
+    return sum(p.numel() for p in model.parameters())
+
+
+def tokens_per_clip(cfg: DictConfig) -> int:
+    """Transformer tokens of one clip: Wan VAE (4x temporal, 8x spatial) then the 1x2x2 patches."""
+    from anyflow_ray.models.architectures import WAN_CONFIGS
+
+    from anyflow_ray.run.config import latent_frames
+
+    p_t, p_h, p_w = WAN_CONFIGS[cfg.model.full_size]["patch_size"]
+    return (latent_frames(cfg) // p_t) * (cfg.data.height // 8 // p_h) * (cfg.data.width // 8 // p_w)
+
+
+def student_sequence(cfg: DictConfig) -> int:
+    """Clips' worth of tokens in one student forward with grad: 2 for a causal student (teacher forcing:
+    the noisy chunks and their clean copy, docs/method.md §6), else 1."""
+    return 2 if cfg.model.causal.chunks else 1
+
+
+def activation_bytes(cfg: DictConfig, clips_forwards: int, clips_per_pass: int) -> tuple[float, float]:
+    """(kept, recompute) bytes: the checkpointed block inputs of ``clips_forwards`` clip-forwards whose
+    graphs are alive together, and one block's backward for ``clips_per_pass`` clips."""
+    from anyflow_ray.models.architectures import WAN_CONFIGS
+
+    arch = WAN_CONFIGS[cfg.model.full_size]
+    d, f, layers = arch["num_attention_heads"] * arch["attention_head_dim"], arch["ffn_dim"], arch["num_layers"]
+    tokens = tokens_per_clip(cfg)
+    block = tokens * (60 * d + 4 * f)
+    if not cfg.model.gradient_checkpointing:  # every block keeps its intermediates
+        return clips_forwards * layers * block, 0.0
+    return clips_forwards * layers * tokens * d * BF16, clips_per_pass * block
+
+
+def engine_items(name: str, counts: ModelCounts, zero: int, ranks: int, ema: bool) -> list[Item]:
+    """Weights, gradients, optimizer (and EMA) of one DeepSpeed engine at ZeRO ``zero`` over ``ranks``."""
+    def part(on: bool) -> int:
+        return ranks if on else 1
+
+    items = [Item(f"{name} weights", BF16 * counts.total / part(zero >= 3),
+                  f"{counts.total / 1e9:.3f} B params, bf16" + (", ZeRO-3 partitioned" if zero >= 3 else "")),
+             Item(f"{name} gradients", BF16 * counts.trainable / part(zero >= 2),
+                  f"{counts.trainable / 1e6:.1f} M trainable"),
+             Item(f"{name} optimizer (AdamW)", ADAM * counts.trainable / part(zero >= 1), "fp32 master + 2 moments")]
+    if ema:
+        items.append(Item(f"{name} EMA", FP32 * counts.trainable / part(zero >= 3), "fp32"))
+    return items
+
+
+def _activation_items(cfg: DictConfig, forwards: int, per_pass: int, what: str) -> list[Item]:
+    kept, recompute = activation_bytes(cfg, forwards, per_pass)
+    ckpt = "gradient checkpointing" if cfg.model.gradient_checkpointing else "no checkpointing"
+    return [Item("activations: kept block inputs", kept, f"{what}; {tokens_per_clip(cfg)} tokens/clip, {ckpt}"),
+            Item("activations: one block's backward (est.)", recompute, f"{per_pass} clip(s)")]
+
+
+def _host_items(cfg: DictConfig) -> dict[str, list[Item]]:
+    n = text_encoder_parameters()
+    return {"host RAM per learner rank (not GPU)": [
+        Item("text encoder UMT5-XXL (encodes c_null once)", FP32 * n, f"{n / 1e9:.2f} B params, fp32, CPU")]}
+
+
+def plan_teacher(cfg: DictConfig) -> MemoryPlan:
+    ranks, zero = cfg.learner.num_ranks, cfg.learner.zero_stage
+    plan = MemoryPlan("teacher", cfg.run.gpu_memory_gb)
+    plan.items += engine_items("teacher", transformer_counts(cfg.model.full_size, False, cfg.model.lora), zero, ranks,
+                               ema=True)
+    micro = cfg.teacher.batch_size // ranks
+    plan.items += _activation_items(cfg, micro, micro, f"{micro} clip(s) x 1 forward with grad")
+    plan.other = _host_items(cfg)
+    return plan
+
+
+def plan_pretrain(cfg: DictConfig) -> MemoryPlan:
+    ranks, zero = cfg.learner.num_ranks, cfg.learner.zero_stage
+    plan = MemoryPlan("pretrain (Stage 1)", cfg.run.gpu_memory_gb)
+    plan.items += engine_items("student", transformer_counts(cfg.model.full_size, True, cfg.model.lora), zero, ranks,
+                               ema=True)
+    if cfg.pretrain.target == "teacher":  # a frozen teacher outside the engine: whole on every rank
+        frozen = transformer_counts(cfg.model.full_size, False, _no_lora())
+        plan.items.append(Item("teacher weights (frozen)", BF16 * frozen.total, "pretrain.target=teacher"))
+    micro, seq = cfg.pretrain.global_batch // ranks, student_sequence(cfg)
+    what = f"{micro} clip(s) x 1 forward with grad (+3 without)"
+    forwards = micro * seq
+    if seq > 1:
+        what = f"{micro} clip(s) x 1 teacher-forced forward (2x tokens) with grad (+3 without)"
+    if cfg.model.causal.bidirectional_aux > 0:  # one graph with the causal loss's: both alive at the backward
+        forwards += micro
+        what += " + the bidirectional auxiliary forward"
+    plan.items += _activation_items(cfg, forwards, micro * seq, what)
+    plan.other = _host_items(cfg)
+    return plan
+
+
+def distill_forwards(cfg: DictConfig) -> tuple[int, int]:
+    """(clip-forwards alive at the peak, clips per backward pass) of one Stage-2 learner rank.
+
+    The generator's graph holds the student jumps with grad (k-th step and jump to 0; the prefix too
+    with ``grad_scope: all``; the jump alone with ``jump``) for each of the rank's ``rollout.batch_size`` clips, plus the co-training
+    batch; the critic's graph is built after the student's backward (learners/distill.py), so the peak is
+    the larger of the two. A causal student's forwards are teacher-forced (``student_sequence``: twice a
+    clip's tokens); the critic stays bidirectional.
+    """
+    from anyflow_ray.run.config import distill_ranks
+
+    clips, seq = cfg.rollout.batch_size, student_sequence(cfg)
+    jumps = {"all": 3, "last": 2, "jump": 1}[cfg.distill.grad_scope]
+    real = cfg.distill.real_batch // distill_ranks(cfg)
+    generator = (clips * jumps + real) * seq
+    return max(generator, clips), max(clips, real) * seq
+
+
+def plan_distill(cfg: DictConfig) -> MemoryPlan:
+    from anyflow_ray.run.config import distill_ranks, distill_zero_stage
+
+    ranks, zero, lora = distill_ranks(cfg), distill_zero_stage(cfg), cfg.model.lora
+    plan = MemoryPlan("distill (Stage 2)", cfg.run.gpu_memory_gb)
+    student = transformer_counts(cfg.model.full_size, True, lora)
+    plan.items += engine_items("student G", student, zero, ranks, ema=True)
+    shared = cfg.distill.critic == "lora"
+    critic = transformer_counts(cfg.model.full_size, False, lora if lora.enabled else _all_trainable())
+    name = "critic F = teacher R + LoRA" if shared else "critic F (copy of the teacher)"
+    plan.items += engine_items(name, critic, zero, ranks, ema=False)
+    if not shared:
+        frozen = transformer_counts(cfg.model.full_size, False, _no_lora())
+        plan.items.append(Item("teacher R weights (frozen)", BF16 * frozen.total, "outside any engine: whole"))
+    forwards, per_pass = distill_forwards(cfg)
+    plan.items += _activation_items(cfg, forwards, per_pass, f"{forwards} clip-forward(s) with grad at the peak "
+                                    f"(grad_scope={cfg.distill.grad_scope})")
+    plan.other = {"rollout actor GPU": _rollout_items(cfg, student), **_host_items(cfg)}
+    if cfg.rollout.colocate:
+        plan.notes.append("rollout.colocate: a rollout actor shares each learner GPU; add its total to the learner's")
+        plan.items.append(Item("colocated rollout actor", sum(i.bytes for i in plan.other["rollout actor GPU"])))
+    if zero >= 3:
+        plan.notes.append("ZeRO-3: every learner rank gathers each weight version it publishes (one chunk of whole "
+                          "tensors at a time, <= 1 GiB) and the EMA at exports; distill.weight_sync must be "
+                          "object_store")
+    return plan
+
+
+def _rollout_items(cfg: DictConfig, student: ModelCounts) -> list[Item]:
+    """A rollout actor: the student (no optimizer), no-grad jumps of ``rollout.batch_size`` clips."""
+    from anyflow_ray.models.architectures import WAN_CONFIGS
+
+    arch = WAN_CONFIGS[cfg.model.full_size]
+    d, f = arch["num_attention_heads"] * arch["attention_head_dim"], arch["ffn_dim"]
+    block = cfg.rollout.batch_size * tokens_per_clip(cfg) * (16 * d + 4 * f)
+    items = [Item("student weights", BF16 * student.total, "bf16, whole"),
+             Item("no-grad forward (est.)", block, f"{cfg.rollout.batch_size} clip(s), one block's intermediates")]
+    if cfg.model.causal.chunks:  # chunk by chunk on the K/V of the clip's earlier chunks (docs/method.md §6)
+        cache = cfg.rollout.batch_size * arch["num_layers"] * 2 * tokens_per_clip(cfg) * d * BF16
+        items.append(Item("KV cache (causal rollout)", cache, f"{cfg.rollout.batch_size} clip(s), K and V of every "
+                          f"chunk, {arch['num_layers']} layers"))
+    return items
+
+
+def _no_lora():
+    return OmegaConf.create({"enabled": False})
+
+
+def _all_trainable():
+    """A marker for a fully trainable model (``transformer_counts`` then counts every parameter)."""
+    return _no_lora()
+
+
+PLANS = {"teacher": plan_teacher, "pretrain": plan_pretrain, "distill": plan_distill}
+
+
+def memory_plan(cfg: DictConfig, job: str) -> MemoryPlan:
+    """The plan of ``job`` (teacher, pretrain or distill) for a full-size config (``model.full_size``)."""
+    if job not in PLANS:
+        raise ValueError(f"no memory plan for job {job!r}; expected one of {sorted(PLANS)}")
+    if not cfg.model.full_size:
+        raise ValueError(f"{job} --dry-run needs model.full_size (1.3b or 14b), e.g. --config "
+                         f"configs/wan2.1-t2v-1.3b.yaml")
+    return PLANS[job](cfg)

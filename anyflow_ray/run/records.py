@@ -1,0 +1,186 @@
+"""Runs are records: a training job's output folder is never silently rewritten.
+
+Before a training job (teacher, Stage 1, Stage 2) takes any resource, ``open_run`` compares the
+config with the one the folder's earlier run recorded (``<output>/config.yaml``) and with its latest
+checkpoint (``checkpoints/latest`` -> ``training_state/meta.json``):
+
+- no earlier run, or ``run.new_run=true``: a fresh run (``run.new_run`` picks ``<output>-2``, ``-3``, ...
+  when ``<output>`` already holds a run, and says so);
+- an earlier run whose config differs in anything that shapes the model or its training: refused,
+  listing each key as ``old -> new``. Only the step budgets and the logging / IO knobs of
+  ``HARMLESS`` may change between a run and its resume;
+- its latest checkpoint already at the step budget: nothing to train; the job says so in one line and
+  writes nothing (``RunRecord.done``).
+
+``config.yaml`` is then written by the job when it starts fresh or once it has trained (never by a
+resume that is refused or has nothing to do). Ray-free: it reads two small files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+
+from anyflow_ray.training.checkpoint import LATEST, state_dir
+from anyflow_ray.run.config import ConfigError, distill_ranks
+from anyflow_ray.run.storage import Storage
+
+# job -> (its config section, the sections that shape its model, data and training)
+JOB_SECTIONS = {
+    "teacher": ("teacher", ("run", "model", "schedule", "data", "learner", "teacher")),
+    "stage1": ("pretrain", ("run", "model", "schedule", "data", "learner", "pretrain")),
+    "stage2": ("distill", ("run", "model", "schedule", "data", "learner", "pretrain", "rollout", "distill")),
+}
+# keys a resume may change: step budgets, logging, checkpoint cadence, IO and scheduling knobs that do not
+# touch the model, the data or the optimisation (run.output_dir: the resolved folders below stand for it)
+HARMLESS = frozenset({
+    "teacher.steps", "pretrain.steps", "distill.steps",
+    "teacher.log_every", "pretrain.log_every", "distill.log_every",
+    "teacher.save_every", "pretrain.save_every", "distill.save_every",
+    "pretrain.resume", "distill.resume", "pretrain.dry_run",
+    "run.output_dir", "run.new_run", "run.wandb_mode", "run.wandb_project", "run.keep_checkpoints",
+    "run.autoscaling", "run.gpu_memory_gb", "run.threads",
+    "learner.timeout_s", "learner.master_port", "distill.sync_timeout_s",
+})
+# folders compared as absolute paths (a run started with a relative path resumes with an absolute one)
+PATH_KEYS = frozenset({"model.base", "data.root", "teacher.output", "pretrain.output", "pretrain.init",
+                       "distill.output", "distill.init", "distill.teacher"})
+
+
+class RunRefused(ConfigError):
+    """A resume the earlier run's record does not allow; the message says what differs and what to do."""
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    cfg: DictConfig  # the config the job runs with (its output key moved when run.new_run picked a new folder)
+    out: Path  # the job's output folder
+    start: int  # the step the latest checkpoint is at (0: a fresh run)
+    fresh: bool  # nothing of an earlier run is resumed; config.yaml may be written at once
+    done: bool  # the latest checkpoint is at the step budget: nothing to train, nothing to write
+
+
+def open_run(cfg: DictConfig, job: str) -> RunRecord:
+    """Decide, from files only, whether ``job`` starts fresh, resumes, is refused or has nothing to do."""
+    section, _ = JOB_SECTIONS[job]
+    out = Path(cfg[section].output)
+    steps, resume = int(cfg[section].steps), bool(cfg[section].get("resume", True))
+    _fetch_record(cfg, out)
+    if cfg.run.get("new_run", False) and holds_run(out):
+        fresh_out = next_free(out)
+        print(f"{job}: {out} holds an earlier run; run.new_run=true: this run writes to {fresh_out}", flush=True)
+        return RunRecord(_with_output(cfg, section, fresh_out), fresh_out, 0, fresh=True, done=False)
+    recorded = out / "config.yaml"
+    if recorded.is_file():
+        changes = config_changes(_read_yaml(recorded), OmegaConf.to_container(cfg, resolve=True), job)
+        if changes:
+            raise RunRefused(f"{out} holds a run whose config differs in {'; '.join(changes)}: resuming it "
+                             f"would change its record. Set run.new_run=true to start a fresh folder "
+                             f"({next_free(out)}), or restore those values")
+    meta = latest_meta(out, Storage.of(cfg))
+    if meta is None:
+        return RunRecord(cfg, out, 0, fresh=True, done=False)
+    step = int(meta.get("step", 0))
+    if not resume:
+        raise RunRefused(f"{section}.resume=false but {out} holds a run (checkpoint at step {step}): set "
+                         f"run.new_run=true to start a fresh folder ({next_free(out)}), or remove {out}")
+    ranks = distill_ranks(cfg) if job == "stage2" else int(cfg.learner.num_ranks)
+    if meta.get("world_size") not in (None, ranks):
+        key = "distill.num_ranks" if job == "stage2" and cfg.distill.num_ranks else "learner.num_ranks"
+        raise RunRefused(f"{out}: its checkpoint at step {step} was written by {meta['world_size']} rank(s), "
+                         f"{key} asks for {ranks}: resume with {key}={meta['world_size']}, or set "
+                         f"run.new_run=true to start a fresh folder")
+    if step >= steps:
+        print(f"{job}: nothing to train: {out} is at step {step} of {section}.steps={steps} (raise "
+              f"{section}.steps to train on); its files are left as they are", flush=True)
+        return RunRecord(cfg, out, step, fresh=False, done=True)
+    return RunRecord(cfg, out, step, fresh=False, done=False)
+
+
+def config_changes(old: dict, new: dict, job: str) -> list[str]:
+    """``key: old -> new`` for every key of ``job``'s sections that differs and is not ``HARMLESS``. Keys
+    only one side has (a config written by another version) are not compared."""
+    _, sections = JOB_SECTIONS[job]
+    flat_old = {k: v for k, v in _flatten(old).items() if k.split(".")[0] in sections}
+    flat_new = _flatten(new)
+    changes = []
+    for key in sorted(flat_old.keys() & flat_new.keys()):
+        if key in HARMLESS:
+            continue
+        before, after = flat_old[key], flat_new[key]
+        if key in PATH_KEYS and isinstance(before, str) and isinstance(after, str) and "://" not in before + after:
+            before, after = os.path.abspath(before), os.path.abspath(after)
+        if before != after:
+            changes.append(f"{key}: {flat_old[key]!r} -> {flat_new[key]!r}")
+    return changes
+
+
+def holds_run(out: Path) -> bool:
+    """Whether ``out`` holds the record of an earlier run (its config or a checkpoint)."""
+    return (out / "config.yaml").is_file() or (out / "checkpoints" / LATEST).is_file()
+
+
+def next_free(out: Path) -> Path:
+    """``<out>-2``, ``<out>-3``, ...: the first that does not exist yet."""
+    n = 2
+    while (candidate := out.with_name(f"{out.name}-{n}")).exists():
+        n += 1
+    return candidate
+
+
+def latest_meta(out: Path, storage: Storage | None = None) -> dict | None:
+    """meta.json of the checkpoint ``latest`` names (None: no checkpoint; {} when it is unreadable: the
+    learner's own checks then name the bad file). A checkpoint this node lacks is read from ``storage``
+    without fetching it: the learners fetch whole checkpoint folders, and a folder that exists with only
+    its meta.json in it would look fetched to them."""
+    marker = out / "checkpoints" / LATEST
+    if not marker.is_file():
+        return None
+    meta = state_dir(marker.parent / marker.read_text().strip()) / "meta.json"
+    try:
+        text = meta.read_text() if meta.is_file() or storage is None else storage.read_text(meta)
+        return json.loads(text) if text is not None else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _fetch_record(cfg: DictConfig, out: Path) -> None:
+    """With ``run.storage``: the earlier run's config and checkpoint marker from storage."""
+    storage = Storage.of(cfg)
+    if not storage.enabled:
+        return
+    storage.fetch(out / "config.yaml", refresh=True)
+    storage.fetch(out / "checkpoints" / LATEST, refresh=True)  # its meta.json is read in place: latest_meta
+
+
+def _with_output(cfg: DictConfig, section: str, out: Path) -> DictConfig:
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    plain[section]["output"] = str(out)
+    moved = OmegaConf.create(plain)
+    OmegaConf.set_readonly(moved, True)
+    return moved
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        data = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    except (yaml.YAMLError, ValueError) as err:
+        raise RunRefused(f"{path} (the earlier run's config) is not readable YAML ({err}); move it aside or set "
+                         f"run.new_run=true") from err
+    return data if isinstance(data, dict) else {}
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat

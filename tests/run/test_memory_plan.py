@@ -1,0 +1,135 @@
+"""The --dry-run memory plan against hand-computed counts (parameters x bytes), its refusal and the CLI exit code."""
+
+import pytest
+
+from anyflow_ray.cli import EXIT_MEMORY_PLAN, main
+from anyflow_ray.run.config import distill_ranks, distill_zero_stage, load_config
+from anyflow_ray.run.memory_plan import GiB, MemoryPlanError, memory_plan, tokens_per_clip
+
+ARCH = {"1.3b": dict(d=1536, f=8960, layers=30), "14b": dict(d=5120, f=13824, layers=40)}
+RANK = 256
+
+
+def base_params(d: int, f: int, layers: int, flow_map: bool) -> int:
+    """Wan2.1 transformer parameters by hand: blocks (self- and cross-attention with q/k norms, cross-attention
+    norm, FFN, modulation table) plus patch, text and time embedders, time projection, head (+ E_r)."""
+    block = 8 * d * d + 2 * d * f + 21 * d + f
+    outside = 65 * d + (4096 * d + 2 * d + d * d) + (256 * d + 2 * d + d * d) + (6 * d * d + 6 * d) + 64 * d + 64 + 2 * d
+    return layers * block + outside + ((256 * d + 2 * d + d * d) if flow_map else 0)
+
+
+def lora_params(d: int, f: int, layers: int, flow_map: bool) -> int:
+    """Rank-256 adapters r (in + out) on attn1 q/k/v/out and the FFN; the student also on E_t and E_r."""
+    per_layer = 4 * RANK * (d + d) + 2 * RANK * (d + f)
+    time = RANK * (256 + d) + RANK * (d + d)
+    return layers * per_layer + (2 * time if flow_map else 0)
+
+
+def items(plan) -> dict[str, float]:
+    return {item.name: item.bytes for item in plan.items}
+
+
+@pytest.mark.parametrize("size", ["1.3b", "14b"])
+def test_distill_plan_matches_hand_counts(size):
+    cfg = load_config(f"configs/wan2.1-t2v-{size}.yaml")
+    a, ranks = ARCH[size], cfg.learner.num_ranks
+    zero3 = ranks if distill_zero_stage(cfg) == 3 else 1  # the 14B config runs Stage 2 at ZeRO-3
+    assert distill_zero_stage(cfg) == {"1.3b": 2, "14b": 3}[size]
+    student_lora, critic_lora = lora_params(**a, flow_map=True), lora_params(**a, flow_map=False)
+    plan = memory_plan(cfg, "distill")
+    got = items(plan)
+    assert got["student G weights"] == pytest.approx(2 * (base_params(**a, flow_map=True) + student_lora) / zero3)
+    assert got["critic F = teacher R + LoRA weights"] == pytest.approx(
+        2 * (base_params(**a, flow_map=False) + critic_lora) / zero3)
+    assert "teacher R weights (frozen)" not in got  # the critic's frozen base is the real score
+    assert got["student G gradients"] == pytest.approx(2 * student_lora / ranks)  # ZeRO-2: partitioned
+    assert got["student G optimizer (AdamW)"] == pytest.approx(12 * student_lora / ranks)
+    assert got["student G EMA"] == pytest.approx(4 * student_lora / zero3)
+    assert got["critic F = teacher R + LoRA gradients"] == pytest.approx(2 * critic_lora / ranks)
+    # grad_scope all: 3 jumps per generator clip + the co-training clips, block inputs kept per layer
+    clips = cfg.rollout.batch_size
+    forwards = 3 * clips + cfg.distill.real_batch // ranks
+    assert tokens_per_clip(cfg) == 21 * (480 // 16) * (832 // 16)
+    assert got["activations: kept block inputs"] == forwards * a["layers"] * tokens_per_clip(cfg) * a["d"] * 2
+    assert plan.total == pytest.approx(sum(got.values()))
+
+
+def test_teacher_and_pretrain_plans_count_only_their_adapters_as_trainable():
+    cfg = load_config("configs/wan2.1-t2v-1.3b.yaml")
+    a = ARCH["1.3b"]
+    teacher, student = items(memory_plan(cfg, "teacher")), items(memory_plan(cfg, "pretrain"))
+    assert teacher["teacher weights"] == 2 * (base_params(**a, flow_map=False) + lora_params(**a, flow_map=False))
+    assert teacher["teacher EMA"] == 4 * lora_params(**a, flow_map=False)
+    assert student["student EMA"] == 4 * lora_params(**a, flow_map=True)  # E_t and E_r adapters, E_r frozen
+    micro = cfg.pretrain.global_batch // cfg.learner.num_ranks
+    assert student["activations: kept block inputs"] == micro * a["layers"] * tokens_per_clip(cfg) * a["d"] * 2
+
+
+def test_zero3_partitions_the_weights_and_a_copied_critic_adds_the_teacher():
+    cfg = load_config("configs/wan2.1-t2v-14b.yaml", ["learner.zero_stage=3", "distill.critic=copy"])
+    a = ARCH["14b"]
+    got = items(memory_plan(cfg, "distill"))
+    assert got["student G weights"] == pytest.approx(2 * (base_params(**a, flow_map=True)
+                                                          + lora_params(**a, flow_map=True)) / 8)
+    assert got["teacher R weights (frozen)"] == 2 * base_params(**a, flow_map=False)  # outside the engines
+
+
+def test_14b_distill_fits_8x80gb_at_zero3_with_one_clip_per_rank():
+    cfg = load_config("configs/wan2.1-t2v-14b.yaml", ["learner.zero_stage=3", "rollout.batch_size=1",
+                                                      "distill.real_batch=8"])
+    plan = memory_plan(cfg, "distill")
+    plan.check()
+    assert plan.total < 80 * GiB
+
+
+def test_a_plan_above_gpu_memory_gb_is_refused_naming_the_biggest_items():
+    cfg = load_config("configs/wan2.1-t2v-1.3b.yaml", ["run.gpu_memory_gb=8"])
+    with pytest.raises(MemoryPlanError, match=r"needs .* GiB per GPU, more than run.gpu_memory_gb=8; biggest: "
+                                              r"activations: .*, activations: .*, teacher weights [0-9.]+ GiB"):
+        memory_plan(cfg, "teacher").check()
+
+
+def test_cli_dry_run_exit_codes(capsys):
+    assert main(["distill", "--config", "configs/wan2.1-t2v-1.3b.yaml", "--dry-run"]) == 0
+    assert "plan fits" in capsys.readouterr().out
+    assert main(["teacher", "--config", "configs/wan2.1-t2v-1.3b.yaml", "--dry-run", "run.gpu_memory_gb=10"]) \
+        == EXIT_MEMORY_PLAN
+    err = capsys.readouterr().err
+    assert err.startswith("anyflow-ray teacher: teacher needs") and len(err.strip().splitlines()) == 1
+
+
+def test_dry_run_needs_a_full_size_model():
+    with pytest.raises(ValueError, match="model.full_size"):
+        main(["distill", "--config", "configs/tiny.yaml", "--dry-run"])
+
+
+@pytest.mark.parametrize("size", ["1.3b", "14b"])
+def test_causal_plans_count_the_clean_copy_and_the_rollout_kv_cache(size):
+    """Teacher forcing doubles the student's tokens (noisy chunks + clean copy); the bidirectional auxiliary
+    step adds one plain forward; causal rollouts hold K and V of every chunk; both plans fit their GPUs."""
+    cfg = load_config(f"configs/wan2.1-t2v-{size}-causal.yaml")
+    a, tokens = ARCH[size], tokens_per_clip(cfg)
+    per_clip = a["layers"] * tokens * a["d"] * 2  # one clip-forward's checkpointed block inputs
+    micro = cfg.pretrain.global_batch // cfg.learner.num_ranks
+    assert items(memory_plan(cfg, "pretrain"))["activations: kept block inputs"] == (2 * micro + micro) * per_clip
+    no_aux = load_config(f"configs/wan2.1-t2v-{size}-causal.yaml", ["model.causal.bidirectional_aux=0"])
+    assert items(memory_plan(no_aux, "pretrain"))["activations: kept block inputs"] == 2 * micro * per_clip
+    clips, real = cfg.rollout.batch_size, cfg.distill.real_batch // distill_ranks(cfg)
+    plan = memory_plan(cfg, "distill")
+    assert items(plan)["activations: kept block inputs"] == 2 * (3 * clips + real) * per_clip  # grad_scope all
+    rollout = {item.name: item.bytes for item in plan.other["rollout actor GPU"]}
+    assert rollout["KV cache (causal rollout)"] == clips * a["layers"] * 2 * tokens * a["d"] * 2
+    plan.check()
+    memory_plan(cfg, "pretrain").check()
+
+
+def test_the_generator_graph_holds_the_jumps_the_grad_scope_names():
+    from anyflow_ray.run.memory_plan import distill_forwards
+
+    def generator(scope):
+        cfg = load_config("configs/wan2.1-t2v-1.3b.yaml", [f"distill.grad_scope={scope}"])
+        return distill_forwards(cfg)[0], cfg.rollout.batch_size, cfg.distill.real_batch // distill_ranks(cfg)
+
+    (all_, clips, real), (last, _, _), (jump, _, _) = generator("all"), generator("last"), generator("jump")
+    seq = all_ // (3 * clips + real)
+    assert (all_, last, jump) == ((3 * clips + real) * seq, (2 * clips + real) * seq, (clips + real) * seq)
