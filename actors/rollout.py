@@ -40,7 +40,7 @@ class RolloutActor:
         self.gpu_ids = [str(i) for i in ray.get_gpu_ids()]
         self.device = resolve_device(self.cfg.run.device, len(self.gpu_ids))  # resolved in this process
         self.dtype = resolve_dtype(self.cfg.run.precision, self.device)
-        Storage.of(self.cfg).fetch_all(job_inputs(self.cfg, "stage2"))  # what this node lacks (run.storage)
+        Storage.of(self.cfg).fetch_all(job_inputs(self.cfg, "distill"))  # what this node lacks (run.storage)
         student = load_transformer(self.cfg.distill.init, flow_map=True, gate=self.cfg.model.gate, dtype=self.dtype,
                                    causal_chunks=list(self.cfg.model.causal.chunks))
         self.causal = is_causal(student)  # as the learner loads it (learners/distill.py)

@@ -33,6 +33,6 @@ assert s["accepted"] == s["taken"] + s["dropped_stale"] + s["dropped_at_end"] + 
 assert s["trained"] == 20 * 2 * 2, s["trained"]
 assert s["actor_versions"] == [20, 20], s["actor_versions"]
 records = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
-assert all(r["stage2/loss"] == r["stage2/loss"] for r in records), "NaN loss"
+assert all(r["distill/loss"] == r["distill/loss"] for r in records), "NaN loss"
 print("gpu smoke OK:", s["weight_sync"])
 PY

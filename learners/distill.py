@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import math
-import time
 
 import ray
 import torch
@@ -28,11 +27,10 @@ from anyflow_ray.sampling.rollouts import consistency_finish
 from anyflow_ray.training.losses import critic_loss, dmd_loss
 from anyflow_ray.models.causal import is_causal
 from anyflow_ray.models.loading import load_transformer
-from anyflow_ray.training.objectives import Stage1Objective
+from anyflow_ray.training.objectives import PretrainObjective
 from anyflow_ray.sampling.schedule import sampling_grid
 from anyflow_ray.models.lora import AdaptersOff, apply_lora
-from anyflow_ray.run.weight_sync import WeightGroup, host_store, layout_of, pack, resolve_backend
-from learners.partitions import gather_parts, gather_to_cpu
+from learners.publish import WeightPublisher
 from learners.worker import LearnerWorker, deepspeed_config, job_zero_stage
 
 REQUIRED = {"generator": ("prompt_idx", "num_steps", "k", "z_k", "T_k", "T_next"),
@@ -74,11 +72,11 @@ def validate_trajectory(payload: dict, kind: str, clip_shape: tuple[int, ...], n
         raise TrajectoryError("prompt_idx out of range")
 
 
-class DistillWorker(LearnerWorker):
+class DistillWorker(WeightPublisher, LearnerWorker):
     def __init__(self, cfg: dict, job: str, rank: int, world_size: int):
-        super().__init__(cfg, "stage1", rank, world_size)  # reuses Stage-1 objective for co-training
-        self.job = "stage2"
-        self.zero_stage = job_zero_stage(self.cfg, "stage2")
+        super().__init__(cfg, "pretrain", rank, world_size)  # reuses Stage-1 objective for co-training
+        self.job = "distill"
+        self.zero_stage = job_zero_stage(self.cfg, "distill")
 
     def _build(self) -> None:
         import deepspeed
@@ -103,13 +101,13 @@ class DistillWorker(LearnerWorker):
         data = self._load_data()
         self.data = data
         # the co-training takes no bidirectional auxiliary step (the reference's FAR Stage 2 sets it to 0)
-        self.objective = Stage1Objective(data, self._co_training_cfg(), teacher=self.teacher, bidirectional_aux=0.0)
+        self.objective = PretrainObjective(data, self._co_training_cfg(), teacher=self.teacher, bidirectional_aux=0.0)
         self.engines = {}
         for name, model in (("student", student), ("critic", critic)):
             params = [p for p in model.parameters() if p.requires_grad]
             lr = dc.critic_lr if name == "critic" and dc.critic_lr > 0 else dc.lr
             opt = torch.optim.AdamW(params, lr=lr, betas=tuple(dc.betas), weight_decay=dc.weight_decay)
-            config = deepspeed_config(self.cfg, "stage2", self.cfg.rollout.batch_size, self.dtype)
+            config = deepspeed_config(self.cfg, "distill", self.cfg.rollout.batch_size, self.dtype)
             engine, _, _, _ = deepspeed.initialize(model=model.to(self.device), optimizer=opt, config=config,
                                                    dist_init_required=False)
             self.engines[name] = engine
@@ -308,76 +306,3 @@ class DistillWorker(LearnerWorker):
         value = torch.tensor([1.0 if flag else 0.0], device=self.device)
         torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MIN)
         return bool(value.item())
-
-    # -- weights --------------------------------------------------------------------------------
-    def trainable_state(self) -> dict[str, torch.Tensor]:
-        """The student's trainable parameters by name (LoRA adapters only when LoRA is on); whole at
-        ZeRO <= 2 (under ZeRO-3 use ``publish_weights``, a collective)."""
-        return {n: p.detach().cpu().clone() for n, p in self.model.named_parameters() if p.requires_grad}
-
-    def _rollout_weights(self) -> dict[str, torch.Tensor]:
-        """What the rollout actors sample with (ZeRO <= 2): the trainable parameters as trained, or their
-        EMA in the parameters' dtype (``distill.rollout_weights=ema``), by name."""
-        params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
-        if self.cfg.distill.rollout_weights != "ema":
-            return {n: p.detach() for n, p in params.items()}
-        shadow_of = self._ema_shadows()
-        return {n: shadow_of[id(p)].to(p.dtype) for n, p in params.items()}
-
-    def publish_weights(self, full: bool = False) -> list | None:
-        """ray.put the student's trainable parameters (or their EMA: ``distill.rollout_weights``), whole (or
-        its full state dict, for comparison); rank 0 returns the wrapped ref, the other ranks None. Every
-        rank is called: under ZeRO-3 the parameters (or each rank's EMA partition) are gathered, a
-        collective; at ZeRO <= 2 rank 0 alone works, the others return at once."""
-        self._refuse_after_halt("weight publish")
-        if self.zero_stage == 3:
-            named = [(n, p) for n, p in self.model.named_parameters() if full or p.requires_grad]
-            if self.cfg.distill.rollout_weights == "ema" and not full:  # each rank's EMA of its partition
-                shadow_of, dtype_of = self._ema_shadows(), {n: p.dtype for n, p in named}
-                state = gather_parts(named, [shadow_of[id(p)] for _, p in named], keep=self.rank == 0)
-                state = {n: t.to(dtype_of[n]) for n, t in state.items()}  # the parameters' dtype, as at ZeRO <= 2
-            else:
-                state = gather_to_cpu(named, keep=self.rank == 0)
-            if full and self.rank == 0:  # the persistent buffers, never partitioned
-                state.update({n: t for n, t in self.model.state_dict().items() if n not in state})
-        elif self.rank == 0:
-            state = self.model.state_dict() if full else self._rollout_weights()
-        if self.rank != 0:
-            return None
-        return [ray.put({k: v.detach().cpu() for k, v in state.items()})]
-
-    # torch.distributed backend (anyflow_ray/run/weight_sync.py): rank 0 is the root of a group of its own
-    def weight_layout(self) -> list:
-        return layout_of({n: p for n, p in self.model.named_parameters() if p.requires_grad})
-
-    def weight_group_address(self, size: int) -> tuple[str, int]:
-        """Host the store of the next group (OS-chosen port, never learner.master_port); its (ip, port)."""
-        self.close_weight_group()
-        host = ray.util.get_node_ip_address()
-        self._weight_store = host_store(host, size, float(self.cfg.distill.sync_timeout_s))
-        return host, self._weight_store.port
-
-    def open_weight_group(self, host: str, port: int, size: int, epoch: int, backend: str) -> str:
-        """Join as rank 0 of the store from ``weight_group_address``; returns once every actor has joined."""
-        backend = resolve_backend(backend, self.device)
-        self.weight_group = WeightGroup(host, port, 0, size, epoch, backend, float(self.cfg.distill.sync_timeout_s),
-                                        store=self._weight_store)
-        return backend
-
-    def close_weight_group(self) -> None:
-        group = getattr(self, "weight_group", None)
-        if group is not None:
-            group.close()
-        self.weight_group = None
-        self._weight_store = None  # the store goes with its last handle
-
-    def broadcast_weights(self) -> float:
-        """Send the trainable parameters to every member; the seconds it took."""
-        group = getattr(self, "weight_group", None)
-        if group is None:
-            raise RuntimeError("broadcast_weights before open_weight_group")
-        start = time.perf_counter()
-        named = self._rollout_weights()
-        device = self.device if group.backend == "nccl" else torch.device("cpu")
-        group.broadcast(pack(named, layout_of(named), device))
-        return time.perf_counter() - start

@@ -39,7 +39,7 @@ from learners.partitions import gather_parts, gather_to_cpu, local_part
 
 def job_settings(cfg: DictConfig, job: str) -> DictConfig:
     """Optimizer/EMA settings of a job, read from its config section."""
-    section = {"teacher": cfg.teacher, "stage1": cfg.pretrain, "stage2": cfg.distill}[job]
+    section = {"teacher": cfg.teacher, "pretrain": cfg.pretrain, "distill": cfg.distill}[job]
     betas = tuple(section.betas) if "betas" in section else (0.9, 0.999)
     return OmegaConf.create(dict(lr=section.lr, betas=list(betas), weight_decay=section.weight_decay,
                                  warmup=section.get("warmup", 0), ema=section.ema,
@@ -52,7 +52,7 @@ def build_model(cfg: DictConfig, job: str, dtype: torch.dtype) -> torch.nn.Modul
     if job == "teacher":
         model = load_transformer(cfg.model.base, flow_map=False, dtype=dtype)
     else:
-        model = stage1_student(cfg, dtype)
+        model = pretrain_student(cfg, dtype)
     if cfg.model.lora.enabled:
         apply_lora(model, cfg.model.lora)
     if cfg.model.gradient_checkpointing:
@@ -60,7 +60,7 @@ def build_model(cfg: DictConfig, job: str, dtype: torch.dtype) -> torch.nn.Modul
     return model
 
 
-def stage1_student(cfg: DictConfig, dtype: torch.dtype) -> torch.nn.Module:
+def pretrain_student(cfg: DictConfig, dtype: torch.dtype) -> torch.nn.Module:
     """``pretrain.init`` as the Stage-1 student: a two-time flow map (E_r := copy of E_t), made causal over
     ``model.causal.chunks`` when they are set (a causal folder must already have those chunks)."""
     from anyflow_ray.models.causal import WanCausalFlowMapTransformer3DModel, is_causal
@@ -103,7 +103,7 @@ def restricted_torch_load(path, map_location=None):
 
 def job_zero_stage(cfg: DictConfig, job: str) -> int:
     """The ZeRO stage a job's learner ranks run: Stage 2 may have its own (``distill.zero_stage``)."""
-    return distill_zero_stage(cfg) if job == "stage2" else int(cfg.learner.zero_stage)
+    return distill_zero_stage(cfg) if job == "distill" else int(cfg.learner.zero_stage)
 
 
 def deepspeed_config(cfg: DictConfig, job: str, micro_batch: int, dtype: torch.dtype) -> dict:

@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # learners/ lives 
 from anyflow_ray.run.config import load_config
 from anyflow_ray.data.shards import read_shards
 from anyflow_ray.models.loading import load_transformer
-from anyflow_ray.training.objectives import Stage1Objective, TrainData
+from anyflow_ray.training.objectives import PretrainObjective, TrainData
 from anyflow_ray.sampling.rollouts import prefix, finish, draw_budget
 from anyflow_ray.training.losses import dmd_loss
 from learners.worker import load_text_encoder, encode_prompts, text_max_length
@@ -36,7 +36,7 @@ clips = read_shards(Path(cfg.data.root) / "train")
 tok, enc = load_text_encoder(cfg.model.base)
 uncond = encode_prompts(tok, enc, [cfg.model.negative_prompt], text_max_length(cfg.model.base))
 data = TrainData(clips=clips, uncond=uncond)
-obj = Stage1Objective(data, co_cfg, teacher=teacher, bidirectional_aux=0.0)
+obj = PretrainObjective(data, co_cfg, teacher=teacher, bidirectional_aux=0.0)
 params = [p for p in student.parameters() if p.requires_grad]
 def flat(loss):
     g = torch.autograd.grad(loss, params, allow_unused=True)

@@ -113,14 +113,14 @@ def _plain_loop_step_times(cfg: DictConfig) -> list[float]:
     from anyflow_ray.data.shards import read_shards
     from anyflow_ray.models.loading import load_text_encoder, load_transformer, text_max_length
     from anyflow_ray.models.text import encode_prompts
-    from anyflow_ray.training.objectives import Stage1Objective, TrainData, objective_models
+    from anyflow_ray.training.objectives import PretrainObjective, TrainData, objective_models
     from anyflow_ray.training.optim import SimpleTrainer
 
     torch.set_num_threads(cfg.run.threads)
     tokenizer, encoder = load_text_encoder(cfg.model.base)
     uncond = encode_prompts(tokenizer, encoder, [cfg.model.negative_prompt], text_max_length(cfg.model.base))
-    objective = Stage1Objective(TrainData(read_shards(Path(cfg.data.root) / "train"), uncond), cfg,
-                                **objective_models(cfg, "stage1"))
+    objective = PretrainObjective(TrainData(read_shards(Path(cfg.data.root) / "train"), uncond), cfg,
+                                **objective_models(cfg, "pretrain"))
     model = load_transformer(cfg.pretrain.init, flow_map=True, gate=cfg.model.gate)
     pc = cfg.pretrain
     trainer = SimpleTrainer(model, lr=pc.lr, betas=tuple(pc.betas), warmup=pc.warmup, grad_clip=pc.grad_clip,
@@ -138,7 +138,7 @@ def _learner_step_times(cfg: DictConfig) -> list[float]:
     from learners.group import LearnerGroup
 
     init_ray(cfg)
-    group = LearnerGroup(cfg, "stage1", num_ranks=1)
+    group = LearnerGroup(cfg, "pretrain", num_ranks=1)
     try:
         times = []
         for step in range(WARMUP + MEASURED):

@@ -157,7 +157,7 @@ def steady_rates(records: list[dict], warmup_steps: int) -> dict:
     window = records[first:]
     steps = window[-1]["step"] - records[first - 1]["step"]
     wall = window[-1]["time"] - records[first - 1]["time"]
-    mean = lambda key: sum(float(r.get(f"stage2/{key}", 0.0)) for r in window) / len(window)  # noqa: E731
+    mean = lambda key: sum(float(r.get(f"distill/{key}", 0.0)) for r in window) / len(window)  # noqa: E731
     per_step = wall / steps if steps else float("nan")
     return {"measured_steps": steps, "steps_per_s": steps / wall if wall > 0 else float("nan"),
             "wall_s_per_step": per_step, "learner_call_s": mean("learner_step_s"),

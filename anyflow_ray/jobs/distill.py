@@ -126,7 +126,7 @@ def run(cfg: DictConfig, worker_cls: type | None = None, actor_cls: type | None 
     from learners.group import LearnerGroup, LearnerGroupError
     from learners.placement import plan
 
-    run_record = open_run(cfg, "stage2")  # refuses a resume whose config differs; None left to train: no writes
+    run_record = open_run(cfg, "distill")  # refuses a resume whose config differs; None left to train: no writes
     if run_record.done:
         return run_record.out
     cfg = run_record.cfg
@@ -135,7 +135,7 @@ def run(cfg: DictConfig, worker_cls: type | None = None, actor_cls: type | None 
     cfg = init_ray(cfg)
     ranks = distill_ranks(cfg)
     placement = plan(cfg, ranks, cfg.rollout.num_actors)
-    group = LearnerGroup(cfg, "stage2", num_ranks=ranks, worker_cls=worker_cls or DistillWorker, placement=placement)
+    group = LearnerGroup(cfg, "distill", num_ranks=ranks, worker_cls=worker_cls or DistillWorker, placement=placement)
     capacity = dc.buffer_capacity or auto_capacity(2 * ranks, dc.max_policy_lag, cfg.rollout.num_actors)
     names = {role: f"anyflow-{role}-{uuid.uuid4().hex[:8]}" for role in ("buffer", "registry")}  # for the actors
     buffer = ray.remote(TrajectoryBuffer).options(num_cpus=0, name=names["buffer"]).remote(capacity, dc.max_policy_lag)
@@ -150,9 +150,9 @@ def run(cfg: DictConfig, worker_cls: type | None = None, actor_cls: type | None 
         fleet = sync.start(version, lambda: RolloutFleet(cfg, names["buffer"], names["registry"], start, placement,
                                                               group, actor_cls))
         metrics = PipelineMetrics()
-        logger = MetricsLogger(out, "stage2", cfg)
+        logger = MetricsLogger(out, "distill", cfg)
         logger.add_sink(metrics.record)
-        bar = progress(range(start, dc.steps), initial=start, total=dc.steps, desc="stage2")
+        bar = progress(range(start, dc.steps), initial=start, total=dc.steps, desc="distill")
         loop_start, sync_times = time.perf_counter(), []
         overlap = dc.max_policy_lag > 0 and sync.overlaps_learner
 
@@ -164,7 +164,7 @@ def run(cfg: DictConfig, worker_cls: type | None = None, actor_cls: type | None 
                       **{f"buffer/{k}": v for k, v in stats.items()}}
             bar.set_postfix(loss=f"{values['loss']:.4f}", v=more["version"], depth=stats["depth"], refresh=False)
             if (step + 1) % dc.log_every == 0 or step + 1 == dc.steps:
-                logger.log(step + 1, {f"stage2/{k}": v for k, v in values.items()})
+                logger.log(step + 1, {f"distill/{k}": v for k, v in values.items()})
             return stats
 
         batch = deferred = queued = None
@@ -249,7 +249,7 @@ def run(cfg: DictConfig, worker_cls: type | None = None, actor_cls: type | None 
             group.run_on(0, "export_pipeline", str(out))
         if start:  # a resumed run rewrites its record only now that it has trained
             record_config(cfg, out)
-        log.info("stage2: buffer accounting %s", summary)
+        log.info("distill: buffer accounting %s", summary)
     finally:
         if logger is not None:  # a failed run's record reaches storage too
             logger.close()

@@ -25,7 +25,7 @@ class PipelineMetrics:
         self._last = (time.monotonic(), 0, 0)
 
     def record(self, step: int, values: dict) -> None:
-        get = lambda key: values.get(f"stage2/{key}")  # noqa: E731
+        get = lambda key: values.get(f"distill/{key}")  # noqa: E731
         now = time.monotonic()
         then, last_step, last_produced = self._last
         produced = get("produced") or 0

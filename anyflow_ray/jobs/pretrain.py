@@ -22,7 +22,7 @@ from anyflow_ray.models.architectures import count_parameters, memory_per_gpu, m
 def run(cfg: DictConfig, dry_run: bool = False) -> Path | dict:
     if dry_run or cfg.pretrain.dry_run:
         return dry_run_report(cfg)
-    return run_job(cfg, "stage1")
+    return run_job(cfg, "pretrain")
 
 
 def dry_run_report(cfg: DictConfig) -> dict:
@@ -39,7 +39,7 @@ def dry_run_report(cfg: DictConfig) -> dict:
     total, trainable = count_parameters(model), count_parameters(model, trainable_only=True)
     world = cfg.learner.num_ranks
     micro = cfg.pretrain.global_batch // world
-    ds_config = deepspeed_config(cfg, "stage1", micro, torch.bfloat16)
+    ds_config = deepspeed_config(cfg, "pretrain", micro, torch.bfloat16)
     chunks = list(cfg.model.causal.chunks)
     kind = f"causal flow map, chunks {chunks}, teacher-forced (docs/method.md §6)" if chunks else "flow map"
     print(f"model: Wan2.1-T2V-{cfg.model.full_size.upper()} {kind} (meta device, no weights)")

@@ -33,8 +33,8 @@ from anyflow_ray.run.storage import Storage
 # job -> (its config section, the sections that shape its model, data and training)
 JOB_SECTIONS = {
     "teacher": ("teacher", ("run", "model", "schedule", "data", "learner", "teacher")),
-    "stage1": ("pretrain", ("run", "model", "schedule", "data", "learner", "pretrain")),
-    "stage2": ("distill", ("run", "model", "schedule", "data", "learner", "pretrain", "rollout", "distill")),
+    "pretrain": ("pretrain", ("run", "model", "schedule", "data", "learner", "pretrain")),
+    "distill": ("distill", ("run", "model", "schedule", "data", "learner", "pretrain", "rollout", "distill")),
 }
 # keys a resume may change: step budgets, logging, checkpoint cadence, IO and scheduling knobs that do not
 # touch the model, the data or the optimisation (run.output_dir: the resolved folders below stand for it)
@@ -89,9 +89,9 @@ def open_run(cfg: DictConfig, job: str) -> RunRecord:
     if not resume:
         raise RunRefused(f"{section}.resume=false but {out} holds a run (checkpoint at step {step}): set "
                          f"run.new_run=true to start a fresh folder ({next_free(out)}), or remove {out}")
-    ranks = distill_ranks(cfg) if job == "stage2" else int(cfg.learner.num_ranks)
+    ranks = distill_ranks(cfg) if job == "distill" else int(cfg.learner.num_ranks)
     if meta.get("world_size") not in (None, ranks):
-        key = "distill.num_ranks" if job == "stage2" and cfg.distill.num_ranks else "learner.num_ranks"
+        key = "distill.num_ranks" if job == "distill" and cfg.distill.num_ranks else "learner.num_ranks"
         raise RunRefused(f"{out}: its checkpoint at step {step} was written by {meta['world_size']} rank(s), "
                          f"{key} asks for {ranks}: resume with {key}={meta['world_size']}, or set "
                          f"run.new_run=true to start a fresh folder")

@@ -129,5 +129,5 @@ class Storage:
 def job_inputs(cfg, job: str) -> list[str]:
     """The folders a job's processes read: the base model (text encoder, tokenizer), the data, and the
     model the job starts from (Stage 1: ``pretrain.init``; Stage 2: ``distill.init`` and ``distill.teacher``)."""
-    starts = {"teacher": [], "stage1": [cfg.pretrain.init], "stage2": [cfg.distill.init, cfg.distill.teacher]}[job]
+    starts = {"teacher": [], "pretrain": [cfg.pretrain.init], "distill": [cfg.distill.init, cfg.distill.teacher]}[job]
     return [cfg.model.base, cfg.data.root, *starts]

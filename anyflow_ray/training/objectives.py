@@ -83,7 +83,7 @@ class TeacherObjective:
                             self.cfg.schedule.shift, self.cfg.teacher.uncond_prob)
 
 
-class Stage1Objective:
+class PretrainObjective:
     """docs/method.md §4: forward flow-map training with guidance fusion and adaptive normalisation.
 
     ``teacher``: the frozen single-time teacher, needed (and only used) with ``pretrain.target=teacher``.
@@ -93,7 +93,7 @@ class Stage1Objective:
     bidirectional flow-matching step. Both draws depend on (seed, step) only, so every rank makes them alike.
     """
 
-    name = "stage1"
+    name = "pretrain"
 
     def __init__(self, data: TrainData, cfg: DictConfig, teacher: torch.nn.Module | None = None,
                  bidirectional_aux: float | None = None):
@@ -124,13 +124,13 @@ class Stage1Objective:
                             layout=layout, bidirectional=bidirectional)
 
 
-OBJECTIVES = {"teacher": TeacherObjective, "stage1": Stage1Objective}
+OBJECTIVES = {"teacher": TeacherObjective, "pretrain": PretrainObjective}
 
 
 def objective_models(cfg: DictConfig, job: str, device=None, dtype: torch.dtype | None = None) -> dict:
     """Frozen models an objective needs besides the trained one, as keyword arguments of its
     constructor: the teacher (``pretrain.init``) for Stage 1 with ``pretrain.target=teacher``."""
-    if job == "stage1" and cfg.pretrain.target == "teacher":
+    if job == "pretrain" and cfg.pretrain.target == "teacher":
         from anyflow_ray.models.loading import load_transformer
 
         teacher = load_transformer(cfg.pretrain.init, flow_map=False, dtype=dtype)

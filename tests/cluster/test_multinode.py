@@ -64,7 +64,7 @@ def test_learner_ranks_ask_for_the_clusters_gpus_and_land_on_the_gpu_node(two_no
 
     cfg = load_config("configs/tiny.yaml", [f"run.output_dir={shared_root}", *SMALL, "learner.num_ranks=2"])
     assert cfg.learner.gpus_per_rank == "auto"  # the driver (on the GPU-less head) decides nothing itself
-    group = LearnerGroup(cfg, "stage1")
+    group = LearnerGroup(cfg, "pretrain")
     try:
         assert group.plan.bundle == {"CPU": 0.5, "GPU": 1.0}
         assert {info["node_id"] for info in group.info} == {two_nodes["gpu_node"]}
@@ -80,7 +80,7 @@ def test_a_placement_the_cluster_cannot_hold_fails_at_once_naming_it(two_nodes, 
     cfg = load_config("configs/tiny.yaml", [f"run.output_dir={shared_root}", *SMALL, "learner.num_ranks=2",
                                             "learner.gpus_per_rank=2"])
     with pytest.raises(PlacementError, match=r"2 learner bundle\(s\) of \{'CPU': 0.5, 'GPU': 2.0\}"):
-        LearnerGroup(cfg, "stage1")
+        LearnerGroup(cfg, "pretrain")
     assert ray.util.placement_group_table() == {} or all(
         pg["state"] == "REMOVED" for pg in ray.util.placement_group_table().values())
 
@@ -120,7 +120,7 @@ def test_stage2_on_two_ranks_with_colocated_actors_one_killed_everything_under_t
     monkeypatch.undo()
     longer = distill.run(load_config("configs/tiny.yaml", [*run, "distill.steps=7"]))
     records = [json.loads(line) for line in (longer / "metrics.jsonl").read_text().splitlines()]
-    assert records[-1]["step"] == 7 and records[-1]["stage2/version"] == 7
+    assert records[-1]["step"] == 7 and records[-1]["distill/version"] == 7
 
 
 def test_run_storage_uri_holds_the_run_and_a_node_with_an_empty_disk_resumes_from_it(two_nodes, shared_root,

@@ -49,9 +49,9 @@ def test_two_sleeping_actors_feed_the_real_driver_and_the_books_balance(ray_for_
     assert row["buffer"]["trained"] == 16
     records = read_metrics(out / "metrics.jsonl")
     assert [r["step"] for r in records] == list(range(1, 9))
-    assert all(r["stage2/trained"] == 2 for r in records)  # one generator + one critic trajectory per step
-    assert all(r["stage2/policy_lag"] <= result["max_policy_lag"] for r in records)
-    assert records[-1]["stage2/version"] == 8
+    assert all(r["distill/trained"] == 2 for r in records)  # one generator + one critic trajectory per step
+    assert all(r["distill/policy_lag"] <= result["max_policy_lag"] for r in records)
+    assert records[-1]["distill/version"] == 8
     assert sorted(s["loaded_versions"]) == ["rollout-0", "rollout-1"]  # the actors pulled published weights
 
 
@@ -66,8 +66,8 @@ def test_ideal_rate_and_steady_window():
     assert bench_control.ideal_steps_per_s(1, 1.0, 0.25) == 0.5  # actors limit: 2 trajectories per step
     assert bench_control.ideal_steps_per_s(32, 1.0, 0.25) == 4.0  # the learner limits
     assert bench_control.policy_lag_for(1.0, 0.25) == 8
-    records = [{"step": n, "time": 0.5 * n + (3.0 if n > 2 else 0.0), "stage2/rank_step_s": 0.25,
-                "stage2/learner_step_s": 0.3} for n in range(1, 11)]  # a 3 s start-up before step 3
+    records = [{"step": n, "time": 0.5 * n + (3.0 if n > 2 else 0.0), "distill/rank_step_s": 0.25,
+                "distill/learner_step_s": 0.3} for n in range(1, 11)]  # a 3 s start-up before step 3
     rates = bench_control.steady_rates(records, warmup_steps=3)
     assert rates["measured_steps"] == 7 and rates["steps_per_s"] == pytest.approx(2.0)
     assert rates["driver_s_per_step"] == pytest.approx(0.25)

@@ -166,7 +166,7 @@ def test_the_walk_did_what_each_command_says(walk):
     assert (latent / "data" / "heldout" / "manifest.json").is_file()
     assert (latent / "stage2" / "model_index.json").is_file()
     stage1 = read_metrics(latent / "stage1" / "metrics.jsonl")  # Stage 1 trained on the prepared latents
-    assert [r["step"] for r in stage1] == [1, 2] and all(0 < r["stage1/loss"] < float("inf") for r in stage1)
+    assert [r["step"] for r in stage1] == [1, 2] and all(0 < r["pretrain/loss"] < float("inf") for r in stage1)
 
 
 def yaml_of(path: Path) -> dict:
@@ -250,7 +250,7 @@ def test_stage1_writes_a_loadable_flow_map_checkpoints_and_metrics(walk):
     assert (out / "checkpoints" / "latest").read_text().strip() == "step-000002"
     assert AnyFlowPipeline.from_pretrained(out / "checkpoints" / "step-000002").transformer is not None
     records = read_metrics(out / "metrics.jsonl")
-    assert [r["step"] for r in records] == [1, 2] and all(r["stage1/frac_diagonal"] == 0.5 for r in records)
+    assert [r["step"] for r in records] == [1, 2] and all(r["pretrain/frac_diagonal"] == 0.5 for r in records)
     assert list((out / "wandb").glob("offline-run-*"))
 
 
@@ -303,7 +303,7 @@ def test_causal_stage1_exports_a_causal_pipeline(walk):
     assert (out / "checkpoints" / "latest").read_text().strip() == "step-000002"
     records = read_metrics(out / "metrics.jsonl")
     assert [r["step"] for r in records] == [1, 2]
-    assert all(r["stage1/noised_chunks"] == 4 and r["stage1/frac_diagonal"] == 0.5 and r["stage1/loss"] > 0
+    assert all(r["pretrain/noised_chunks"] == 4 and r["pretrain/frac_diagonal"] == 0.5 and r["pretrain/loss"] > 0
                for r in records)
 
 

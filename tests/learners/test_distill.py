@@ -73,13 +73,13 @@ def test_distill_pipeline_runs_and_its_books_balance(ray_local, prepared_run, tm
     assert set(summary["loaded_versions"]) <= {"rollout-0", "rollout-1"} and summary["loaded_versions"]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4]
-    assert all(r["stage2/policy_lag"] <= lag for r in records)
-    gaps = [r["stage2/critic_rerun_gap"] for r in records]
+    assert all(r["distill/policy_lag"] <= lag for r in records)
+    gaps = [r["distill/critic_rerun_gap"] for r in records]
     if rollout == "consistency":
         assert all(g < 1e-5 for g in gaps), gaps
     else:  # backward simulation's x_hat takes the k-th step first: not the one-jump prediction
         assert max(gaps) > 1e-3, gaps
-    assert records[-1]["stage2/version"] == 4
+    assert records[-1]["distill/version"] == 4
     meta = json.loads((out / "checkpoints" / "step-000004" / "training_state" / "meta.json").read_text())
     assert meta["weight_version"] == 4
     assert type(AnyFlowPipeline.from_pretrained(out).transformer).__name__ == "WanFlowMapTransformer3DModel"
@@ -104,7 +104,7 @@ def test_a_killed_rollout_actor_is_restarted_and_the_run_finishes(ray_local, pre
 
 
 def test_bad_trajectories_are_rejected_and_the_good_one_trains_on_the_weighted_loss(ray_local, prepared_run):
-    group = LearnerGroup(run_cfg(prepared_run, "distill.real_weight=3.0"), "stage2", worker_cls=DistillWorker)
+    group = LearnerGroup(run_cfg(prepared_run, "distill.real_weight=3.0"), "distill", worker_cls=DistillWorker)
     try:
         good = {"prompt_idx": torch.tensor([0, 1]), "num_steps": 2, "k": 0, "z_k": torch.randn(2, 3, 8, 16, 16),
                 "T_k": torch.full((2,), 1000.0), "T_next": torch.full((2,), 833.0)}
@@ -146,7 +146,7 @@ def test_a_dead_learner_rank_stops_the_run_and_the_run_resumes_with_its_weight_v
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     resumed = [r for r in records if r["step"] > 2][-4:]
     assert [r["step"] for r in resumed] == [3, 4, 5, 6]
-    assert [r["stage2/version"] for r in resumed] == [3, 4, 5, 6]
+    assert [r["distill/version"] for r in resumed] == [3, 4, 5, 6]
 
 
 def test_a_stopped_run_resubmitted_continues_with_the_losses_of_an_uninterrupted_one(ray_local, prepared_run,
@@ -169,8 +169,8 @@ def test_a_stopped_run_resubmitted_continues_with_the_losses_of_an_uninterrupted
     assert sorted(got) == [1, 2, 3, 4]
     for step in (3, 4):
         for key in ("loss", "dmd_loss", "real_loss", "critic_loss"):
-            assert got[step][f"stage2/{key}"] == pytest.approx(want[step][f"stage2/{key}"], rel=1e-6), (step, key)
-        assert got[step]["stage2/version"] == want[step]["stage2/version"] == step
+            assert got[step][f"distill/{key}"] == pytest.approx(want[step][f"distill/{key}"], rel=1e-6), (step, key)
+        assert got[step]["distill/version"] == want[step]["distill/version"] == step
     # the buffer's books continue the first part's (restored from the checkpoint's driver state)
     s_want = json.loads((straight / "pipeline_summary.json").read_text())
     s_got = json.loads((out / "pipeline_summary.json").read_text())
@@ -196,7 +196,7 @@ def test_torch_dist_broadcast_gives_each_actor_the_learners_weights_even_mid_rol
 
     cfg = run_cfg(prepared_run, "distill.weight_sync=torch_dist", "rollout.num_actors=2", "distill.sync_timeout_s=30",
                   f"distill.rollout_weights={weights}", "distill.ema=0.5", "distill.lr=1e-2")
-    group = LearnerGroup(cfg, "stage2", worker_cls=EmaProbe)
+    group = LearnerGroup(cfg, "distill", worker_cls=EmaProbe)
     names = f"mid-rollout-buffer-{weights}", f"mid-rollout-registry-{weights}"
     buffer = ray.remote(TrajectoryBuffer).options(name=names[0]).remote(1, 1)  # room for one trajectory
     registry = ray.remote(WeightRegistry).options(name=names[1]).remote()
@@ -307,7 +307,7 @@ def test_a_non_finite_loss_stops_before_anything_is_applied_and_leaves_the_last_
     assert "step-000002" in str(err.value)
     out = tmp_path / "s2"
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == [1, 2] and records[-1]["stage2/version"] == 2  # v3 never published
+    assert [r["step"] for r in records] == [1, 2] and records[-1]["distill/version"] == 2  # v3 never published
     assert (out / "checkpoints" / "latest").read_text().strip() == "step-000002"
     state = out / "checkpoints" / "step-000002" / "training_state"
     meta = json.loads((state / "meta.json").read_text())

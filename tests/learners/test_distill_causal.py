@@ -90,9 +90,9 @@ def test_causal_stage2_reruns_the_actors_chunks_and_survives_an_actor_dying_mid_
 
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4]
-    assert all(r["stage2/causal_student"] == 1.0 for r in records) and records[-1]["stage2/failed_rollouts"] >= 1
-    gaps = [r[f"stage2/rerun_gap_{scope}"] for r in records for scope in ("all", "last")]
+    assert all(r["distill/causal_student"] == 1.0 for r in records) and records[-1]["distill/failed_rollouts"] >= 1
+    gaps = [r[f"distill/rerun_gap_{scope}"] for r in records for scope in ("all", "last")]
     assert all(math.isfinite(g) and g < 1e-4 for g in gaps), gaps
-    assert all(math.isfinite(r["stage2/loss"]) and math.isfinite(r["stage2/critic_loss"]) for r in records)
+    assert all(math.isfinite(r["distill/loss"]) and math.isfinite(r["distill/critic_loss"]) for r in records)
     exported = AnyFlowPipeline.from_pretrained(out).transformer
     assert isinstance(exported, WanCausalFlowMapTransformer3DModel) and exported.config.causal_chunks == CHUNKS

@@ -47,7 +47,7 @@ def test_zero3_publishes_whole_weights_and_exports_the_gathered_partition_wise_e
 
     cfg = run_cfg(prepared_run, "distill.num_ranks=2", "learner.zero_stage=3", "distill.ema=0.9",
                   "distill.ema_warmup=0", "distill.lr=1e-2")
-    group = LearnerGroup(cfg, "stage2", num_ranks=2, worker_cls=ZeRO3Probe)
+    group = LearnerGroup(cfg, "distill", num_ranks=2, worker_cls=ZeRO3Probe)
     try:
         sizes = group.run("partition_sizes")
         initial = load_transformer(cfg.distill.init, flow_map=True, gate=cfg.model.gate).state_dict()
@@ -88,7 +88,7 @@ def test_zero3_ranks_with_uneven_trajectories_stay_in_step_with_a_lora_critic(ra
     or an uneven batch) runs zero-weight stand-ins, so the ranks never wait on different calls."""
     cfg = run_cfg(prepared_run, "distill.num_ranks=2", "distill.zero_stage=3", "model.lora.enabled=true",
                   "model.lora.rank=4", "model.lora.alpha=4", "distill.critic=lora", "distill.lr=1e-2")
-    group = LearnerGroup(cfg, "stage2", num_ranks=2, worker_cls=ZeRO3Probe)
+    group = LearnerGroup(cfg, "distill", num_ranks=2, worker_cls=ZeRO3Probe)
     try:
         for step in range(2):  # rank 0 gets a generator trajectory, rank 1 none
             result = group.run("train_step", step, _trajectories(1, "generator"), _trajectories(2, "critic"))
@@ -105,7 +105,7 @@ def test_zero3_ranks_with_uneven_trajectories_stay_in_step_with_a_lora_critic(ra
 
 def test_lora_critic_on_the_frozen_teacher_trains(ray_local, prepared_run):
     group = LearnerGroup(run_cfg(prepared_run, "model.lora.enabled=true", "model.lora.rank=4", "model.lora.alpha=4",
-                                 "distill.critic=lora"), "stage2", worker_cls=DistillWorker)
+                                 "distill.critic=lora"), "distill", worker_cls=DistillWorker)
     try:
         result = group.run("train_step", 0, _trajectories(1, "generator"), _trajectories(1, "critic"))[0]
         assert result["trained"] == 2 and torch.isfinite(torch.tensor([result["loss"], result["critic_loss"]])).all()
@@ -122,7 +122,7 @@ class CriticStepProbe(DistillWorker):
 
 
 def test_critic_updates_step_the_critic_that_many_times_per_student_step(ray_local, prepared_run):
-    group = LearnerGroup(run_cfg(prepared_run, "distill.critic_updates=3"), "stage2", worker_cls=CriticStepProbe)
+    group = LearnerGroup(run_cfg(prepared_run, "distill.critic_updates=3"), "distill", worker_cls=CriticStepProbe)
     try:
         first = group.run("train_step", 0, _trajectories(1, "generator"), _trajectories(1, "critic"))[0]
         assert (first["student_steps"], first["critic_steps"]) == (1, 3)
@@ -153,7 +153,7 @@ def test_rollout_weights_ema_publishes_the_students_ema_not_its_trained_weights(
     ranks = 2 if zero == 3 else 1
     cfg = run_cfg(prepared_run, "distill.rollout_weights=ema", "distill.ema=0.5", "distill.ema_warmup=0",
                   "distill.lr=1e-2", f"distill.num_ranks={ranks}", f"learner.zero_stage={zero}")
-    group = LearnerGroup(cfg, "stage2", num_ranks=ranks, worker_cls=EmaProbe)
+    group = LearnerGroup(cfg, "distill", num_ranks=ranks, worker_cls=EmaProbe)
     try:
         initial = group.run("gathered_trainable")[0]
         group.run("train_step", 0, _trajectories(ranks, "generator"), _trajectories(ranks, "critic"))
@@ -183,7 +183,7 @@ class LaterCriticLossNaN(CriticStepProbe):
 def test_a_non_finite_extra_critic_update_ends_the_critic_updates_of_the_step_not_the_run(ray_local, prepared_run):
     """With distill.critic_updates=3 the step is applied before the extra critic losses exist: a NaN one
     stops the critic's updates for that step (1 of 3 taken) without halting, and the next step runs all 3."""
-    group = LearnerGroup(run_cfg(prepared_run, "distill.critic_updates=3"), "stage2", worker_cls=LaterCriticLossNaN)
+    group = LearnerGroup(run_cfg(prepared_run, "distill.critic_updates=3"), "distill", worker_cls=LaterCriticLossNaN)
     try:
         first = group.run("train_step", 0, _trajectories(1, "generator"), _trajectories(1, "critic"))[0]
         assert (first["student_steps"], first["critic_steps"], first["critic_updates"]) == (1, 1, 1)

@@ -22,7 +22,7 @@ def test_one_and_two_ranks_take_the_same_stage1_step(ray_local, prepared_run, tm
     """2 ranks x 4 clips and 1 rank x 8 clips: same losses, same weights after two optimizer steps."""
     results = {}
     for ranks in (1, 2):
-        group = LearnerGroup(run_cfg(prepared_run, f"learner.num_ranks={ranks}"), "stage1")
+        group = LearnerGroup(run_cfg(prepared_run, f"learner.num_ranks={ranks}"), "pretrain")
         try:
             assert [i["rank"] for i in group.info] == list(range(ranks))
             steps = [group.run("train_step", s) for s in (0, 1)]
@@ -48,7 +48,7 @@ def test_resume_reproduces_the_next_losses(ray_local, prepared_run, tmp_path, pr
     # the paper's data target here (the tiny config's teacher target runs in the test above)
     cfg = run_cfg(prepared_run, f"learner.num_ranks={ranks}", "pretrain.target=data", "learner.zero_stage=2",
                   f"run.precision={precision}", "run.keep_checkpoints=2")
-    group = LearnerGroup(cfg, "stage1")
+    group = LearnerGroup(cfg, "pretrain")
     try:
         assert group.info[0]["dtype"] == {"fp32": "torch.float32", "bf16": "torch.bfloat16"}[precision]
         straight = _train(group, range(5))
@@ -56,7 +56,7 @@ def test_resume_reproduces_the_next_losses(ray_local, prepared_run, tmp_path, pr
         group.shutdown()
 
     out = tmp_path / "resumed"
-    group = LearnerGroup(cfg, "stage1")
+    group = LearnerGroup(cfg, "pretrain")
     try:
         assert group.run("load_latest", str(out))[0] == 0  # nothing to resume yet
         first = []
@@ -76,7 +76,7 @@ def test_resume_reproduces_the_next_losses(ray_local, prepared_run, tmp_path, pr
     assert {"model/mp_rank_00_model_states.pt", *(f"model/{bf16}zero_pp_rank_{r}_mp_rank_00_optim_states.pt"
                                                   for r in range(ranks))} <= set(files)
 
-    group = LearnerGroup(cfg, "stage1")
+    group = LearnerGroup(cfg, "pretrain")
     try:
         start = group.run("load_latest", str(out))[0]
         assert start == 3
@@ -134,4 +134,4 @@ def test_a_rank_that_dies_fails_the_group_with_its_rank_named(ray_local, prepare
 def test_a_rank_that_cannot_start_fails_with_a_clear_error(ray_local, prepared_run, tmp_path):
     cfg = run_cfg(prepared_run, "learner.num_ranks=1", f"pretrain.init={tmp_path}/no-such-teacher")
     with pytest.raises(LearnerGroupError, match="no-such-teacher"):
-        LearnerGroup(cfg, "stage1")
+        LearnerGroup(cfg, "pretrain")
