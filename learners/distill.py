@@ -30,6 +30,7 @@ from anyflow_ray.models.loading import load_transformer
 from anyflow_ray.training.objectives import PretrainObjective
 from anyflow_ray.sampling.schedule import sampling_grid
 from anyflow_ray.models.lora import AdaptersOff, apply_lora
+from anyflow_ray.training.seeds import step_generator
 from learners.publish import WeightPublisher
 from learners.worker import LearnerWorker, deepspeed_config, job_zero_stage
 
@@ -174,7 +175,7 @@ class DistillWorker(WeightPublisher, LearnerWorker):
         if self.cfg.distill.rollout == "consistency":  # one call whatever (N, k): uniform under ZeRO-3 too
             return consistency_finish(student, state, context), context
         return finish(student, state, context, uniform_calls=uniform,
-                      detach_step=self.cfg.distill.grad_scope == "jump")[1], context
+                      detach_step=self.cfg.experiments.grad_jump_only)[1], context
 
     # -- ZeRO-3: every model call gathers weights from all ranks, so all ranks make the same calls ------
     def _padding(self, *counts: int) -> list[int]:
@@ -212,7 +213,7 @@ class DistillWorker(WeightPublisher, LearnerWorker):
         crit_payloads, lost_c, rej_c = self._fetch(list(critic_refs)[self.rank::self.world_size], "critic")
         counts = {"lost": lost_g + lost_c, "rejected": rej_g + rej_c,
                   "trained": len(gen_payloads) + len(crit_payloads)}
-        rng = torch.Generator().manual_seed((self.cfg.run.seed * 1_000_003 + step) * 1009 + self.rank)
+        rng = step_generator(self.cfg.run.seed, step, "rank", self.rank)
         uncond = self.data.uncond.to(self.device, self.dtype)
         metrics: dict = {}
         gen_pad, crit_pad = self._padding(len(gen_payloads), len(crit_payloads))
@@ -223,7 +224,7 @@ class DistillWorker(WeightPublisher, LearnerWorker):
         for i, payload in enumerate(gen_payloads + [self._stand_in("generator")] * gen_pad):
             x_hat, context = self.student_x_hat(payload)
             loss, info = dmd_loss(x_hat, self.engines["critic"].module, self.teacher, context, uncond, rng,
-                                  self.cfg.distill.dmd_shift or self.cfg.schedule.shift, self.cfg.distill.dmd_guidance)
+                                  self.cfg.experiments.dmd_shift, self.cfg.distill.dmd_guidance)
             (dmd_terms if i < len(gen_payloads) else pad_terms).append(loss)
             if i < len(gen_payloads):
                 metrics.update(info)
@@ -246,11 +247,11 @@ class DistillWorker(WeightPublisher, LearnerWorker):
         student.step()
         self.ema.update()
         crit_value, critic_updates = float("nan"), 0
-        # distill.critic_updates > 1: more updates on the same x_hat, each with fresh noise levels and noise.
+        # experiments.critic_updates > 1: more updates on the same x_hat, each with fresh noise levels and noise.
         # The step is already applied (student, EMA, a critic update), so a later non-finite critic loss
         # ends the critic's updates for this step on every rank rather than halting the run: a checkpoint
         # taken next holds the whole step, and a resume does not apply it twice.
-        for update in range(self.cfg.distill.critic_updates):
+        for update in range(self.cfg.experiments.critic_updates):
             if update > 0:
                 crit = self._critic_loss(crit_payloads, crit_pad, rng, step, versions, refuse=False)
                 if not self._all_ranks_have(crit is None or math.isfinite(float(crit.detach()))):
@@ -274,7 +275,7 @@ class DistillWorker(WeightPublisher, LearnerWorker):
         for i, payload in enumerate(payloads + [self._stand_in("critic")] * pad):
             context = self._context(payload)
             loss, _ = critic_loss(critic.module, payload["x_hat"].to(self.device, self.dtype), context, rng,
-                                  self.cfg.distill.dmd_shift or self.cfg.schedule.shift, self.cfg.distill.critic_times)
+                                  self.cfg.experiments.dmd_shift, self.cfg.experiments.critic_times)
             (terms if i < len(payloads) else pad_terms).append(loss)
         crit = torch.stack(terms).mean() if terms else None
         if pad_terms:  # weight 0, as the generator's stand-ins

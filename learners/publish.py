@@ -25,22 +25,22 @@ class WeightPublisher:
 
     def _rollout_weights(self) -> dict[str, torch.Tensor]:
         """What the rollout actors sample with (ZeRO <= 2): the trainable parameters as trained, or their
-        EMA in the parameters' dtype (``distill.rollout_weights=ema``), by name."""
+        EMA in the parameters' dtype (``experiments.rollout_weights=ema``), by name."""
         params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
-        if self.cfg.distill.rollout_weights != "ema":
+        if self.cfg.experiments.rollout_weights != "ema":
             return {n: p.detach() for n, p in params.items()}
         shadow_of = self._ema_shadows()
         return {n: shadow_of[id(p)].to(p.dtype) for n, p in params.items()}
 
     def publish_weights(self, full: bool = False) -> list | None:
-        """ray.put the student's trainable parameters (or their EMA: ``distill.rollout_weights``), whole (or
+        """ray.put the student's trainable parameters (or their EMA: ``experiments.rollout_weights``), whole (or
         its full state dict, for comparison); rank 0 returns the wrapped ref, the other ranks None. Every
         rank is called: under ZeRO-3 the parameters (or each rank's EMA partition) are gathered, a
         collective; at ZeRO <= 2 rank 0 alone works, the others return at once."""
         self._refuse_after_halt("weight publish")
         if self.zero_stage == 3:
             named = [(n, p) for n, p in self.model.named_parameters() if full or p.requires_grad]
-            if self.cfg.distill.rollout_weights == "ema" and not full:  # each rank's EMA of its partition
+            if self.cfg.experiments.rollout_weights == "ema" and not full:  # each rank's EMA of its partition
                 shadow_of, dtype_of = self._ema_shadows(), {n: p.dtype for n, p in named}
                 state = gather_parts(named, [shadow_of[id(p)] for _, p in named], keep=self.rank == 0)
                 state = {n: t.to(dtype_of[n]) for n, t in state.items()}  # the parameters' dtype, as at ZeRO <= 2

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 from anyflow_ray.training import checkpoint as ckpt_io
-from anyflow_ray.run.config import ConfigError, distill_zero_stage
+from anyflow_ray.run.config import ConfigError
 from anyflow_ray.data.shards import read_shards
 from anyflow_ray.run.device import collective_backend, resolve_device, resolve_dtype, set_threads
 from anyflow_ray.models.loading import load_text_encoder, load_transformer, text_max_length
@@ -103,7 +103,7 @@ def restricted_torch_load(path, map_location=None):
 
 def job_zero_stage(cfg: DictConfig, job: str) -> int:
     """The ZeRO stage a job's learner ranks run: Stage 2 may have its own (``distill.zero_stage``)."""
-    return distill_zero_stage(cfg) if job == "distill" else int(cfg.learner.zero_stage)
+    return int(cfg.distill.zero_stage if job == "distill" else cfg.learner.zero_stage)
 
 
 def deepspeed_config(cfg: DictConfig, job: str, micro_batch: int, dtype: torch.dtype) -> dict:

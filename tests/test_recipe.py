@@ -3,7 +3,7 @@
 import pytest
 from omegaconf import OmegaConf
 
-from anyflow_ray.run.config import distill_ranks, load_config
+from anyflow_ray.run.config import load_config
 from anyflow_ray.models.text import WAN_NEGATIVE_PROMPT
 
 SELF_ATTN_FFN = ["attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "ffn.net.0.proj", "ffn.net.2"]
@@ -19,7 +19,7 @@ COMMON = {
     "pretrain.lr": 5e-5, "pretrain.betas": [0.9, 0.95], "pretrain.weight_decay": 0.0, "pretrain.warmup": 1000,
     "pretrain.ema": 0.999, "pretrain.ema_warmup": 1000, "pretrain.grad_clip": 1.0, "pretrain.uncond_prob": 0.1,
     "pretrain.guidance": 3.0, "pretrain.fd_delta": 5.0, "pretrain.target": "data", "pretrain.derivative": "fd",
-    "distill.steps": 1200, "distill.lr": 2e-6, "distill.critic_lr": 0.0, "distill.betas": [0.0, 0.999],
+    "distill.steps": 1200, "distill.lr": 2e-6, "distill.critic_lr": 2e-6, "distill.betas": [0.0, 0.999],
     "distill.weight_decay": 0.0, "distill.ema": 0.99, "distill.ema_warmup": 200, "distill.grad_clip": 1.0,
     "distill.real_weight": 1.0, "distill.dmd_guidance": 4.0, "distill.budgets": [2, 4, 8, 16, 50],
     "distill.grad_scope": "all", "distill.critic": "lora",
@@ -41,7 +41,7 @@ def test_wan_config_matches_the_reference_recipe(size):
     assert got == expected
     assert cfg.pretrain.init == cfg.model.base  # Stage 1 from the base model + fresh LoRA, not the teacher
     # Stage 2's generator batch (one trajectory per learner rank) equals the co-training batch
-    assert distill_ranks(cfg) * cfg.rollout.batch_size == cfg.distill.real_batch
+    assert cfg.distill.num_ranks * cfg.rollout.batch_size == cfg.distill.real_batch
 
 
 def test_tiny_config_keeps_its_behaviour():
@@ -83,4 +83,4 @@ def test_causal_wan_config_is_the_bidirectional_recipe_plus_the_references_far_o
     assert causal["teacher.output"] == bidirectional["teacher.output"]  # the bidirectional run's teacher
     assert causal["pretrain.init"] == causal["model.base"] and causal["pretrain.target"] == "data"
     cfg = load_config(f"configs/wan2.1-t2v-{size}-causal.yaml")
-    assert distill_ranks(cfg) * cfg.rollout.batch_size == cfg.distill.real_batch
+    assert cfg.distill.num_ranks * cfg.rollout.batch_size == cfg.distill.real_batch

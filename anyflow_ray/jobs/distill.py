@@ -28,7 +28,7 @@ import ray
 from omegaconf import DictConfig, OmegaConf
 
 from anyflow_ray.training import checkpoint as ckpt_io
-from anyflow_ray.run.config import distill_ranks, distill_zero_stage
+
 from anyflow_ray.jobs.common import log, prepare, progress, record_config
 from anyflow_ray.jobs.pipeline_metrics import PipelineMetrics
 from anyflow_ray.jobs.ray_runtime import init_ray
@@ -36,6 +36,7 @@ from anyflow_ray.jobs.weight_sync import make_weight_sync
 from anyflow_ray.run.logger import MetricsLogger
 from anyflow_ray.run.records import open_run
 from anyflow_ray.run.storage import Storage
+from anyflow_ray.training.seeds import step_seed
 
 
 class RolloutFleet:
@@ -56,7 +57,7 @@ class RolloutFleet:
                        .remote(plain, f"rollout-{i}", buffer, registry) for i in range(num_actors)]
         self.pending: dict = {}
         # rollout seeds continue where a resumed run left off (at most 64 rollouts per learner step)
-        self.seeds = itertools.count((cfg.run.seed * 1_000_003 + start_step) * 64)
+        self.seeds = itertools.count(step_seed(cfg.run.seed, start_step, "rollouts"))
         self.kinds = itertools.cycle(["generator", "critic"])
         self.failed_tasks = 0
         self.saw_skipped = False  # a rollout came back unmade: some actor holds no weights yet
@@ -133,7 +134,7 @@ def run(cfg: DictConfig, worker_cls: type | None = None, actor_cls: type | None 
     dc = cfg.distill
     out, _, _ = prepare(cfg, run_record.out, write_config=run_record.fresh)
     cfg = init_ray(cfg)
-    ranks = distill_ranks(cfg)
+    ranks = cfg.distill.num_ranks
     placement = plan(cfg, ranks, cfg.rollout.num_actors)
     group = LearnerGroup(cfg, "distill", num_ranks=ranks, worker_cls=worker_cls or DistillWorker, placement=placement)
     capacity = dc.buffer_capacity or auto_capacity(2 * ranks, dc.max_policy_lag, cfg.rollout.num_actors)
@@ -170,7 +171,7 @@ def run(cfg: DictConfig, worker_cls: type | None = None, actor_cls: type | None 
         batch = deferred = queued = None
         gathered_at = time.perf_counter()
         for step in bar:
-            fleet.seeds = itertools.count((cfg.run.seed * 1_000_003 + step) * 64)  # per step: exact resume
+            fleet.seeds = itertools.count(step_seed(cfg.run.seed, step, "rollouts"))  # per step: exact resume
             if queued is not None:  # submitted during the previous step, queued behind it on the ranks
                 refs, t0, queued = queued, gathered_at, None
             else:
@@ -243,7 +244,7 @@ def run(cfg: DictConfig, worker_cls: type | None = None, actor_cls: type | None 
         (out / "pipeline_summary.json").write_text(json.dumps(summary, indent=2))
         Storage.of(cfg).upload(out / "pipeline_summary.json")
         logger.close()
-        if distill_zero_stage(cfg) == 3:  # every rank gathers the EMA weights, rank 0 writes
+        if cfg.distill.zero_stage == 3:  # every rank gathers the EMA weights, rank 0 writes
             group.run("export_pipeline", str(out))
         else:
             group.run_on(0, "export_pipeline", str(out))

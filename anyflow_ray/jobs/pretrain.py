@@ -20,7 +20,7 @@ from anyflow_ray.models.architectures import count_parameters, memory_per_gpu, m
 
 
 def run(cfg: DictConfig, dry_run: bool = False) -> Path | dict:
-    if dry_run or cfg.pretrain.dry_run:
+    if dry_run:  # `anyflow-ray pretrain --dry-run`
         return dry_run_report(cfg)
     return run_job(cfg, "pretrain")
 

@@ -2,14 +2,16 @@
 
 ``load_config("configs/tiny.yaml", ["train.steps=200"])`` merges YAML and overrides onto the dataclass schema;
 a YAML file may start from another with ``extends: other.yaml`` (its own keys win). An unknown key or a value
-of the wrong type fails with OmegaConf's message (which names the key); ``validate`` then checks ranges and
-names the offending key too. Nothing runs before the config is valid."""
+of the wrong type fails with OmegaConf's message (which names the key); ``config_checks.validate`` then checks
+ranges and names the offending key too. Nothing runs before the config is valid. What each key means:
+``config_keys.KEYS`` (``anyflow-ray config`` prints them); a default that follows another key is an
+interpolation (``"${learner.zero_stage}"``, ``INHERITED``)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -65,11 +67,8 @@ class ModelConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     causal: CausalConfig = field(default_factory=CausalConfig)
     gradient_checkpointing: bool = False
-    meta_init: bool = False  # build the full-size transformer on the meta device (dry runs, param counts)
-    full_size: str = ""  # "", "1.3b" or "14b": the Wan2.1 architecture used by meta_init
-    # c_null: the prompt whose embedding replaces dropped prompts, is the unconditional branch of CFG
-    # fusion, DMD and sampling. "" for the tiny model; Wan's standard negative prompt for Wan2.1.
-    negative_prompt: str = ""
+    full_size: str = ""  # "", "1.3b" or "14b": the Wan2.1 architecture (--dry-run plans)
+    negative_prompt: str = ""  # c_null (dropped prompts, CFG, DMD); "" tiny, Wan's standard negative prompt for Wan2.1
 
 
 @dataclass
@@ -89,9 +88,7 @@ class DataConfig:
     seed: int = 1234
     fps: float = 16.0  # frame rate clips are sampled at (`prepare`; the mp4 files `data` writes with format=mp4)
     format: str = "parquet"  # `anyflow-ray data` writes: parquet (shards, the default) or mp4 (mp4 + json clips)
-    # true: each learner rank reads only its own shards (real data sets); its draws then depend on the
-    # number of ranks (anyflow_ray/training/objectives.py). false: every rank reads the whole set (tiny data)
-    rank_shards: bool = False
+    rank_shards: bool = False  # each rank reads its own shards (its draws then depend on the rank count)
 
 
 @dataclass
@@ -134,9 +131,7 @@ class LearnerConfig:
     num_ranks: int = 1
     zero_stage: int = 0
     cpus_per_rank: float = 1.0
-    # GPUs per rank: "auto" = 1 when the cluster has GPUs (0.5 with rollout.colocate), else 0; or a
-    # number. Read from the cluster's resources by the driver, never from the driver's own hardware.
-    gpus_per_rank: str = "auto"
+    gpus_per_rank: str = "auto"  # or a number; read from the cluster's resources, never the driver's hardware
     timeout_s: float = 900.0  # start-up and collective time-out: a dead or stuck rank fails the group
     master_port: int = 0  # 0: rank 0 picks a free port
 
@@ -145,9 +140,7 @@ class LearnerConfig:
 class PretrainConfig:
     """Stage 1: forward flow-map training of the student initialised from the teacher (docs/method.md §4)."""
     output: str = "${run.output_dir}/stage1"
-    # the model the student wraps (E_r := copy of E_t): the teacher pipeline folder (tiny), or the base
-    # model folder (${model.base}: the reference's Stage 1, base Wan2.1 + fresh LoRA)
-    init: str = "${teacher.output}"
+    init: str = "${teacher.output}"  # the model the student wraps: the teacher, or ${model.base} (the reference)
     steps: int = 1000
     global_batch: int = 32  # over all ranks; a multiple of 4 (50/25/25 split)
     lr: float = 5.0e-5
@@ -161,13 +154,10 @@ class PretrainConfig:
     fd_delta: float = 5.0
     uncond_prob: float = 0.1
     derivative: str = "fd"  # fd | jvp
-    # v in the target: "data" (eps - x0, docs/method.md §4) or "teacher" (the frozen teacher's velocity at
-    # (z, T, c): the same expected target with a perfect teacher, no single-clip variance, one more call)
-    target: str = "data"
+    target: str = "data"  # v in the target: data (eps - x0, docs/method.md §4) or teacher (its velocity)
     save_every: int = 500
     log_every: int = 25
     resume: bool = True  # continue from <output>/checkpoints/latest when present
-    dry_run: bool = False  # meta-device model: parameter counts, DeepSpeed config, memory estimate
 
 
 @dataclass
@@ -176,9 +166,7 @@ class RolloutConfig:
     num_actors: int = 1
     cpus_per_actor: float = 0.5
     gpus_per_actor: str = "auto"  # "auto" = 1 when the cluster has GPUs (0.5 with colocate), else 0; or a number
-    # share the learner ranks' GPUs: each rollout actor is placed in a learner rank's bundle (actor i with
-    # rank i mod num_ranks), e.g. 0.5 + 0.5 of a GPU, for clusters with fewer GPUs than roles
-    colocate: bool = False
+    colocate: bool = False  # actor i shares learner rank i mod num_ranks' bundle and GPU (e.g. 0.5 + 0.5)
     threads: int = 1
     batch_size: int = 8  # clips per trajectory
 
@@ -191,29 +179,21 @@ class DistillConfig:
     teacher: str = "${teacher.output}"  # frozen real score R; the critic F starts as its copy
     steps: int = 1200
     lr: float = 2.0e-6
-    critic_lr: float = 0.0  # 0: same as lr (the reference); > 0 lets the critic track a fast-moving student
-    critic_updates: int = 1  # critic updates per student update (the reference: 1; DMD2: 5), same x_hat, fresh noise
+    critic_lr: float = "${distill.lr}"  # the reference; higher lets the critic track a fast-moving student
     betas: list[float] = field(default_factory=lambda: [0.0, 0.999])
     weight_decay: float = 0.0
     ema: float = 0.99
     ema_warmup: int = 0  # the EMA is a plain copy of the weights for the first N steps, then decays
-    rollout_weights: str = "current"  # what the actors roll out with: the student as trained, or its EMA ("ema")
     grad_clip: float = 1.0
-    # critic F: "copy" = a trainable copy of the teacher (LoRA on it when model.lora.enabled); "lora" = LoRA adapters
-    # on the frozen teacher itself: one copy of the base weights serves R (adapters off) and F (on); needs LoRA on
-    critic: str = "copy"
+    critic: str = "copy"  # F: copy = a trainable copy of the teacher; lora = adapters on the frozen teacher itself
     dmd_guidance: float = 4.0  # CFG of the real score in x0 form
-    dmd_shift: float = 0.0  # shift of DMD's and the critic's noise levels; 0: schedule.shift (the reference)
-    critic_times: str = "logit_normal"  # the critic's noise levels (the reference); uniform: DMD's, sigma_shift(U(0,1))
     budgets: list[int] = field(default_factory=lambda: [2, 4, 8, 16, 50])
-    grad_scope: str = "last"  # last: grad through the k-th step and the jump to 0; all: prefix too; jump: the jump only
-    # flowmap: backward simulation (the method); consistency: the rollout ablation's baseline (predict x0,
-    # re-noise with fresh noise; k calls to z_k, the learner re-runs the last prediction; docs/method.md §5)
-    rollout: str = "flowmap"
+    grad_scope: str = "last"  # last: grad through the k-th step and the jump to 0; all: the prefix too (the reference)
+    rollout: str = "flowmap"  # flowmap: backward simulation; consistency: the ablation's baseline (§5)
     real_batch: int = 8  # Stage-1 co-training batch (global, multiple of 4)
     real_weight: float = 1.0  # weight of the Stage-1 co-training loss against the DMD loss (the reference: 1)
-    num_ranks: int = 0  # learner ranks of Stage 2; 0 = learner.num_ranks (rollout actors share the nodes)
-    zero_stage: int = -1  # ZeRO stage of Stage 2's learner ranks; -1 = learner.zero_stage
+    num_ranks: int = "${learner.num_ranks}"  # learner ranks of Stage 2 (rollout actors share the nodes)
+    zero_stage: int = "${learner.zero_stage}"  # ZeRO stage of Stage 2's learner ranks
     sync_every: int = 1  # learner steps between weight broadcasts
     weight_sync: str = "object_store"  # object_store: rank 0 ray.puts, actors pull; torch_dist: a collective group
     sync_backend: str = "auto"  # torch_dist only: auto (nccl on GPUs, gloo on the CPU), gloo or nccl
@@ -226,10 +206,20 @@ class DistillConfig:
 
 
 @dataclass
+class ExperimentsConfig:
+    """Study knobs of Stage 2, fenced off from the method: each moves one part of it away from the reference
+    to test a hypothesis (docs/experiments.md). The defaults are the reference; none is needed to run the
+    method, and their verdicts are still open against the run-to-run spread (../shared/FINDINGS.md)."""
+    critic_updates: int = 1  # critic updates per student update (the reference: 1; DMD2: 5), same x_hat, fresh noise
+    dmd_shift: float = "${schedule.shift}"  # shift of DMD's and the critic's noise levels (the reference)
+    critic_times: str = "logit_normal"  # the critic's noise levels (the reference); uniform: DMD's, sigma_shift(U(0,1))
+    rollout_weights: str = "current"  # what the actors roll out with: the student as trained, or its EMA ("ema")
+    grad_jump_only: bool = False  # DMD's gradient through the final jump alone (bidirectional students)
+
+
+@dataclass
 class SampleConfig:
-    # pipeline folders to sample, each into <output>/<folder name>/ (teacher/, stage1/, stage2/ ...);
-    # default: the final student of Stage 2
-    models: list[str] = field(default_factory=lambda: ["${distill.output}"])
+    models: list[str] = field(default_factory=lambda: ["${distill.output}"])  # each into <output>/<folder name>/
     model: str = ""  # one pipeline folder, sampled instead of `models` when set (sample.model=X = sample.models=[X])
     prompts: list[str] = field(default_factory=lambda: ["a red circle moving right", "a blue square moving up",
                                                          "a yellow triangle moving left", "a green circle moving down"])
@@ -258,9 +248,8 @@ class EvalConfig:
 @dataclass
 class RunConfig:
     output_dir: str = "outputs/tiny"
-    # "" : run.output_dir is the storage (a local folder; on a cluster a mount every node shares).
-    # s3://bucket/prefix, gs://..., file:///abs/path: the durable storage root for nodes that share no
-    # disk; run.output_dir is then each node's staging mirror of it (anyflow_ray/run/storage.py)
+    # "": run.output_dir is the storage; s3://, gs://, file:///abs: the storage root, run.output_dir each node's
+    # staging mirror of it (anyflow_ray/run/storage.py)
     storage: str = ""
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
@@ -269,13 +258,9 @@ class RunConfig:
     wandb_project: str = "anyflow-ray"
     threads: int = 2
     keep_checkpoints: int = 2  # newest <output>/checkpoints/step-* folders kept after `latest` moves
-    # the cluster grows on demand (ray up's autoscaler, KubeRay autoscaling): wait for nodes instead of
-    # refusing at once a placement that the nodes present now cannot hold
-    autoscaling: bool = False
+    autoscaling: bool = False  # the cluster grows on demand: wait for nodes instead of refusing a placement
     gpu_memory_gb: float = 80.0  # per-GPU memory the --dry-run memory plan must fit in
-    # a training job whose output folder holds an earlier run starts a fresh <output>-2 (-3, ...) instead of
-    # resuming it (a resume with a config that differs in more than the step budget is refused: records.py)
-    new_run: bool = False
+    new_run: bool = False  # start a fresh <output>-2 (-3, ...) instead of resuming an earlier run (records.py)
 
 
 @dataclass
@@ -292,7 +277,22 @@ class Config:
     distill: DistillConfig = field(default_factory=DistillConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    extra: Optional[dict[str, Any]] = None  # reserved; must stay empty
+    experiments: ExperimentsConfig = field(default_factory=ExperimentsConfig)
+
+
+# key -> (the key its default follows: an interpolation in the schema, the value that meant "follow it"
+# before it was one). A config.yaml of an earlier run still holds that value (records.py reads it so).
+INHERITED: dict[str, tuple[str, Any]] = {
+    "distill.critic_lr": ("distill.lr", 0.0),
+    "experiments.dmd_shift": ("schedule.shift", 0.0),
+    "distill.num_ranks": ("learner.num_ranks", 0),
+    "distill.zero_stage": ("learner.zero_stage", -1),
+}
+
+# key of an earlier version -> where it lives now (an override or a YAML file naming the old place is told
+# so; records.py reads an earlier run's config.yaml through it). grad_scope=jump: experiments.grad_jump_only
+MOVED: dict[str, str] = {f"distill.{leaf}": f"experiments.{leaf}"
+                         for leaf in ("critic_updates", "dmd_shift", "critic_times", "rollout_weights")}
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
@@ -306,14 +306,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             if "=" not in item:
                 raise ConfigError(f"override {item!r} is not of the form key=value")
             key = item.split("=", 1)[0]
+            _refuse_moved(key, item.split("=", 1)[1], f"override {item!r}")
             try:
                 merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
             except (OmegaConfBaseException, yaml.YAMLError) as err:  # YAML: e.g. an unquoted ${...} in a list
                 raise ConfigError(f"bad override {key!r}: {err}") from err
+        inherits = {key: source for key, (source, _) in INHERITED.items() if _follows(merged, key, source)}
         OmegaConf.resolve(merged)
     except OmegaConfBaseException as err:
         raise ConfigError(f"invalid config{f' {path}' if path else ''}: {err}") from err
-    validate(merged)
+    from anyflow_ray.run.config_checks import validate  # it imports this module
+
+    validate(merged, inherits)
     OmegaConf.set_readonly(merged, True)
     return merged
 
@@ -335,6 +339,9 @@ def _load_yaml(path: Path, extended_by: tuple[Path, ...] = ()) -> DictConfig:
         raise ConfigError(f"config file {path}{line}: malformed YAML ({problem}){where}") from err
     if not isinstance(node, DictConfig):
         raise ConfigError(f"config file {path}: expected a mapping of keys, got a {type(node).__name__}")
+    for key in (*MOVED, "distill.grad_scope"):
+        if OmegaConf.select(node, key, default=None) is not None:
+            _refuse_moved(key, str(OmegaConf.select(node, key)), f"config file {path}")
     parent = node.pop("extends", None)
     if parent is None:
         return node
@@ -343,129 +350,29 @@ def _load_yaml(path: Path, extended_by: tuple[Path, ...] = ()) -> DictConfig:
     return OmegaConf.merge(_load_yaml(path.parent / parent, (*extended_by, path)), node)
 
 
-def _require(ok: bool, key: str, value: Any, why: str) -> None:
-    if not ok:
-        raise ConfigError(f"{key}={value!r}: {why}")
+def _refuse_moved(key: str, value: str, where: str) -> None:
+    """A key (or value) an earlier version had, told where it lives now."""
+    if key in MOVED:
+        raise ConfigError(f"{where}: {key} is now {MOVED[key]} (a study knob: the experiments group)")
+    if key == "distill.grad_scope" and value == "jump":
+        raise ConfigError(f"{where}: grad_scope=jump is now experiments.grad_jump_only=true (a study knob)")
 
 
-def validate(cfg: DictConfig) -> None:
-    """Range checks OmegaConf's type checks cannot express. Each error names its key."""
-    for key in ("schedule.shift", "data.fps", "teacher.lr", "run.gpu_memory_gb", "learner.cpus_per_rank",
-                "learner.timeout_s", "pretrain.fd_delta", "distill.sync_timeout_s"):
-        _require(OmegaConf.select(cfg, key) > 0, key, OmegaConf.select(cfg, key), "must be > 0")
-    _require(0.0 <= cfg.model.gate <= 1.0, "model.gate", cfg.model.gate, "must be in [0, 1]")
-    _require(cfg.model.full_size in ("", "1.3b", "14b"), "model.full_size", cfg.model.full_size, "must be '', '1.3b' or '14b'")
-    _require(cfg.run.device in ("auto", "cpu", "cuda"), "run.device", cfg.run.device, "must be auto, cpu or cuda")
-    _require(cfg.run.precision in ("auto", "fp32", "bf16"), "run.precision", cfg.run.precision, "must be auto, fp32 or bf16")
-    for key in ("run.threads", "run.keep_checkpoints", "learner.num_ranks", "rollout.num_actors", "rollout.batch_size",
-                "eval.num_prompts", "model.lora.rank", "prepare.vae_batch_size", "prepare.vae_concurrency",
-                "prepare.text_batch_size", "prepare.text_concurrency"):
-        _require(OmegaConf.select(cfg, key) >= 1, key, OmegaConf.select(cfg, key), "must be >= 1")
-    for key in ("prepare.decode_cpus", "prepare.vae_gpus", "prepare.text_gpus", "prepare.actor_cpus", "teacher.ema_warmup",
-                "pretrain.ema_warmup", "distill.ema_warmup", "distill.max_policy_lag", "distill.real_weight",
-                "distill.dmd_shift", "rollout.cpus_per_actor", "model.causal.cache_chunks", "sample.max_chunks"):
-        _require(OmegaConf.select(cfg, key) >= 0, key, OmegaConf.select(cfg, key), "must be >= 0")
-    patch = list(cfg.model.tiny.patch_size)
-    _require(len(patch) == 3 and all(p >= 1 for p in patch), "model.tiny.patch_size", patch, "must be 3 positive ints")
-    _require(cfg.data.frames % patch[0] == 0 and cfg.data.height % patch[1] == 0 and cfg.data.width % patch[2] == 0,
-             "data.frames/height/width", (cfg.data.frames, cfg.data.height, cfg.data.width),
-             f"must be divisible by model.tiny.patch_size={patch}")
-    for key in ("num_train", "num_heldout", "frames", "height", "width", "shard_size"):
-        _require(cfg.data[key] >= 1, f"data.{key}", cfg.data[key], "must be >= 1")
-    _require(cfg.data.format in ("parquet", "mp4"), "data.format", cfg.data.format, "must be parquet or mp4")
-    for key in ("steps", "batch_size", "warmup", "log_every"):
-        _require(cfg.teacher[key] >= (0 if key == "warmup" else 1), f"teacher.{key}", cfg.teacher[key], "out of range")
-    _require(0.0 <= cfg.teacher.uncond_prob < 1.0, "teacher.uncond_prob", cfg.teacher.uncond_prob, "must be in [0, 1)")
-    _require(0.0 <= cfg.teacher.ema < 1.0, "teacher.ema", cfg.teacher.ema, "must be in [0, 1)")
-    _require(len(cfg.teacher.betas) == 2 and all(0 <= b < 1 for b in cfg.teacher.betas), "teacher.betas",
-             list(cfg.teacher.betas), "must be two numbers in [0, 1)")
-    for key, steps in (("sample.steps", cfg.sample.steps), ("eval.steps", cfg.eval.steps)):
-        _require(len(steps) > 0 and all(int(n) >= 1 for n in steps), key, list(steps), "must be a non-empty list of ints >= 1")
-    _require(cfg.eval.reference_steps >= max(cfg.eval.steps), "eval.reference_steps", cfg.eval.reference_steps,
-             "must be >= the largest eval step count")
-    _require(cfg.run.wandb_mode in ("offline", "online", "disabled"), "run.wandb_mode", cfg.run.wandb_mode,
-             "must be offline, online or disabled")
-    _require(not cfg.extra, "extra", cfg.extra, "is reserved and must be empty")
-    _validate_causal(cfg)
-    _require(cfg.run.storage == "" or "://" in cfg.run.storage, "run.storage", cfg.run.storage,
-             "must be empty (run.output_dir is the storage) or a URI such as s3://bucket/prefix or file:///abs/path")
-    _require(cfg.learner.zero_stage in (0, 1, 2, 3), "learner.zero_stage", cfg.learner.zero_stage, "must be 0, 1, 2 or 3")
-    pc = cfg.pretrain
-    _require(pc.global_batch > 0 and pc.global_batch % 4 == 0, "pretrain.global_batch", pc.global_batch,
-             "must be a positive multiple of 4 (the 50/25/25 diagonal / r=0 / r<t split)")
-    _require(pc.global_batch % cfg.learner.num_ranks == 0, "pretrain.global_batch", pc.global_batch,
-             f"must be divisible by learner.num_ranks={cfg.learner.num_ranks}")
-    _require(cfg.teacher.batch_size % cfg.learner.num_ranks == 0, "teacher.batch_size", cfg.teacher.batch_size,
-             f"must be divisible by learner.num_ranks={cfg.learner.num_ranks}")
-    _require(pc.derivative in ("fd", "jvp"), "pretrain.derivative", pc.derivative, "must be fd or jvp")
-    _require(pc.target in ("data", "teacher"), "pretrain.target", pc.target, "must be data or teacher")
-    _require(len(pc.betas) == 2 and all(0 <= b < 1 for b in pc.betas), "pretrain.betas", list(pc.betas),
-             "must be two numbers in [0, 1)")
-    _require(pc.guidance >= 1.0, "pretrain.guidance", pc.guidance, "must be >= 1")
-    for key in ("steps", "save_every", "log_every"):
-        _require(pc[key] >= 1, f"pretrain.{key}", pc[key], "must be >= 1")
-    dc = cfg.distill
-    for key in ("steps", "save_every", "log_every", "sync_every", "critic_updates"):
-        _require(dc[key] >= 1, f"distill.{key}", dc[key], "must be >= 1")
-    _require(dc.buffer_capacity >= 0, "distill.buffer_capacity", dc.buffer_capacity, "must be >= 0 (0: from the demand)")
-    _require(dc.grad_scope in ("last", "all") or (dc.grad_scope == "jump" and not cfg.model.causal.chunks),
-             "distill.grad_scope", dc.grad_scope, "must be last, all or jump (jump: a bidirectional student only)")
-    for key, allowed in (("rollout", ("flowmap", "consistency")), ("critic_times", ("logit_normal", "uniform")),
-                         ("rollout_weights", ("current", "ema")), ("critic", ("copy", "lora")),
-                         ("weight_sync", ("object_store", "torch_dist")), ("sync_backend", ("auto", "gloo", "nccl"))):
-        _require(dc[key] in allowed, f"distill.{key}", dc[key], f"must be {', '.join(allowed[:-1])} or {allowed[-1]}")
-    _require(dc.rollout == "flowmap" or (dc.grad_scope == "last" and not cfg.model.causal.chunks), "distill.rollout",
-             dc.rollout, "consistency takes distill.grad_scope=last and a bidirectional student (model.causal.chunks=[])")
-    _require(dc.critic != "lora" or cfg.model.lora.enabled, "distill.critic", dc.critic,
-             "lora needs model.lora.enabled=true (the critic is LoRA adapters on the frozen teacher)")
-    _require(len(dc.budgets) > 0 and all(int(n) >= 1 for n in dc.budgets), "distill.budgets", list(dc.budgets),
-             "must be a non-empty list of ints >= 1")
-    _require(dc.num_ranks >= 0, "distill.num_ranks", dc.num_ranks, "must be >= 0 (0: learner.num_ranks)")
-    _require(dc.zero_stage in (-1, 0, 1, 2, 3), "distill.zero_stage", dc.zero_stage,
-             "must be -1 (learner.zero_stage), 0, 1, 2 or 3")
-    zero_key = "distill.zero_stage" if dc.zero_stage >= 0 else "learner.zero_stage"
-    _require(dc.weight_sync != "torch_dist" or distill_zero_stage(cfg) < 3, "distill.weight_sync", dc.weight_sync,
-             f"torch_dist broadcasts whole weights from learner rank 0 alone, which {zero_key}=3 partitions; "
-             f"use distill.weight_sync=object_store or {zero_key} <= 2")
-    ranks = distill_ranks(cfg)
-    _require(dc.real_batch > 0 and dc.real_batch % 4 == 0 and dc.real_batch % ranks == 0,
-             "distill.real_batch", dc.real_batch, f"must be a positive multiple of 4 and of the {ranks} Stage-2 "
-             f"learner rank(s)")
-    for key in ("learner.gpus_per_rank", "rollout.gpus_per_actor"):
-        value = OmegaConf.select(cfg, key)
-        _require(value == "auto" or _is_amount(value), key, value, "must be auto or a number >= 0")
-    if cfg.rollout.colocate:
-        for key in ("learner.gpus_per_rank", "rollout.gpus_per_actor"):
-            value = OmegaConf.select(cfg, key)
-            _require(value == "auto" or float(value) < 1, key, value,
-                     "must be auto or below 1 with rollout.colocate (learner and actor share one GPU)")
+def grad_scope(cfg: DictConfig) -> str:
+    """The jumps DMD's gradient flows through: ``distill.grad_scope`` (last | all), or ``jump`` when the
+    study knob ``experiments.grad_jump_only`` is on."""
+    return "jump" if cfg.experiments.grad_jump_only else str(cfg.distill.grad_scope)
+
+
+def _follows(cfg: DictConfig, key: str, source: str) -> bool:
+    """Whether ``key`` still holds the interpolation ``${source}`` (its default: the user left it unset)."""
+    group, _, leaf = key.rpartition(".")
+    return OmegaConf.to_container(OmegaConf.select(cfg, group), resolve=False).get(leaf) == "${%s}" % source
 
 
 def latent_frames(cfg: DictConfig) -> int:
     """Latent frames of a clip: its frames in pixel space, 1 + (frames - 1) / 4 through the Wan VAE."""
     return int(cfg.data.frames) if cfg.model.pixel_space else (int(cfg.data.frames) - 1) // 4 + 1
-
-
-def _validate_causal(cfg: DictConfig) -> None:
-    """The FAR student's keys (docs/method.md §6): chunks tile the latent frames, Stage-1 options in range."""
-    cc, chunks, frames = cfg.model.causal, list(cfg.model.causal.chunks), latent_frames(cfg)
-    p_t = 1 if cfg.model.full_size else cfg.model.tiny.patch_size[0]
-    _require(all(c >= 1 and c % p_t == 0 for c in chunks) and sum(chunks) in (0, frames), "model.causal.chunks",
-             chunks, f"must be empty (bidirectional) or sizes (multiples of {p_t}) summing to the {frames} latent frames")
-    _require(0 <= cc.noisy_chunks <= len(chunks), "model.causal.noisy_chunks", cc.noisy_chunks, f"must be in [0, {len(chunks)}]")
-    _require(0 <= cc.bidirectional_aux <= 1 and (cc.bidirectional_aux == 0 or chunks), "model.causal.bidirectional_aux",
-             cc.bidirectional_aux, "must be in [0, 1]; above 0 it needs model.causal.chunks")
-    _require(0 <= cc.long_context_prob <= 1 and (cc.long_context_prob == 0 or cc.noisy_chunks > 0),
-             "model.causal.long_context_prob", cc.long_context_prob, "must be in [0, 1]; above 0 it needs noisy_chunks > 0")
-    _require(not chunks or cfg.pretrain.target == "data", "pretrain.target", cfg.pretrain.target,
-             "must be data for a causal student: the teacher's velocity sees noisy, not clean, earlier chunks (§6)")
-
-
-def _is_amount(value: str) -> bool:
-    try:
-        return float(value) >= 0
-    except ValueError:
-        return False
 
 
 def gpu_amount(value: str, cluster_gpus: float, colocate: bool) -> float:
@@ -476,17 +383,6 @@ def gpu_amount(value: str, cluster_gpus: float, colocate: bool) -> float:
     if cluster_gpus <= 0:
         return 0.0
     return 0.5 if colocate else 1.0
-
-
-def distill_ranks(cfg: DictConfig) -> int:
-    """Learner ranks of Stage 2: ``distill.num_ranks``, or ``learner.num_ranks`` when that is 0."""
-    return int(cfg.distill.num_ranks or cfg.learner.num_ranks)
-
-
-def distill_zero_stage(cfg: DictConfig) -> int:
-    """ZeRO stage of Stage 2's learner ranks: ``distill.zero_stage``, or ``learner.zero_stage`` when it is -1."""
-    stage = int(cfg.distill.zero_stage)
-    return stage if stage >= 0 else int(cfg.learner.zero_stage)
 
 
 def save_config(cfg: DictConfig, out_dir: str | Path) -> Path:

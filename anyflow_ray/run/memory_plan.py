@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from anyflow_ray.run.config import grad_scope
+
 GiB = 2 ** 30
 BF16, FP32, ADAM = 2, 4, 12  # bytes per parameter: weights/grads, EMA, master + two moments
 
@@ -213,24 +215,20 @@ def distill_forwards(cfg: DictConfig) -> tuple[int, int]:
     """(clip-forwards alive at the peak, clips per backward pass) of one Stage-2 learner rank.
 
     The generator's graph holds the student jumps with grad (k-th step and jump to 0; the prefix too
-    with ``grad_scope: all``; the jump alone with ``jump``) for each of the rank's ``rollout.batch_size`` clips, plus the co-training
+    with ``grad_scope: all``; the jump alone with ``experiments.grad_jump_only``) for each of the rank's ``rollout.batch_size`` clips, plus the co-training
     batch; the critic's graph is built after the student's backward (learners/distill.py), so the peak is
     the larger of the two. A causal student's forwards are teacher-forced (``student_sequence``: twice a
     clip's tokens); the critic stays bidirectional.
     """
-    from anyflow_ray.run.config import distill_ranks
-
     clips, seq = cfg.rollout.batch_size, student_sequence(cfg)
-    jumps = {"all": 3, "last": 2, "jump": 1}[cfg.distill.grad_scope]
-    real = cfg.distill.real_batch // distill_ranks(cfg)
+    jumps = {"all": 3, "last": 2, "jump": 1}[grad_scope(cfg)]
+    real = cfg.distill.real_batch // cfg.distill.num_ranks
     generator = (clips * jumps + real) * seq
     return max(generator, clips), max(clips, real) * seq
 
 
 def plan_distill(cfg: DictConfig) -> MemoryPlan:
-    from anyflow_ray.run.config import distill_ranks, distill_zero_stage
-
-    ranks, zero, lora = distill_ranks(cfg), distill_zero_stage(cfg), cfg.model.lora
+    ranks, zero, lora = cfg.distill.num_ranks, cfg.distill.zero_stage, cfg.model.lora
     plan = MemoryPlan("distill (Stage 2)", cfg.run.gpu_memory_gb)
     student = transformer_counts(cfg.model.full_size, True, lora)
     plan.items += engine_items("student G", student, zero, ranks, ema=True)
@@ -243,7 +241,7 @@ def plan_distill(cfg: DictConfig) -> MemoryPlan:
         plan.items.append(Item("teacher R weights (frozen)", BF16 * frozen.total, "outside any engine: whole"))
     forwards, per_pass = distill_forwards(cfg)
     plan.items += _activation_items(cfg, forwards, per_pass, f"{forwards} clip-forward(s) with grad at the peak "
-                                    f"(grad_scope={cfg.distill.grad_scope})")
+                                    f"(grad_scope={grad_scope(cfg)})")
     plan.other = {"rollout actor GPU": _rollout_items(cfg, student), **_host_items(cfg)}
     if cfg.rollout.colocate:
         plan.notes.append("rollout.colocate: a rollout actor shares each learner GPU; add its total to the learner's")

@@ -27,14 +27,14 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from anyflow_ray.training.checkpoint import LATEST, state_dir
-from anyflow_ray.run.config import ConfigError, distill_ranks
+from anyflow_ray.run.config import INHERITED, MOVED, ConfigError
 from anyflow_ray.run.storage import Storage
 
 # job -> (its config section, the sections that shape its model, data and training)
 JOB_SECTIONS = {
     "teacher": ("teacher", ("run", "model", "schedule", "data", "learner", "teacher")),
     "pretrain": ("pretrain", ("run", "model", "schedule", "data", "learner", "pretrain")),
-    "distill": ("distill", ("run", "model", "schedule", "data", "learner", "pretrain", "rollout", "distill")),
+    "distill": ("distill", ("run", "model", "schedule", "data", "learner", "pretrain", "rollout", "distill", "experiments")),
 }
 # keys a resume may change: step budgets, logging, checkpoint cadence, IO and scheduling knobs that do not
 # touch the model, the data or the optimisation (run.output_dir: the resolved folders below stand for it)
@@ -42,7 +42,7 @@ HARMLESS = frozenset({
     "teacher.steps", "pretrain.steps", "distill.steps",
     "teacher.log_every", "pretrain.log_every", "distill.log_every",
     "teacher.save_every", "pretrain.save_every", "distill.save_every",
-    "pretrain.resume", "distill.resume", "pretrain.dry_run",
+    "pretrain.resume", "distill.resume",
     "run.output_dir", "run.new_run", "run.wandb_mode", "run.wandb_project", "run.keep_checkpoints",
     "run.autoscaling", "run.gpu_memory_gb", "run.threads",
     "learner.timeout_s", "learner.master_port", "distill.sync_timeout_s",
@@ -89,9 +89,9 @@ def open_run(cfg: DictConfig, job: str) -> RunRecord:
     if not resume:
         raise RunRefused(f"{section}.resume=false but {out} holds a run (checkpoint at step {step}): set "
                          f"run.new_run=true to start a fresh folder ({next_free(out)}), or remove {out}")
-    ranks = distill_ranks(cfg) if job == "distill" else int(cfg.learner.num_ranks)
+    key = "distill.num_ranks" if job == "distill" else "learner.num_ranks"
+    ranks = int(OmegaConf.select(cfg, key))
     if meta.get("world_size") not in (None, ranks):
-        key = "distill.num_ranks" if job == "distill" and cfg.distill.num_ranks else "learner.num_ranks"
         raise RunRefused(f"{out}: its checkpoint at step {step} was written by {meta['world_size']} rank(s), "
                          f"{key} asks for {ranks}: resume with {key}={meta['world_size']}, or set "
                          f"run.new_run=true to start a fresh folder")
@@ -104,9 +104,18 @@ def open_run(cfg: DictConfig, job: str) -> RunRecord:
 
 def config_changes(old: dict, new: dict, job: str) -> list[str]:
     """``key: old -> new`` for every key of ``job``'s sections that differs and is not ``HARMLESS``. Keys
-    only one side has (a config written by another version) are not compared."""
+    only one side has (a config written by another version) are not compared; an old record's keys are
+    read where they live now (``config.MOVED``), and its "0 / -1: follow that key" (``config.INHERITED``,
+    before those defaults were interpolations) as that key's value."""
     _, sections = JOB_SECTIONS[job]
-    flat_old = {k: v for k, v in _flatten(old).items() if k.split(".")[0] in sections}
+    flat_old = {MOVED.get(k, k): v for k, v in _flatten(old).items()}
+    if flat_old.get("distill.grad_scope") == "jump":  # now experiments.grad_jump_only (it ignores grad_scope)
+        flat_old.update({"distill.grad_scope": new.get("distill", {}).get("grad_scope"),
+                         "experiments.grad_jump_only": True})
+    for key, (source, legacy) in INHERITED.items():
+        if key in flat_old and source in flat_old and flat_old[key] == legacy:
+            flat_old[key] = flat_old[source]
+    flat_old = {k: v for k, v in flat_old.items() if k.split(".")[0] in sections}
     flat_new = _flatten(new)
     changes = []
     for key in sorted(flat_old.keys() & flat_new.keys()):

@@ -14,7 +14,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from anyflow_ray.models.flowmap import call_model
 from anyflow_ray.sampling.schedule import (T_SCALE, Beta08Weight, add_noise, broadcast_time, sample_logit_normal,
-                                  shift_time, velocity_target)
+                                           shift_time, velocity_target)
+from anyflow_ray.training.seeds import step_generator, step_seed
 
 
 def randn_like(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -97,7 +98,7 @@ def draw_layout(chunks: list[int], noisy_chunks: int = 0, long_context_prob: flo
     noised after the clean context. Seeded by (run seed, step) alone: every rank draws the same layout."""
     if not noisy_chunks:
         return ChunkLayout(tuple(int(c) for c in chunks))
-    gen = torch.Generator().manual_seed((run_seed * 1_000_003 + step) * 10_007 + 17)
+    gen = step_generator(run_seed, step, "layout")
     used = noisy_chunks
     if float(torch.rand((), generator=gen, dtype=torch.float64)) < long_context_prob:
         used = int(torch.randint(noisy_chunks, len(chunks) + 1, (), generator=gen))
@@ -141,7 +142,7 @@ def split_positions(global_batch: int) -> tuple[int, int]:
 def sample_seeds(run_seed: int, step: int, global_indices: torch.Tensor) -> list[int]:
     """One seed per sample from (run seed, step, position in the global batch): the draws of sample i do
     not depend on how the global batch is sharded over ranks."""
-    return [int((run_seed * 1_000_003 + step) * 100_003 + int(i)) % (2**63 - 1) for i in global_indices]
+    return [step_seed(run_seed, step, "sample", int(i)) for i in global_indices]
 
 
 def draw_times_and_noise(x0: torch.Tensor, seeds: list[int], global_indices: torch.Tensor, global_batch: int,

@@ -21,6 +21,7 @@ from omegaconf import DictConfig
 from anyflow_ray.data.shards import ClipBatch
 from anyflow_ray.training.losses import FlowMapLossConfig, draw_layout, flowmap_loss, sample_seeds, teacher_loss
 from anyflow_ray.sampling.schedule import Beta08Weight
+from anyflow_ray.training.seeds import epoch_seed, step_generator
 
 
 @dataclass
@@ -35,7 +36,7 @@ class TrainData:
             raise ValueError(f"global batch {global_batch} is larger than the data set ({n} clips)")
         per_epoch = n // global_batch
         epoch, slot = divmod(step, per_epoch)
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(epoch_seed(seed, epoch)))
         return order[slot * global_batch:(slot + 1) * global_batch]
 
     def part_indices(self, step: int, local: int, seed: int, rank: int) -> torch.Tensor:
@@ -48,7 +49,7 @@ class TrainData:
         if local > n:
             raise ValueError(f"rank {rank}: local batch {local} is larger than its part of the data set ({n} clips)")
         epoch, slot = divmod(step, n // local)
-        order = torch.randperm(n, generator=torch.Generator().manual_seed((seed * 7919 + epoch) * 1009 + rank))
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(epoch_seed(seed, epoch, rank)))
         return order[slot * local:(slot + 1) * local]
 
     def local_batch(self, step: int, global_batch: int, seed: int, rank: int, world_size: int, device, dtype):
@@ -78,7 +79,7 @@ class TeacherObjective:
         device, dtype = _device_dtype(model)
         x0, context, _ = self.data.local_batch(step, self.global_batch, self.cfg.run.seed, rank, world_size,
                                                device, dtype)
-        generator = torch.Generator().manual_seed((self.cfg.run.seed * 1_000_003 + step) * 1009 + rank)
+        generator = step_generator(self.cfg.run.seed, step, "rank", rank)
         return teacher_loss(model, x0, context, self.data.uncond.to(device, dtype), generator,
                             self.cfg.schedule.shift, self.cfg.teacher.uncond_prob)
 
@@ -117,7 +118,7 @@ class PretrainObjective:
         if self.causal.chunks:
             layout = draw_layout(list(self.causal.chunks), self.causal.noisy_chunks, self.causal.long_context_prob,
                                  self.cfg.run.seed, step)
-            gen = torch.Generator().manual_seed((self.cfg.run.seed * 1_000_003 + step) * 10_007 + 29)
+            gen = step_generator(self.cfg.run.seed, step, "aux")
             bidirectional = float(torch.rand((), generator=gen, dtype=torch.float64)) < self.bidirectional_aux
         return flowmap_loss(model, x0, context, self.data.uncond.to(device, dtype), positions, self.global_batch,
                             seeds, self.weight, self.loss_cfg, all_reduce=all_reduce, teacher=self.teacher,

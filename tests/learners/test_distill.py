@@ -187,7 +187,7 @@ def test_a_stopped_run_resubmitted_continues_with_the_losses_of_an_uninterrupted
 @pytest.mark.parametrize("weights", ["current", "ema"])
 def test_torch_dist_broadcast_gives_each_actor_the_learners_weights_even_mid_rollout(ray_local, prepared_run, weights):
     """distill.weight_sync=torch_dist: learner rank 0 + 2 rollout actors in a gloo group of their own. The
-    broadcast carries exactly the learner's trainable tensors (their EMA with distill.rollout_weights=ema),
+    broadcast carries exactly the learner's trainable tensors (their EMA with experiments.rollout_weights=ema),
     and lands even while an actor's rollout waits inside it for buffer space (no deadlock)."""
     from actors.buffer import TrajectoryBuffer
     from actors.weights import WeightRegistry
@@ -195,7 +195,7 @@ def test_torch_dist_broadcast_gives_each_actor_the_learners_weights_even_mid_rol
     from anyflow_ray.jobs.weight_sync import CollectiveSync
 
     cfg = run_cfg(prepared_run, "distill.weight_sync=torch_dist", "rollout.num_actors=2", "distill.sync_timeout_s=30",
-                  f"distill.rollout_weights={weights}", "distill.ema=0.5", "distill.lr=1e-2")
+                  f"experiments.rollout_weights={weights}", "distill.ema=0.5", "distill.lr=1e-2")
     group = LearnerGroup(cfg, "distill", worker_cls=EmaProbe)
     names = f"mid-rollout-buffer-{weights}", f"mid-rollout-registry-{weights}"
     buffer = ray.remote(TrajectoryBuffer).options(name=names[0]).remote(1, 1)  # room for one trajectory

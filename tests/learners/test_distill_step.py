@@ -122,7 +122,7 @@ class CriticStepProbe(DistillWorker):
 
 
 def test_critic_updates_step_the_critic_that_many_times_per_student_step(ray_local, prepared_run):
-    group = LearnerGroup(run_cfg(prepared_run, "distill.critic_updates=3"), "distill", worker_cls=CriticStepProbe)
+    group = LearnerGroup(run_cfg(prepared_run, "experiments.critic_updates=3"), "distill", worker_cls=CriticStepProbe)
     try:
         first = group.run("train_step", 0, _trajectories(1, "generator"), _trajectories(1, "critic"))[0]
         assert (first["student_steps"], first["critic_steps"]) == (1, 3)
@@ -148,10 +148,10 @@ class EmaProbe(ZeRO3Probe):
 
 @pytest.mark.parametrize("zero", [0, 3])
 def test_rollout_weights_ema_publishes_the_students_ema_not_its_trained_weights(ray_local, prepared_run, zero):
-    """distill.rollout_weights=ema: the actors get the EMA (decay x initial + (1 - decay) x trained after one
+    """experiments.rollout_weights=ema: the actors get the EMA (decay x initial + (1 - decay) x trained after one
     step at warm-up 0), at ZeRO-0 from rank 0's whole EMA and at ZeRO-3 gathered from each rank's partition."""
     ranks = 2 if zero == 3 else 1
-    cfg = run_cfg(prepared_run, "distill.rollout_weights=ema", "distill.ema=0.5", "distill.ema_warmup=0",
+    cfg = run_cfg(prepared_run, "experiments.rollout_weights=ema", "distill.ema=0.5", "distill.ema_warmup=0",
                   "distill.lr=1e-2", f"distill.num_ranks={ranks}", f"learner.zero_stage={zero}")
     group = LearnerGroup(cfg, "distill", num_ranks=ranks, worker_cls=EmaProbe)
     try:
@@ -181,9 +181,9 @@ class LaterCriticLossNaN(CriticStepProbe):
 
 
 def test_a_non_finite_extra_critic_update_ends_the_critic_updates_of_the_step_not_the_run(ray_local, prepared_run):
-    """With distill.critic_updates=3 the step is applied before the extra critic losses exist: a NaN one
+    """With experiments.critic_updates=3 the step is applied before the extra critic losses exist: a NaN one
     stops the critic's updates for that step (1 of 3 taken) without halting, and the next step runs all 3."""
-    group = LearnerGroup(run_cfg(prepared_run, "distill.critic_updates=3"), "distill", worker_cls=LaterCriticLossNaN)
+    group = LearnerGroup(run_cfg(prepared_run, "experiments.critic_updates=3"), "distill", worker_cls=LaterCriticLossNaN)
     try:
         first = group.run("train_step", 0, _trajectories(1, "generator"), _trajectories(1, "critic"))[0]
         assert (first["student_steps"], first["critic_steps"], first["critic_updates"]) == (1, 1, 1)

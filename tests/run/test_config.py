@@ -4,7 +4,7 @@ import sys
 import pytest
 import yaml
 
-from anyflow_ray.run.config import ConfigError, distill_ranks, load_config, save_config
+from anyflow_ray.run.config import ConfigError, load_config, save_config
 
 
 def test_tiny_and_real_configs_load():
@@ -58,11 +58,13 @@ def test_overrides_apply_and_interpolations_resolve():
     ("distill.num_ranks=3", "distill.real_batch"),  # 16 clips cannot be split over 3 ranks
     ("pretrain.target=oracle", "pretrain.target"),
     ("run.keep_checkpoints=0", "run.keep_checkpoints"),
-    ("distill.critic_times=normal", "distill.critic_times"),
-    ("distill.dmd_shift=-1", "distill.dmd_shift"),
+    ("experiments.critic_times=normal", "experiments.critic_times"),
+    ("experiments.dmd_shift=-1", "experiments.dmd_shift"),
     ("distill.grad_scope=prefix", "distill.grad_scope"),
-    ("distill.critic_updates=0", "distill.critic_updates"),
-    ("distill.rollout_weights=average", "distill.rollout_weights"),
+    ("experiments.critic_updates=0", "experiments.critic_updates"),
+    ("distill.critic_updates=3", "distill.critic_updates is now experiments.critic_updates"),
+    ("distill.grad_scope=jump", "grad_scope=jump is now experiments.grad_jump_only=true"),
+    ("experiments.rollout_weights=average", "experiments.rollout_weights"),
     ("distill.sync_backend=mpi", "distill.sync_backend"),
 ])
 def test_bad_keys_and_values_name_the_key(override, key):
@@ -80,7 +82,8 @@ def test_bad_keys_and_values_name_the_key(override, key):
     (["model.causal.chunks=[2,2,2,2]", "model.causal.cache_chunks=-1"], "model.causal.cache_chunks"),
     (["sample.max_chunks=-1"], "sample.max_chunks"),
     (["model.causal.chunks=[2,2,2,2]", "pretrain.target=teacher"], "pretrain.target"),
-    (["model.causal.chunks=[2,2,2,2]", "pretrain.target=data", "distill.grad_scope=jump"], "distill.grad_scope"),
+    (["model.causal.chunks=[2,2,2,2]", "pretrain.target=data", "experiments.grad_jump_only=true"],
+     "experiments.grad_jump_only"),
 ])
 def test_bad_causal_keys_name_the_key(overrides, key):
     with pytest.raises(ConfigError, match="^" + key.replace(".", r"\.") + "="):
@@ -104,16 +107,16 @@ def test_frames_must_fill_whole_patches():
 
 
 def test_stage2_learner_ranks_default_to_the_learner_groups():
-    assert distill_ranks(load_config("configs/tiny.yaml")) == 1  # the tiny default keeps a core for rollouts
-    assert distill_ranks(load_config("configs/tiny.yaml", ["distill.num_ranks=0", "learner.num_ranks=4"])) == 4
-    assert distill_ranks(load_config("configs/tiny.yaml", ["distill.num_ranks=2", "learner.num_ranks=4"])) == 2
+    assert load_config("configs/tiny.yaml").distill.num_ranks == 1  # the tiny default keeps a core for rollouts
+    assert load_config(None, ["learner.num_ranks=4"]).distill.num_ranks == 4  # the schema's default follows it
+    assert load_config(None, ["distill.num_ranks=2", "learner.num_ranks=4"]).distill.num_ranks == 2
+    with pytest.raises(ConfigError, match=r"^distill\.num_ranks=0: must be >= 1; left unset it follows learner\.num_ranks"):
+        load_config("configs/tiny.yaml", ["distill.num_ranks=0"])  # what 0 meant before the default followed
 
 
 def test_stage2_zero_stage_defaults_to_the_learner_groups_and_torch_dist_refuses_zero3():
-    from anyflow_ray.run.config import distill_zero_stage
-
-    assert distill_zero_stage(load_config("configs/tiny.yaml", ["learner.zero_stage=2"])) == 2
-    assert distill_zero_stage(load_config("configs/tiny.yaml", ["learner.zero_stage=2", "distill.zero_stage=3"])) == 3
+    assert load_config("configs/tiny.yaml", ["learner.zero_stage=2"]).distill.zero_stage == 2
+    assert load_config("configs/tiny.yaml", ["learner.zero_stage=2", "distill.zero_stage=3"]).distill.zero_stage == 3
     for zero in ("learner.zero_stage=3", "distill.zero_stage=3"):
         with pytest.raises(ConfigError, match=rf"^distill.weight_sync='torch_dist': .*{zero.split('=')[0]}=3"):
             load_config("configs/tiny.yaml", ["distill.weight_sync=torch_dist", zero])

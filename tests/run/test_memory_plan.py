@@ -3,7 +3,7 @@
 import pytest
 
 from anyflow_ray.cli import EXIT_MEMORY_PLAN, main
-from anyflow_ray.run.config import distill_ranks, distill_zero_stage, load_config
+from anyflow_ray.run.config import load_config
 from anyflow_ray.run.memory_plan import GiB, MemoryPlanError, memory_plan, tokens_per_clip
 
 ARCH = {"1.3b": dict(d=1536, f=8960, layers=30), "14b": dict(d=5120, f=13824, layers=40)}
@@ -33,8 +33,8 @@ def items(plan) -> dict[str, float]:
 def test_distill_plan_matches_hand_counts(size):
     cfg = load_config(f"configs/wan2.1-t2v-{size}.yaml")
     a, ranks = ARCH[size], cfg.learner.num_ranks
-    zero3 = ranks if distill_zero_stage(cfg) == 3 else 1  # the 14B config runs Stage 2 at ZeRO-3
-    assert distill_zero_stage(cfg) == {"1.3b": 2, "14b": 3}[size]
+    zero3 = ranks if cfg.distill.zero_stage == 3 else 1  # the 14B config runs Stage 2 at ZeRO-3
+    assert cfg.distill.zero_stage == {"1.3b": 2, "14b": 3}[size]
     student_lora, critic_lora = lora_params(**a, flow_map=True), lora_params(**a, flow_map=False)
     plan = memory_plan(cfg, "distill")
     got = items(plan)
@@ -114,7 +114,7 @@ def test_causal_plans_count_the_clean_copy_and_the_rollout_kv_cache(size):
     assert items(memory_plan(cfg, "pretrain"))["activations: kept block inputs"] == (2 * micro + micro) * per_clip
     no_aux = load_config(f"configs/wan2.1-t2v-{size}-causal.yaml", ["model.causal.bidirectional_aux=0"])
     assert items(memory_plan(no_aux, "pretrain"))["activations: kept block inputs"] == 2 * micro * per_clip
-    clips, real = cfg.rollout.batch_size, cfg.distill.real_batch // distill_ranks(cfg)
+    clips, real = cfg.rollout.batch_size, cfg.distill.real_batch // cfg.distill.num_ranks
     plan = memory_plan(cfg, "distill")
     assert items(plan)["activations: kept block inputs"] == 2 * (3 * clips + real) * per_clip  # grad_scope all
     rollout = {item.name: item.bytes for item in plan.other["rollout actor GPU"]}
@@ -127,8 +127,9 @@ def test_the_generator_graph_holds_the_jumps_the_grad_scope_names():
     from anyflow_ray.run.memory_plan import distill_forwards
 
     def generator(scope):
-        cfg = load_config("configs/wan2.1-t2v-1.3b.yaml", [f"distill.grad_scope={scope}"])
-        return distill_forwards(cfg)[0], cfg.rollout.batch_size, cfg.distill.real_batch // distill_ranks(cfg)
+        cfg = load_config("configs/wan2.1-t2v-1.3b.yaml", ["experiments.grad_jump_only=true"] if scope == "jump"
+                          else [f"distill.grad_scope={scope}"])
+        return distill_forwards(cfg)[0], cfg.rollout.batch_size, cfg.distill.real_batch // cfg.distill.num_ranks
 
     (all_, clips, real), (last, _, _), (jump, _, _) = generator("all"), generator("last"), generator("jump")
     seq = all_ // (3 * clips + real)

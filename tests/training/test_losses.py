@@ -296,9 +296,9 @@ class TimeRecorder(torch.nn.Module):
 
 
 def test_critic_times_uniform_are_the_dmd_draw_and_the_shift_sets_both():
-    """distill.critic_times=uniform trains the critic at the noise levels DMD reads it at (the same draw for
+    """experiments.critic_times=uniform trains the critic at the noise levels DMD reads it at (the same draw for
     the same generator state); logit-normal (the reference) puts fewer of them in the tails; the shift passed
-    (distill.dmd_shift) moves both."""
+    (experiments.dmd_shift) moves both."""
     from anyflow_ray.training.losses import critic_loss, dmd_loss
 
     x_hat, context = torch.zeros(4096, 1, 1, 1, 1), torch.ones(4096, 1, 2)
