@@ -5,7 +5,8 @@ Generator trajectories carry z_k (the prefix jump) for the learner to finish wit
 trajectories carry the complete x_hat. A causal student (``model.causal.chunks``) is rolled out chunk by
 chunk on the KV cache of its own outputs, and its generator trajectories also carry ``context_chunks``
 (its x_hat of every chunk: what the learner's teacher-forced re-run attends to, docs/method.md §6).
-Payloads go to the object store (owned by this actor) and only their refs go to the ``TrajectoryBuffer``.
+How they are made is the run's rollout strategy (anyflow_ray/training/distill.py), the one the learners
+re-run. Trajectories go to the object store (owned by this actor); only their refs go to the ``TrajectoryBuffer``.
 Newer weights are loaded between rollouts.
 """
 
@@ -20,15 +21,13 @@ import torch
 from omegaconf import OmegaConf
 
 from anyflow_ray.run.weight_sync import WeightGroup, check_layout, empty_buffers, resolve_backend, unpack_into
-from anyflow_ray.sampling.rollouts import draw_budget, finish, prefix
-from anyflow_ray.sampling.rollouts import causal_rollout
-from anyflow_ray.sampling.rollouts import consistency_finish, consistency_prefix
 from anyflow_ray.data.shards import read_shards
-from anyflow_ray.run.device import resolve_device, resolve_dtype, set_threads
 from anyflow_ray.models.causal import is_causal
 from anyflow_ray.models.loading import load_transformer
 from anyflow_ray.models.lora import apply_lora
+from anyflow_ray.run.device import resolve_device, resolve_dtype, set_threads
 from anyflow_ray.run.storage import Storage, job_inputs
+from anyflow_ray.training.distill import Trajectory, rollout_strategy
 
 
 class RolloutActor:
@@ -43,7 +42,7 @@ class RolloutActor:
         Storage.of(self.cfg).fetch_all(job_inputs(self.cfg, "distill"))  # what this node lacks (run.storage)
         student = load_transformer(self.cfg.distill.init, flow_map=True, gate=self.cfg.model.gate, dtype=self.dtype,
                                    causal_chunks=list(self.cfg.model.causal.chunks))
-        self.causal = is_causal(student)  # as the learner loads it (learners/distill.py)
+        self.strategy = rollout_strategy(self.cfg, is_causal(student))  # the learner's too (learners/distill.py)
         if self.cfg.model.lora.enabled:  # the same adapters as the learner, so published names match
             apply_lora(student, self.cfg.model.lora)
         self.student = student.to(self.device).eval().requires_grad_(False)
@@ -126,36 +125,11 @@ class RolloutActor:
         ray.get(self.registry.report_loaded.remote(self.actor_id, version))
         return version
 
-    @torch.no_grad()
-    def make_trajectory(self, kind: str, seed: int) -> dict:
+    def make_trajectory(self, kind: str, seed: int) -> Trajectory:
         """One trajectory of ``rollout.batch_size`` clips: prompts, noise, (N, k) drawn from ``seed``."""
-        gen = torch.Generator().manual_seed(seed)
-        n, k = draw_budget(gen, tuple(self.cfg.distill.budgets))
-        idx = torch.randint(len(self.embeddings), (self.cfg.rollout.batch_size,), generator=gen)
-        context = self.embeddings[idx].to(self.device, self.dtype)
-        noise = torch.randn((len(idx), *self.clip_shape), generator=gen).to(self.device, self.dtype)
         with self.lock:
-            consistency = self.cfg.distill.rollout == "consistency"
-            if self.causal:  # every chunk's x_hat is made anyway: the context of the chunks after it
-                rollout = causal_rollout(self.student, noise, context, n, k, self.cfg.schedule.shift)
-                state = rollout.state
-            elif consistency:  # the baseline: fresh noise after each x0 prediction, drawn from the seed too
-                state = consistency_prefix(self.student, noise, context, n, k, self.cfg.schedule.shift, gen)
-            else:
-                state = prefix(self.student, noise, context, n, k, self.cfg.schedule.shift)
-            payload = {"prompt_idx": idx, "num_steps": n, "k": k, "z_k": state.z_k.cpu(), "T_k": state.T_k.cpu(),
-                       "T_next": state.T_next.cpu(), "version": self.version}
-            if self.cfg.data.rank_shards:
-                payload["context"] = self.embeddings[idx].clone()
-            if kind == "critic":
-                x_hat = (rollout.x_hat if self.causal else consistency_finish(self.student, state, context)
-                         if consistency else finish(self.student, state, context)[1])
-                payload["x_hat"] = x_hat.cpu()
-            elif self.causal:
-                payload["context_chunks"] = rollout.x_hat.cpu()
-        if kind != "critic" and self.cfg.distill.grad_scope == "all":
-            payload["noise"] = noise.cpu()
-        return payload
+            return self.strategy.make(self.student, kind, seed, self.embeddings, self.clip_shape,
+                                      int(self.cfg.rollout.batch_size), self.version, self.device, self.dtype)
 
     def rollout(self, kind: str, seed: int) -> dict:
         """Make one trajectory and push its ref into the buffer, awaiting space while it is full.
@@ -171,7 +145,7 @@ class RolloutActor:
             return {"actor": self.actor_id, "kind": kind, "version": self.version, "skipped": True}
         start = time.perf_counter()
         payload = self.make_trajectory(kind, seed)
-        version = payload["version"]  # the weights it was made with (a broadcast may land meanwhile)
+        version = payload.version  # the weights it was made with (a broadcast may land meanwhile)
         accepted = ray.get(self.buffer.put.remote([ray.put(payload)], version, kind, self.actor_id))
-        return {"actor": self.actor_id, "kind": kind, "version": version, "num_steps": payload["num_steps"],
-                "k": payload["k"], "seconds": time.perf_counter() - start, "closed": not accepted}
+        return {"actor": self.actor_id, "kind": kind, "version": version, "num_steps": payload.num_steps,
+                "k": payload.k, "seconds": time.perf_counter() - start, "closed": not accepted}

@@ -20,7 +20,8 @@ from anyflow_ray.models.loading import load_transformer
 from anyflow_ray.training.objectives import PretrainObjective, TrainData
 from anyflow_ray.sampling.rollouts import prefix, finish, draw_budget
 from anyflow_ray.training.losses import dmd_loss
-from learners.worker import load_text_encoder, encode_prompts, text_max_length
+from anyflow_ray.models.loading import load_text_encoder, text_max_length
+from anyflow_ray.models.text import encode_prompts
 torch.set_num_threads(1)
 base, run = sys.argv[1], sys.argv[2]
 config = sys.argv[3] if len(sys.argv) > 3 else "configs/tiny.yaml"

@@ -1,0 +1,1 @@
+"""Data: synthetic clips, Parquet shards (format, reader, writer), video decoding and encoding."""

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from anyflow_ray.data.shards import (MANIFEST_NAME, OPTIONAL_FIELDS, SHARD_GLOB, SHARD_SCHEMA, _fs_and_path,
+from anyflow_ray.data.shards import (MANIFEST_NAME, OPTIONAL_FIELDS, SHARD_GLOB, SHARD_SCHEMA, fs_and_path,
                                      list_shard_files, shard_name)
 
 
@@ -148,7 +148,7 @@ def write_manifest(root: str | os.PathLike, filesystem: Any = None) -> dict:
     """(Re)write ``manifest.json`` from the shard files' metadata (no row is read): what a writer that
     does not hold the rows itself (``anyflow-ray prepare``) calls once its shards are complete.
     ``root`` is a local folder, or a path in the ``pyarrow.fs`` ``filesystem``."""
-    fs, base = _fs_and_path(root, filesystem)
+    fs, base = fs_and_path(root, filesystem)
     paths = list_shard_files(base, fs)
     if not paths:
         raise FileNotFoundError(f"{base}: no {SHARD_GLOB} files to list in a manifest")

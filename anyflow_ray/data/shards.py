@@ -370,7 +370,7 @@ def _check_manifest_names(root: Path, names: list[str]) -> None:
                          f"(missing {missing}, extra {extra})")
 
 
-def _fs_and_path(root: str | os.PathLike, filesystem: Any = None) -> tuple[Any, str]:
+def fs_and_path(root: str | os.PathLike, filesystem: Any = None) -> tuple[Any, str]:
     import pyarrow.fs as pafs
 
     if filesystem is not None:
@@ -383,7 +383,7 @@ def list_shard_files(root: str | os.PathLike, filesystem: Any = None) -> list[st
     in name order; [] when the folder does not exist."""
     import pyarrow.fs as pafs
 
-    fs, base = _fs_and_path(root, filesystem)
+    fs, base = fs_and_path(root, filesystem)
     if fs.get_file_info(base).type != pafs.FileType.Directory:
         return []
     infos = fs.get_file_info(pafs.FileSelector(base, recursive=False))

@@ -166,11 +166,11 @@ class VideoFeatureClassifier(nn.Module):
 
     def adherence(self, videos: torch.Tensor | np.ndarray, prompts: Sequence[str]) -> dict[str, float]:
         """Fraction of videos whose predicted colour / shape / direction / all three match their prompt:
-        the learned counterpart of ``data.synthetic.adherence`` (same keys)."""
+        the learned counterpart of ``evaluation.adherence.adherence`` (same keys)."""
         if len(videos) != len(prompts) or len(prompts) == 0:
             raise ValueError(f"adherence needs as many prompts as videos (at least one), got "
                              f"{len(videos)} videos and {len(prompts)} prompts")
-        labels = _labels(prompts)
+        labels = prompt_labels(prompts)
         predicted = self.predict(videos)
         hits = torch.stack([torch.tensor([VOCAB[key].index(name) for name in predicted[key]]) == labels[key]
                             for key in ATTRIBUTES])
@@ -178,7 +178,7 @@ class VideoFeatureClassifier(nn.Module):
         return {**scores, "all": float(hits.all(dim=0).float().mean())}
 
 
-def _labels(prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+def prompt_labels(prompts: Sequence[str]) -> dict[str, torch.Tensor]:
     """Class indices (N,) per attribute from the prompts (``parse_prompt`` names a bad one)."""
     parsed = [parse_prompt(prompt) for prompt in prompts]
     return {key: torch.tensor([VOCAB[key].index(getattr(p, key)) for p in parsed]) for key in ATTRIBUTES}
@@ -192,8 +192,8 @@ def _direction_map(mapping: dict[str, str]) -> torch.Tensor:
 # Label-preserving flips: a mirror image (W axis) swaps left and right and keeps every shape (all are
 # symmetric about the vertical axis; the triangle's apex points up, so an upside-down flip would not);
 # time reversal turns every direction around.
-_MIRRORED = _direction_map({"left": "right", "right": "left"})
-_REVERSED = _direction_map({"left": "right", "right": "left", "up": "down", "down": "up"})
+MIRRORED = _direction_map({"left": "right", "right": "left"})
+REVERSED = _direction_map({"left": "right", "right": "left", "up": "down", "down": "up"})
 
 
 def _augment(clips: torch.Tensor, labels: dict[str, torch.Tensor], noise_std: float
@@ -202,7 +202,7 @@ def _augment(clips: torch.Tensor, labels: dict[str, torch.Tensor], noise_std: fl
     of a random strength up to ``noise_std``: generated samples are noisier than the rendered clips,
     and their features should not jump for it."""
     direction = labels["direction"]
-    for axis, remap in ((-1, _MIRRORED), (2, _REVERSED)):
+    for axis, remap in ((-1, MIRRORED), (2, REVERSED)):
         flip = torch.rand(len(clips)) < 0.5
         clips = torch.where(flip.view(-1, 1, 1, 1, 1).to(clips.device), clips.flip(axis), clips)
         direction = torch.where(flip, remap[direction], direction)
@@ -220,7 +220,7 @@ def train_classifier(videos: torch.Tensor, prompts: Sequence[str], device: str |
     if videos.ndim != 5 or len(videos) != len(prompts) or len(prompts) < 2:
         raise ValueError(f"training needs videos (N, C, F, H, W) and N >= 2 matching prompts, got videos "
                          f"{tuple(videos.shape)} and {len(prompts)} prompts")
-    labels = _labels(prompts)
+    labels = prompt_labels(prompts)
     device, epochs = torch.device(device), TRAINING["epochs"] if epochs is None else epochs
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(TRAINING["seed"])

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from anyflow_ray.sampling.samplers import causal_sample
-from anyflow_ray.data.synthetic import adherence
+from anyflow_ray.evaluation.adherence import adherence
 from anyflow_ray.models.causal import chunk_bounds, is_causal
 from anyflow_ray.models.flowmap import is_flow_map
 from anyflow_ray.sampling.samplers import consistency_sample, sample

@@ -58,8 +58,9 @@ def broadcast_time(T: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def add_noise(x0: torch.Tensor, noise: torch.Tensor, T: torch.Tensor) -> torch.Tensor:
-    """z_T = (1 - T/1000) x0 + (T/1000) eps."""
-    t = broadcast_time(T, x0) / T_SCALE
+    """z_T = (1 - T/1000) x0 + (T/1000) eps. ``T``: (B,), or already broadcastable against ``x0`` (a causal
+    clip's time per frame, 0 on its clean-context frames)."""
+    t = (T.float() if T.ndim == x0.ndim else broadcast_time(T, x0)) / T_SCALE
     return ((1.0 - t) * x0.float() + t * noise.float()).to(x0.dtype)
 
 

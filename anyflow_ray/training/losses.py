@@ -22,10 +22,14 @@ def randn_like(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return torch.randn(x.shape, generator=generator, dtype=torch.float32).to(device=x.device, dtype=x.dtype)
 
 
-def drop_prompts(context: torch.Tensor, uncond: torch.Tensor, prob: float, generator: torch.Generator) -> torch.Tensor:
-    """Replace each sample's prompt embedding by the unconditional one with probability ``prob``."""
-    drop = (torch.rand(context.shape[0], generator=generator) < prob).to(context.device)
-    return torch.where(drop[:, None, None], uncond.to(context.dtype).expand_as(context), context)
+def null_like(uncond: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    """c_null (1, L, D) as a batch of ``context``'s shape and dtype: the unconditional branch's prompts."""
+    return uncond.to(context.dtype).expand_as(context)
+
+
+def drop_prompts(context: torch.Tensor, uncond: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
+    """Prompt dropout: sample i's embedding replaced by c_null where ``drop[i]`` (a (B,) bool mask)."""
+    return torch.where(drop.to(context.device)[:, None, None], null_like(uncond, context), context)
 
 
 def teacher_loss(model: torch.nn.Module, x0: torch.Tensor, context: torch.Tensor, uncond: torch.Tensor,
@@ -33,7 +37,7 @@ def teacher_loss(model: torch.nn.Module, x0: torch.Tensor, context: torch.Tensor
     """Single-time flow matching: logit-normal t then sigma_s, 10% unconditional, unweighted MSE to v."""
     batch = x0.shape[0]
     T = T_SCALE * sample_logit_normal(batch, generator, shift).to(x0.device)
-    context = drop_prompts(context, uncond, uncond_prob, generator)
+    context = drop_prompts(context, uncond, torch.rand(batch, generator=generator) < uncond_prob)
     noise = randn_like(x0, generator)
     z = add_noise(x0, noise, T)
     pred = call_model(model, z, T, context)
@@ -118,16 +122,7 @@ def bidirectional_loss(model: torch.nn.Module, x0: torch.Tensor, context: torch.
         noise.append(torch.randn(x0.shape[1:], generator=gen, dtype=torch.float32))
     T = (T_SCALE * torch.cat(T)).to(x0.device)
     noise = torch.stack(noise).to(x0.device, x0.dtype)
-    z = add_noise(x0, noise, T)
-
-    def u(ctx: torch.Tensor) -> torch.Tensor:
-        return model(z, T, ctx, timestep_r=T, bidirectional=True, return_dict=False)[0]
-
-    pred = u(context)
-    if cfg.guidance != 1.0:
-        with torch.no_grad():
-            null = u(uncond.to(context.dtype).expand_as(context))
-        pred = (pred.float() - (1.0 - cfg.guidance) * null.float()) / cfg.guidance
+    pred = fused_guidance(model, add_noise(x0, noise, T), T, T, context, uncond, cfg.guidance, bidirectional=True)
     return (pred.float() - velocity_target(x0, noise).float()).pow(2).mean()
 
 
@@ -166,9 +161,12 @@ def draw_times_and_noise(x0: torch.Tensor, seeds: list[int], global_indices: tor
 
 
 def student_output(model: torch.nn.Module, z: torch.Tensor, T: torch.Tensor, context: torch.Tensor, R: torch.Tensor,
-                   clean: torch.Tensor | None = None) -> torch.Tensor:
+                   clean: torch.Tensor | None = None, bidirectional: bool = False) -> torch.Tensor:
     """u(z, T, R, c); with ``clean`` the causal student's teacher-forcing call (docs/method.md §6): noisy chunk
-    j reads the clean chunks before it and itself, and only the noisy tokens' outputs come back."""
+    j reads the clean chunks before it and itself, and only the noisy tokens' outputs come back;
+    ``bidirectional``: the causal student with full attention (its auxiliary step)."""
+    if bidirectional:
+        return model(z, T, context, timestep_r=R, bidirectional=True, return_dict=False)[0]
     if clean is None:
         return call_model(model, z, T, context, R)
     return model(z, T, context, timestep_r=R, clean_states=clean, return_dict=False)[0]
@@ -201,13 +199,14 @@ def total_derivative(model: torch.nn.Module, z: torch.Tensor, v: torch.Tensor, T
 
 
 def fused_guidance(model: torch.nn.Module, z: torch.Tensor, T: torch.Tensor, R: torch.Tensor, context: torch.Tensor,
-                   uncond: torch.Tensor, g: float, clean: torch.Tensor | None = None) -> torch.Tensor:
+                   uncond: torch.Tensor, g: float, clean: torch.Tensor | None = None,
+                   bidirectional: bool = False) -> torch.Tensor:
     """u_hat = [u(z, T, R, c) - (1 - g) sg(u(z, T, R, c_null))] / g: CFG g baked into the student."""
-    cond = student_output(model, z, T, context, R, clean)
+    cond = student_output(model, z, T, context, R, clean, bidirectional)
     if g == 1.0:
         return cond
     with torch.no_grad():
-        null = student_output(model, z, T, uncond.to(context.dtype).expand_as(context), R, clean)
+        null = student_output(model, z, T, null_like(uncond, context), R, clean, bidirectional)
     return (cond.float() - (1.0 - g) * null.float()) / g
 
 
@@ -255,7 +254,7 @@ def flowmap_terms(model: torch.nn.Module, x0: torch.Tensor, context: torch.Tenso
                              "velocity sees noisy, not clean, earlier chunks (docs/method.md §6)")
         x0 = x0[:, :, :layout.frames]
     T, R, drop, noise = draw_times_and_noise(x0, seeds, global_indices, global_batch, cfg)
-    context = torch.where(drop[:, None, None], uncond.to(context.dtype).expand_as(context), context)
+    context = drop_prompts(context, uncond, drop)
     v_data = velocity_target(x0, noise).float()
     clean, tangent, noised = None, None, slice(None)
     T_in, R_in, gap = T, R, broadcast_time(T - R, v_data)
@@ -263,8 +262,7 @@ def flowmap_terms(model: torch.nn.Module, x0: torch.Tensor, context: torch.Tenso
         tangent = layout.noised(x0.device).expand(x0.shape[0], -1)  # (B, n): 1 on noised chunks
         T_in, R_in = T[:, None] * tangent, R[:, None] * tangent
         gap = layout.per_frame(T_in - R_in)
-        t = layout.per_frame(T_in) / T_SCALE  # add_noise with a time per frame: x0 itself in context chunks
-        z = ((1.0 - t) * x0.float() + t * noise.float()).to(x0.dtype)
+        z = add_noise(x0, noise, layout.per_frame(T_in))  # a time per frame: x0 itself in context chunks
         clean, noised = x0, slice(layout.first_noised_frame, None)
         v_data = v_data * layout.per_frame(tangent)  # the path moves the noised frames only
     else:
@@ -348,7 +346,7 @@ def dmd_loss(x_hat: torch.Tensor, critic: torch.nn.Module, teacher: torch.nn.Mod
     if guidance == 1.0:  # no CFG: the unconditional pass would cancel out
         x_real = x_cond
     else:
-        x_null = x0_prediction(teacher, x_sigma, T, uncond.to(context.dtype).expand_as(context))
+        x_null = x0_prediction(teacher, x_sigma, T, null_like(uncond, context))
         x_real = x_null + guidance * (x_cond - x_null)
     scale = (x_hat.detach().float() - x_real).abs().flatten(1).mean(dim=1).clamp_min(1e-6)
     grad = (x_fake - x_real) / broadcast_time(scale, x_fake)

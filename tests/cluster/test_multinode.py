@@ -88,7 +88,7 @@ def test_a_placement_the_cluster_cannot_hold_fails_at_once_naming_it(two_nodes, 
 def test_stage2_on_two_ranks_with_colocated_actors_one_killed_everything_under_the_storage_root(
         two_nodes, shared_root, monkeypatch):
     from anyflow_ray.jobs import distill
-    from tests.learners.test_distill import _kill_an_actor_at_submit, _summary_balances
+    from tests.probes import kill_an_actor_at_submit, summary_balances
 
     seen = {}
     original = distill.RolloutFleet.__init__
@@ -98,13 +98,13 @@ def test_stage2_on_two_ranks_with_colocated_actors_one_killed_everything_under_t
         seen["actors"] = ray.get([a.whereabouts.remote() for a in self.actors])
 
     monkeypatch.setattr(distill.RolloutFleet, "__init__", remember_where_actors_run)
-    calls = _kill_an_actor_at_submit(monkeypatch, distill.RolloutFleet, 5)
+    calls = kill_an_actor_at_submit(monkeypatch, distill.RolloutFleet, 5)
     run = [f"run.output_dir={shared_root}", *SMALL, "distill.num_ranks=2", "rollout.num_actors=2",
            "rollout.colocate=true", "distill.save_every=3"]
     out = distill.run(load_config("configs/tiny.yaml", [*run, "distill.steps=6"]))
     assert calls.get("killed")
     summary = json.loads((out / "pipeline_summary.json").read_text())
-    _summary_balances(summary)
+    summary_balances(summary)
     # one generator + one critic trajectory per rank per step; one owned by the killed actor may be lost
     assert summary["taken"] == 6 * 2 * 2 and summary["trained"] + summary["lost"] == summary["taken"]
     assert summary["restarts"] >= 1

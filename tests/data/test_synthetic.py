@@ -13,13 +13,12 @@ from anyflow_ray.data.synthetic import (
     DIRECTIONS,
     SHAPES,
     VideoSpec,
-    adherence,
     clip_layout,
-    detect_attributes,
     parse_prompt,
     render_video,
     sample_specs,
 )
+from anyflow_ray.evaluation.adherence import adherence, detect_attributes
 
 
 @pytest.fixture(scope="module")

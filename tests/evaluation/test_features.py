@@ -11,7 +11,8 @@ import torch
 
 import anyflow_ray.evaluation.features as vf
 from anyflow_ray.data.shard_writer import write_shards
-from anyflow_ray.data.synthetic import detect_attributes, render_video, sample_specs
+from anyflow_ray.data.synthetic import render_video, sample_specs
+from anyflow_ray.evaluation.adherence import detect_attributes
 from anyflow_ray.evaluation.features import classifier_for, frechet_distance, train_classifier
 
 SMALL = (4, 8, 8)  # frames, height, width of the clips the cache tests train on (cheap)
@@ -92,9 +93,9 @@ def test_frechet_distance_names_bad_inputs() -> None:
 def test_flips_keep_the_labels_true() -> None:
     """The augmentation's relabelling agrees with what the detector reads from the flipped clip."""
     videos, prompts = render(8, seed=5)
-    for axis, remap in ((-1, vf._MIRRORED), (2, vf._REVERSED)):
+    for axis, remap in ((-1, vf.MIRRORED), (2, vf.REVERSED)):
         for video, prompt in zip(videos, prompts):
-            label = vf._labels([prompt])["direction"]
+            label = vf.prompt_labels([prompt])["direction"]
             expected = vf.VOCAB["direction"][int(remap[label])]
             assert detect_attributes(video.flip(axis if axis < 0 else axis - 1))["direction"] == expected
 

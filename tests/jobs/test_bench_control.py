@@ -16,6 +16,24 @@ ROW_KEYS = {"num_actors", "steps_per_s", "ideal_steps_per_s", "efficiency", "wal
             "learner_call_s", "driver_s_per_step", "sync_s", "policy_lag", "steps", "warmup_steps", "buffer"}
 
 
+def as_json_reads_it(value):
+    """``value`` as ``json.loads(json.dumps(value))`` gives it back when nothing is lost: dict keys as the
+    strings JSON writes (2 -> "2", True -> "true", None -> "null"), tuples as lists, every figure unchanged."""
+    if isinstance(value, dict):
+        return {k if isinstance(k, str) else json.dumps(k): as_json_reads_it(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [as_json_reads_it(v) for v in value]
+    return value
+
+
+def test_as_json_reads_it_is_what_a_lossless_round_trip_gives():
+    value = {2: {"rates": (1.5, 2)}, True: None, "s": [1, "x"]}
+    assert json.loads(json.dumps(value)) == as_json_reads_it(value) == {"2": {"rates": [1.5, 2]}, "true": None,
+                                                                           "s": [1, "x"]}
+    assert json.loads(json.dumps({"x": 1 / 3})) == as_json_reads_it({"x": 1 / 3})  # floats survive exactly
+    assert as_json_reads_it({2: 1}) != {2: 1}  # an int key would not survive
+
+
 @pytest.fixture(scope="module")
 def ray_for_module():
     """This module's own local Ray, shut down at its end (the learner tests start theirs); one already
@@ -39,7 +57,8 @@ def test_two_sleeping_actors_feed_the_real_driver_and_the_books_balance(ray_for_
     assert math.isfinite(row["efficiency"]) and row["efficiency"] > 0 and result["efficiency"][2] == row["efficiency"]
     assert row["ideal_steps_per_s"] == pytest.approx(5.0)  # min(1 / 0.05, 2 actors / (0.2 s x 2 per step))
     assert result["max_policy_lag"] == 8  # twice the 4 versions published during one 0.2 s rollout
-    assert json.loads(json.dumps(result)) is not None  # bench.json can hold it
+    written = json.dumps(result, allow_nan=False)  # bench.json: strict JSON (no NaN, no infinity), no TypeError
+    assert json.loads(written) == as_json_reads_it(result), "a figure changes on its way through bench.json"
 
     out = tmp_path / "actors-2"
     s = json.loads((out / "pipeline_summary.json").read_text())

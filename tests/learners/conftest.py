@@ -2,13 +2,7 @@
 
 import pytest
 
-from anyflow_ray.run.config import load_config
-
-SMALL = ["model.tiny.num_layers=1", "model.tiny.ffn_dim=32", "data.num_train=64", "data.num_heldout=16",
-         "teacher.batch_size=8", "pretrain.global_batch=8", "pretrain.warmup=2", "pretrain.lr=1e-3",
-         "learner.num_ranks=1", "learner.cpus_per_rank=0.5", "learner.timeout_s=240", "run.threads=2",
-         "rollout.batch_size=2", "rollout.cpus_per_actor=0.25", "distill.real_batch=8", "distill.lr=1e-4",
-         "distill.budgets=[2,4]"]
+from tests.probes import run_cfg
 
 
 @pytest.fixture(scope="session")
@@ -26,8 +20,4 @@ def prepared_run(tmp_path_factory):
     from anyflow_ray.jobs.data import scaffold_untrained_run
 
     root = tmp_path_factory.mktemp("learners")
-    return scaffold_untrained_run(load_config("configs/tiny.yaml", [f"run.output_dir={root}", *SMALL]))
-
-
-def run_cfg(root, *extra):
-    return load_config("configs/tiny.yaml", [f"run.output_dir={root}", *SMALL, *extra])
+    return scaffold_untrained_run(run_cfg(root))

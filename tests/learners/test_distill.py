@@ -1,5 +1,6 @@
 """Stage 2 on real Ray actors: the pipeline's accounting, faults, and bad trajectories."""
 
+import dataclasses
 import json
 
 import pytest
@@ -7,31 +8,10 @@ import ray
 import torch
 
 from anyflow_ray.pipeline import AnyFlowPipeline
+from anyflow_ray.training.distill import Trajectory
 from learners.distill import DistillWorker
 from learners.group import LearnerGroup
-from tests.learners.conftest import run_cfg
-from tests.learners.test_distill_step import EmaProbe
-
-
-def _summary_balances(s):
-    assert s["accepted"] == s["taken"] + s["dropped_stale"] + s["dropped_at_end"] + s["depth"]
-    assert s["taken"] == s["trained"] + s["lost"] + s["rejected"]
-
-
-def _kill_an_actor_at_submit(monkeypatch, fleet_cls, nth: int) -> dict:
-    """Kill the actor that just got the ``nth`` rollout (it dies with it in flight; Ray restarts it)."""
-    calls = {"n": 0}
-    original = fleet_cls.submit
-
-    def submit_and_kill_once(self, actor_index, kind=None):
-        original(self, actor_index, kind)
-        calls["n"] += 1
-        if calls["n"] == nth:
-            ray.kill(self.actors[actor_index], no_restart=False)
-            calls["killed"] = True
-
-    monkeypatch.setattr(fleet_cls, "submit", submit_and_kill_once)
-    return calls
+from tests.probes import EmaProbe, kill_an_actor_at_submit, run_cfg, summary_balances
 
 
 class CriticRerunProbe(DistillWorker):
@@ -40,7 +20,6 @@ class CriticRerunProbe(DistillWorker):
     weights the learner holds (lag 0)."""
 
     def _fetch(self, wrapped_refs, kind):
-        from anyflow_ray.sampling.rollouts import RolloutState
         from anyflow_ray.sampling.rollouts import consistency_finish
 
         good, lost, rejected = super()._fetch(wrapped_refs, kind)
@@ -48,8 +27,8 @@ class CriticRerunProbe(DistillWorker):
             student = self.engines["student"].module
             with torch.no_grad():
                 for p in good:
-                    state = RolloutState(p["num_steps"], p["k"], p["T_k"], p["T_next"], p["z_k"].to(self.dtype))
-                    gap = (consistency_finish(student, state, self._context(p)).cpu() - p["x_hat"]).abs().max()
+                    state = p.state(self.device, self.dtype)
+                    gap = (consistency_finish(student, state, self.objective.context(p)).cpu() - p.x_hat).abs().max()
                     self.gap = max(getattr(self, "gap", 0.0), float(gap))
         return good, lost, rejected
 
@@ -68,7 +47,7 @@ def test_distill_pipeline_runs_and_its_books_balance(ray_local, prepared_run, tm
                   f"distill.rollout={rollout}")
     out = distill.run(cfg, worker_cls=CriticRerunProbe)
     summary = json.loads((out / "pipeline_summary.json").read_text())
-    _summary_balances(summary)
+    summary_balances(summary)
     assert summary["trained"] == 8 and summary["lost"] == summary["rejected"] == 0  # 1 gen + 1 critic per step
     assert set(summary["loaded_versions"]) <= {"rollout-0", "rollout-1"} and summary["loaded_versions"]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -88,12 +67,12 @@ def test_distill_pipeline_runs_and_its_books_balance(ray_local, prepared_run, tm
 def test_a_killed_rollout_actor_is_restarted_and_the_run_finishes(ray_local, prepared_run, tmp_path, monkeypatch):
     from anyflow_ray.jobs import distill
 
-    calls = _kill_an_actor_at_submit(monkeypatch, distill.RolloutFleet, 8)  # mid-run: 2 rollouts queued per actor
+    calls = kill_an_actor_at_submit(monkeypatch, distill.RolloutFleet, 8)  # mid-run: 2 rollouts queued per actor
     cfg = run_cfg(prepared_run, f"distill.output={tmp_path}/s2", "distill.steps=8", "distill.save_every=8",
                   "rollout.num_actors=1", "distill.max_policy_lag=1")
     out = distill.run(cfg)
     summary = json.loads((out / "pipeline_summary.json").read_text())
-    _summary_balances(summary)
+    summary_balances(summary)
     assert calls.get("killed")
     assert summary["restarts"] == 1, summary
     # 8 steps x (1 generator + 1 critic) handed out; a trajectory the killed actor owned is lost, not trained
@@ -106,10 +85,10 @@ def test_a_killed_rollout_actor_is_restarted_and_the_run_finishes(ray_local, pre
 def test_bad_trajectories_are_rejected_and_the_good_one_trains_on_the_weighted_loss(ray_local, prepared_run):
     group = LearnerGroup(run_cfg(prepared_run, "distill.real_weight=3.0"), "distill", worker_cls=DistillWorker)
     try:
-        good = {"prompt_idx": torch.tensor([0, 1]), "num_steps": 2, "k": 0, "z_k": torch.randn(2, 3, 8, 16, 16),
-                "T_k": torch.full((2,), 1000.0), "T_next": torch.full((2,), 833.0)}
-        nan = {**good, "z_k": torch.full((2, 3, 8, 16, 16), float("nan"))}
-        wrong = {**good, "z_k": torch.randn(2, 3, 4, 16, 16)}
+        good = Trajectory("generator", torch.tensor([0, 1]), 2, 0, torch.randn(2, 3, 8, 16, 16),
+                          torch.full((2,), 1000.0), torch.full((2,), 833.0))
+        nan = dataclasses.replace(good, z_k=torch.full((2, 3, 8, 16, 16), float("nan")))
+        wrong = dataclasses.replace(good, z_k=torch.randn(2, 3, 4, 16, 16))
 
         refs = [[ray.put(good)], [ray.put(nan)], [ray.put(wrong)]]
         result = group.run("train_step", 0, refs, [])[0]
@@ -174,7 +153,7 @@ def test_a_stopped_run_resubmitted_continues_with_the_losses_of_an_uninterrupted
     # the buffer's books continue the first part's (restored from the checkpoint's driver state)
     s_want = json.loads((straight / "pipeline_summary.json").read_text())
     s_got = json.loads((out / "pipeline_summary.json").read_text())
-    _summary_balances(s_got)
+    summary_balances(s_got)
     assert s_got["trained"] == s_want["trained"] == 8
     for key in ("accepted", "taken", "trained"):
         assert s_got[key] == s_want[key], key
@@ -210,8 +189,8 @@ def test_torch_dist_broadcast_gives_each_actor_the_learners_weights_even_mid_rol
         blocked = fleet.actors[0].rollout.remote("critic", 2)
         assert not ray.wait([blocked], timeout=3)[0]
         # move the learner's weights, then broadcast them as version 1
-        gen = [ray.put({"prompt_idx": torch.tensor([0, 1]), "num_steps": 2, "k": 0, "z_k": torch.randn(2, 3, 8, 16, 16),
-                        "T_k": torch.full((2,), 1000.0), "T_next": torch.full((2,), 833.0)})]
+        gen = [ray.put(Trajectory("generator", torch.tensor([0, 1]), 2, 0, torch.randn(2, 3, 8, 16, 16),
+                                  torch.full((2,), 1000.0), torch.full((2,), 833.0)))]
         group.run("train_step", 0, [gen], [])
         trained = group.run_on(0, "trainable_state")
         learner = trained if weights == "current" else group.run_on(0, "gathered_ema")
@@ -236,12 +215,12 @@ def test_torch_dist_broadcast_gives_each_actor_the_learners_weights_even_mid_rol
 def test_torch_dist_sync_reforms_its_group_when_an_actor_restarts(ray_local, prepared_run, tmp_path, monkeypatch):
     from anyflow_ray.jobs import distill
 
-    calls = _kill_an_actor_at_submit(monkeypatch, distill.RolloutFleet, 5)
+    calls = kill_an_actor_at_submit(monkeypatch, distill.RolloutFleet, 5)
     cfg = run_cfg(prepared_run, f"distill.output={tmp_path}/s2", "distill.steps=6", "distill.save_every=6",
                   "rollout.num_actors=2", "distill.max_policy_lag=1", "distill.weight_sync=torch_dist")
     out = distill.run(cfg)
     summary = json.loads((out / "pipeline_summary.json").read_text())
-    _summary_balances(summary)
+    summary_balances(summary)
     assert calls.get("killed") and summary["restarts"] == 1, summary
     assert summary["trained"] + summary["lost"] == 12 and summary["rejected"] == 0
     sync = summary["weight_sync"]
@@ -263,7 +242,7 @@ def test_distill_runs_at_zero3_on_two_ranks(ray_local, prepared_run, tmp_path):
                   "distill.max_policy_lag=1", "distill.lr=1e-2", "data.rank_shards=true")
     out = distill.run(cfg)
     summary = json.loads((out / "pipeline_summary.json").read_text())
-    _summary_balances(summary)
+    summary_balances(summary)
     assert summary["trained"] == 12 and summary["lost"] == summary["rejected"] == 0  # 2 gen + 2 critic per step
     assert summary["weight_sync"]["publishes"] == 3
     assert summary["actor_versions"] == [summary["loaded_versions"]["rollout-0"]]

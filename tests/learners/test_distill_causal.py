@@ -2,6 +2,7 @@
 rollouts carry their context chunks, the learner's teacher-forced re-run reproduces the actor's x_hat, and
 a rollout actor dying in the middle of a chunk is restarted with the books balanced."""
 
+import dataclasses
 import json
 import math
 import os
@@ -14,8 +15,7 @@ from actors.rollout import RolloutActor
 from anyflow_ray.models.causal import WanCausalFlowMapTransformer3DModel
 from anyflow_ray.pipeline import AnyFlowPipeline
 from learners.distill import DistillWorker
-from tests.learners.conftest import run_cfg
-from tests.learners.test_distill import _summary_balances
+from tests.probes import run_cfg, summary_balances
 
 CHUNKS = [2, 2, 2, 2]
 
@@ -64,9 +64,9 @@ class RerunProbe(DistillWorker):
     def student_x_hat(self, payload):
         x_hat, context = super().student_x_hat(payload)
         with torch.no_grad():
-            from_z_k = super().student_x_hat({k: v for k, v in payload.items() if k != "noise"})[0]
+            from_z_k = super().student_x_hat(dataclasses.replace(payload, noise=None))[0]
         for scope, rerun in (("all", x_hat), ("last", from_z_k)):
-            self.gaps[scope].append(float((rerun.detach().cpu() - payload["context_chunks"]).abs().max()))
+            self.gaps[scope].append(float((rerun.detach().cpu() - payload.context_chunks).abs().max()))
         return x_hat, context
 
 
@@ -81,7 +81,7 @@ def test_causal_stage2_reruns_the_actors_chunks_and_survives_an_actor_dying_mid_
                   "distill.log_every=1", "rollout.num_actors=1", "distill.max_policy_lag=0", "distill.grad_scope=all")
     out = distill.run(cfg, worker_cls=RerunProbe, actor_cls=DiesMidChunk)
     summary = json.loads((out / "pipeline_summary.json").read_text())
-    _summary_balances(summary)
+    summary_balances(summary)
     assert (out / "died-mid-chunk").exists() and summary["restarts"] == 1, summary
     # every trajectory handed out carried valid context chunks (none rejected); one may be lost with the actor
     assert summary["rejected"] == 0 and summary["trained"] + summary["lost"] == 8 and summary["trained"] >= 7

@@ -9,33 +9,18 @@ import ray
 import torch
 
 from anyflow_ray.pipeline import AnyFlowPipeline
+from anyflow_ray.training.distill import Trajectory
 from learners.distill import DistillWorker
 from learners.group import LearnerGroup
-from tests.learners.conftest import run_cfg
-
-
-class ZeRO3Probe(DistillWorker):
-    """A Stage-2 rank that also reports what ZeRO-3 holds, gathered independently of the worker's code."""
-
-    def partition_sizes(self) -> dict:
-        return {"ema": [s.numel() for s in self.ema.shadow], "local": [p.ds_tensor.numel() for p in self.trainable],
-                "placeholders": [p.numel() for p in self.trainable]}
-
-    def gathered_trainable(self) -> dict | None:
-        import deepspeed
-
-        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
-        with deepspeed.zero.GatheredParameters([p for _, p in named]):  # all at once, every rank
-            whole = {n: p.detach().cpu().clone() for n, p in named}
-        return whole if self.rank == 0 else None
+from tests.probes import EmaProbe, ZeRO3Probe, run_cfg
 
 
 def _trajectories(n: int, kind: str) -> list:
     if kind == "generator":
-        return [[ray.put({"prompt_idx": torch.tensor([2 * i, 2 * i + 1]), "num_steps": 2, "k": 0,
-                          "z_k": torch.randn(2, 3, 8, 16, 16), "T_k": torch.full((2,), 1000.0),
-                          "T_next": torch.full((2,), 833.0)})] for i in range(n)]
-    return [[ray.put({"prompt_idx": torch.tensor([i, i + 4]), "x_hat": torch.randn(2, 3, 8, 16, 16)})]
+        return [[ray.put(Trajectory("generator", torch.tensor([2 * i, 2 * i + 1]), 2, 0, torch.randn(2, 3, 8, 16, 16),
+                                    torch.full((2,), 1000.0), torch.full((2,), 833.0)))] for i in range(n)]
+    return [[ray.put(Trajectory("critic", torch.tensor([i, i + 4]), 2, 0, torch.zeros(2, 3, 8, 16, 16),
+                                torch.full((2,), 1000.0), torch.full((2,), 833.0), x_hat=torch.randn(2, 3, 8, 16, 16)))]
             for i in range(n)]
 
 
@@ -132,18 +117,6 @@ def test_critic_updates_step_the_critic_that_many_times_per_student_step(ray_loc
         assert math.isnan(second["critic_loss"]) and math.isfinite(first["critic_loss"])
     finally:
         group.shutdown()
-
-
-class EmaProbe(ZeRO3Probe):
-    """Also reports the whole EMA of the trainable parameters by name, gathered independently."""
-
-    def gathered_ema(self) -> dict | None:
-        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
-        if self.zero_stage == 3:
-            from learners.partitions import gather_parts
-
-            return gather_parts(named, list(self.ema.shadow), keep=self.rank == 0) or None
-        return {n: s.detach().cpu().clone() for (n, _), s in zip(named, self.ema.shadow)}
 
 
 @pytest.mark.parametrize("zero", [0, 3])

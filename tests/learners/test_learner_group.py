@@ -11,7 +11,7 @@ import torch
 from anyflow_ray.training.checkpoint import CheckpointError, validate_checkpoint
 from anyflow_ray.pipeline import AnyFlowPipeline
 from learners.group import LearnerGroup, LearnerGroupError
-from tests.learners.conftest import run_cfg
+from tests.probes import run_cfg
 
 
 def _train(group, steps):

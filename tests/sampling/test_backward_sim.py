@@ -3,21 +3,7 @@ import torch
 
 from anyflow_ray.sampling.rollouts import STEP_BUDGETS, backward_simulation, draw_budget
 from anyflow_ray.sampling.schedule import as_batch_time, jump, sampling_grid
-
-
-class ExactStraightFlowMap(torch.nn.Module):
-    """Exact two-time flow map of the ODE whose data is x0 = c (the context mean): u = (z - c) / t."""
-
-    is_flow_map = True
-
-    def __init__(self):
-        super().__init__()
-        self.calls = 0
-
-    def forward(self, z, T, context, timestep_r=None, return_dict=False):
-        self.calls += 1
-        c = context.mean(dim=(1, 2)).reshape(-1, 1, 1, 1, 1)
-        return ((z - c) / (T / 1000).reshape(-1, 1, 1, 1, 1),)
+from tests.probes import ExactStraightFlowMap
 
 
 def _rollout(model, z, context, n, k):

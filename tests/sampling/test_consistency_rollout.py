@@ -5,7 +5,7 @@ import torch
 
 from anyflow_ray.sampling.rollouts import consistency_finish, consistency_prefix
 from anyflow_ray.sampling.samplers import consistency_sample
-from tests.sampling.test_backward_sim import ExactStraightFlowMap
+from tests.probes import ExactStraightFlowMap
 
 
 class DriftingFlowMap(ExactStraightFlowMap):

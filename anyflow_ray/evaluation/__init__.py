@@ -1,0 +1,1 @@
+"""Evaluation: sample quality against the teacher and the data, prompt adherence, video features, plots."""
