@@ -27,6 +27,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
                     "full rollout, a bf16 training step"),
     "demo": ("demo", "make-tiny -> data -> teacher -> Stage 1 -> Stage 2 -> samples -> evaluation (tiny)"),
 }
+# command -> help: commands run here (no job module, no Ray, no torch), after the same load_config
+LOCAL_COMMANDS: dict[str, str] = {
+    "config": "print every resolved config key: its value, schema default and meaning (* marks a value that "
+              "differs from its default)",
+}
 
 
 DRY_RUN_JOBS = ("teacher", "pretrain", "distill")  # commands with --dry-run (anyflow_ray/jobs/dry_run.py)
@@ -36,7 +41,8 @@ EXIT_MEMORY_PLAN = 3  # --dry-run: the memory plan exceeds run.gpu_memory_gb
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="anyflow-ray", description=__doc__.strip().splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="command")
-    for name, (_, help_text) in COMMANDS.items():
+    helps = {**{name: help_text for name, (_, help_text) in COMMANDS.items()}, **LOCAL_COMMANDS}
+    for name, help_text in helps.items():
         cmd = sub.add_parser(name, help=help_text)
         cmd.add_argument("--config", default="configs/tiny.yaml", help="YAML config (default: configs/tiny.yaml)")
         cmd.add_argument("--debug", action="store_true", help="show the traceback of an anticipated error "
@@ -98,6 +104,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run_command(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
+    if args.command == "config":
+        from anyflow_ray.run.config_keys import describe
+
+        sys.stdout.write(describe(cfg, " ".join([args.config, *args.overrides])))
+        return 0
     if getattr(args, "dry_run", False):
         return _dry_run(cfg, args.command)
     from anyflow_ray.run import preflight

@@ -3,6 +3,7 @@ import sys
 
 import pytest
 import yaml
+from omegaconf import OmegaConf
 
 from anyflow_ray.run.config import ConfigError, load_config, save_config
 
@@ -166,3 +167,111 @@ def test_extends_refuses_a_missing_parent_a_cycle_and_a_non_path(tmp_path):
     (tmp_path / "num.yaml").write_text("extends: 3\n")
     with pytest.raises(ConfigError, match="extends=3"):
         load_config(tmp_path / "num.yaml")
+
+
+def _uncovered(table: dict) -> tuple[list[str], list[str]]:
+    """(schema leaf keys without a line in ``table``, lines of ``table`` naming no schema key)."""
+    from anyflow_ray.run.config_keys import schema_defaults
+
+    schema = set(schema_defaults())
+    return sorted(schema - set(table)), sorted(set(table) - schema)
+
+
+def test_the_key_table_covers_exactly_the_schemas_leaf_keys():
+    from anyflow_ray.run.config_keys import KEYS
+
+    missing, stale = _uncovered(KEYS)
+    assert (missing, stale) == ([], []), (f"schema keys without a line in config_keys.KEYS: {missing}; "
+                                          f"KEYS lines of no schema key: {stale}")
+    assert all(meaning.strip() for meaning in KEYS.values())
+    # the check can fail: a key dropped from the table and a stale line are both named
+    broken = {key: line for key, line in KEYS.items() if key != "distill.lr"} | {"distill.meta_init": "gone"}
+    assert _uncovered(broken) == (["distill.lr"], ["distill.meta_init"])
+
+
+def _printed_rows(text: str) -> dict[str, tuple[str, str]]:
+    """key -> (its mark, the rest of its row) of `anyflow-ray config`'s output; a key printed twice fails."""
+    from anyflow_ray.run.config_keys import KEYS
+
+    rows: dict[str, tuple[str, str]] = {}
+    for line in text.splitlines():
+        mark, _, rest = line[:1], line[1:2], line[2:]
+        key = rest.split(" ", 1)[0]
+        if line[1:2] == " " and mark in "* " and key in KEYS:
+            assert key not in rows, f"{key} printed twice"
+            rows[key] = (mark, rest[len(key):])
+    return rows
+
+
+def test_the_config_command_prints_every_key_once_with_overrides_and_changed_keys_marked(capsys):
+    from anyflow_ray.cli import main
+    from anyflow_ray.run.config_keys import KEYS
+
+    overrides = ["distill.lr=3e-5", "learner.zero_stage=2", "run.output_dir=/tmp/elsewhere"]
+    assert main(["config", "--config", "configs/tiny.yaml", *overrides]) == 0
+    out = capsys.readouterr().out
+    rows = _printed_rows(out)
+    assert set(rows) == set(KEYS)
+    mark, rest = rows["distill.lr"]
+    assert mark == "*" and rest.split()[:2] == ["3e-05", "2e-06"] and KEYS["distill.lr"] in rest
+    assert rows["learner.zero_stage"][0] == "*"
+    mark, rest = rows["distill.zero_stage"]  # follows learner.zero_stage: the same value, no mark
+    assert mark == " " and rest.split()[:2] == ["2", "${learner.zero_stage}"]
+    assert rows["distill.critic_lr"][0] == "*"  # tiny.yaml sets it: no longer distill.lr's
+    assert rows["run.output_dir"][0] == "*" and rows["run.seed"][0] == " "
+    mark, rest = rows["data.root"]  # its default follows run.output_dir
+    assert mark == " " and rest.split()[:2] == ["/tmp/elsewhere/data", "${run.output_dir}/data"]
+    assert out.splitlines()[0].startswith(f"# configs/tiny.yaml {' '.join(overrides)}: {len(KEYS)} keys, ")
+    assert sum(mark == "*" for mark, _ in rows.values()) == int(out.split(" keys, ")[1].split()[0])
+
+
+def test_the_config_command_fails_on_a_bad_key_and_imports_neither_ray_nor_torch(capsys):
+    from anyflow_ray.cli import main
+
+    assert main(["config", "distill.critic_updates=3"]) == 2
+    assert "experiments.critic_updates" in capsys.readouterr().err
+    probe = ("import sys; from anyflow_ray.cli import main; main(['config']); "
+             "assert not {'ray', 'torch', 'deepspeed', 'diffusers'} & set(sys.modules), 'imported'")
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+def _record(**distill) -> dict:
+    """An earlier run's config.yaml (the schema's defaults), ``distill``'s keys as that version wrote them."""
+    old = OmegaConf.to_container(load_config(None), resolve=True)
+    old.pop("experiments")  # a version before the experiments group
+    old["distill"].update(distill)
+    return old
+
+
+def test_an_old_records_follow_values_and_moved_keys_read_as_todays_keys():
+    from anyflow_ray.run.records import config_changes
+
+    new = OmegaConf.to_container(load_config(None), resolve=True)  # its defaults follow: no value set
+    legacy = {"num_ranks": 0, "zero_stage": -1, "critic_lr": 0.0, "dmd_shift": 0.0, "critic_updates": 1,
+              "critic_times": "logit_normal", "rollout_weights": "current"}
+    assert config_changes(_record(**legacy), new, "distill") == []
+    assert config_changes(_record(critic_updates=3), new, "distill") == ["experiments.critic_updates: 3 -> 1"]
+    jump = config_changes(_record(grad_scope="jump"), new, "distill")
+    assert jump == ["experiments.grad_jump_only: True -> False"]
+    jump_now = OmegaConf.to_container(load_config(None, ["experiments.grad_jump_only=true"]),
+                                      resolve=True)
+    assert config_changes(_record(grad_scope="jump"), jump_now, "distill") == []
+    # a follow value is the followed key's value: a record that followed distill.lr, against one that sets more
+    faster = OmegaConf.to_container(load_config(None, ["distill.critic_lr=1e-4"]), resolve=True)
+    assert config_changes(_record(critic_lr=0.0), faster, "distill") == [
+        "distill.critic_lr: 2e-06 -> 0.0001"]
+
+
+def test_a_yaml_file_setting_a_moved_key_is_told_where_it_lives_now(tmp_path):
+    old = tmp_path / "old.yaml"
+    old.write_text("distill:\n  critic_updates: 3\n")
+    with pytest.raises(ConfigError, match=r"distill\.critic_updates is now experiments\.critic_updates"):
+        load_config(old)
+
+
+def test_the_wan_configs_share_one_base():
+    extends = {name: yaml.safe_load(open(f"configs/wan2.1-{name}.yaml")).get("extends")
+               for name in ("base", "t2v-1.3b", "t2v-14b", "t2v-1.3b-causal", "t2v-14b-causal")}
+    assert extends == {"base": None, "t2v-1.3b": "wan2.1-base.yaml", "t2v-14b": "wan2.1-base.yaml",
+                       "t2v-1.3b-causal": "wan2.1-t2v-1.3b.yaml", "t2v-14b-causal": "wan2.1-t2v-14b.yaml"}
