@@ -27,6 +27,7 @@ from anyflow_ray.training.distill import DistillObjective, Trajectory, Trajector
 from anyflow_ray.training.objectives import PretrainObjective
 from anyflow_ray.training.seeds import step_generator
 from learners.publish import WeightPublisher
+from learners.ranks import every_rank
 from learners.worker import LearnerWorker, deepspeed_config, job_zero_stage
 
 
@@ -132,6 +133,7 @@ class DistillWorker(WeightPublisher, LearnerWorker):
         if self.halted is not None:
             raise FloatingPointError(f"{what} refused: step {self.halted + 1} had a non-finite loss")
 
+    @every_rank
     def train_step(self, step: int, generator_refs: list = (), critic_refs: list = ()) -> dict:
         self._refuse_after_halt(f"step {step + 1}")
         # every rank is handed the whole batch and trains on its own slice

@@ -3,7 +3,7 @@
 Rank 0 picks the rendezvous address; every rank gets RANK, WORLD_SIZE, MASTER_ADDR/PORT and joins a
 torch.distributed group (gloo on the CPU, nccl on GPUs) with a finite time-out. Calls fan out to all
 ranks; a rank that fails to start, raises or dies fails the whole call at once with an error naming
-the rank, never a hang.
+the rank, never a hang. Each call goes where the method declares it runs (learners/ranks.py).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from learners.placement import Placement, alive_nodes, check, plan
+from learners.ranks import EVERY_RANK, runs_on
 from learners.worker import LearnerWorker
 
 
@@ -29,9 +30,11 @@ class LearnerGroupError(RuntimeError):
 
 
 class LearnerGroup:
+    error = LearnerGroupError  # what code handed a group raises for a learner failure (actors/ imports no learners/)
+
     def __init__(self, cfg: DictConfig, job: str, num_ranks: int | None = None, worker_cls: type = LearnerWorker,
                  placement: Placement | None = None):
-        self.cfg, self.job = cfg, job
+        self.cfg, self.job, self.worker_cls = cfg, job, worker_cls
         self.num_ranks = int(num_ranks or cfg.learner.num_ranks)
         self.timeout = float(cfg.learner.timeout_s)
         self.plan = placement or plan(cfg, self.num_ranks)
@@ -56,25 +59,24 @@ class LearnerGroup:
             for rank in range(self.num_ranks)
         ]
         try:
-            addr, port = self._wait(self.workers[0].rendezvous_address.remote(), "rank 0 rendezvous address")
-            self.info = self.run("setup", addr, port)
+            addr, port = self._wait(self.submit("rendezvous_address")[0], "rank 0 rendezvous address")
+            self.info = self.call("setup", addr, port)
         except BaseException:
             self.shutdown()
             raise
 
     # -- calls ----------------------------------------------------------------------------------
-    def run(self, method: str, *args, **kwargs) -> list:
-        """Call ``method`` on every rank; results in rank order."""
-        return self.gather(self.submit(method, *args, **kwargs), method)
+    def call(self, method: str, *args, **kwargs):
+        """Call ``method`` where it declares it runs (learners/ranks.py): every rank's results in rank
+        order, or rank 0's result."""
+        results = self.gather(self.submit(method, *args, **kwargs), method)
+        return results if runs_on(self.worker_cls, method) == EVERY_RANK else results[0]
 
     def submit(self, method: str, *args, **kwargs) -> list:
-        """Start ``method`` on every rank and return at once (the driver works while the ranks do);
-        ``gather`` the refs. Calls to a rank run in the order they were submitted."""
-        return [getattr(worker, method).remote(*args, **kwargs) for worker in self.workers]
-
-    def run_on(self, rank: int, method: str, *args, **kwargs):
-        """Call ``method`` on one rank only (for work that needs no collective, e.g. exports)."""
-        return self.gather([getattr(self.workers[rank], method).remote(*args, **kwargs)], method)[0]
+        """Start ``method`` where it declares it runs and return its refs at once (the driver works while
+        the ranks do); ``gather`` them. Calls to a rank run in the order they were submitted."""
+        workers = self.workers if runs_on(self.worker_cls, method) == EVERY_RANK else self.workers[:1]
+        return [getattr(worker, method).remote(*args, **kwargs) for worker in workers]
 
     def gather(self, refs: list, what: str) -> list:
         """Results of ``submit`` in rank order; the first failure (error or dead actor) raises

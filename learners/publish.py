@@ -15,9 +15,11 @@ import torch
 
 from anyflow_ray.run.weight_sync import WeightGroup, host_store, layout_of, pack, resolve_backend
 from learners.partitions import gather_parts, gather_to_cpu
+from learners.ranks import every_rank, rank_zero
 
 
 class WeightPublisher:
+    @rank_zero
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """The student's trainable parameters by name (LoRA adapters only when LoRA is on); whole at
         ZeRO <= 2 (under ZeRO-3 use ``publish_weights``, a collective)."""
@@ -32,6 +34,7 @@ class WeightPublisher:
         shadow_of = self._ema_shadows()
         return {n: shadow_of[id(p)].to(p.dtype) for n, p in params.items()}
 
+    @every_rank
     def publish_weights(self, full: bool = False) -> list | None:
         """ray.put the student's trainable parameters (or their EMA: ``experiments.rollout_weights``), whole (or
         its full state dict, for comparison); rank 0 returns the wrapped ref, the other ranks None. Every
@@ -55,9 +58,11 @@ class WeightPublisher:
         return [ray.put({k: v.detach().cpu() for k, v in state.items()})]
 
     # torch.distributed backend (anyflow_ray/run/weight_sync.py): rank 0 is the root of a group of its own
+    @rank_zero
     def weight_layout(self) -> list:
         return layout_of({n: p for n, p in self.model.named_parameters() if p.requires_grad})
 
+    @rank_zero
     def weight_group_address(self, size: int) -> tuple[str, int]:
         """Host the store of the next group (OS-chosen port, never learner.master_port); its (ip, port)."""
         self.close_weight_group()
@@ -65,6 +70,7 @@ class WeightPublisher:
         self._weight_store = host_store(host, size, float(self.cfg.distill.sync_timeout_s))
         return host, self._weight_store.port
 
+    @rank_zero
     def open_weight_group(self, host: str, port: int, size: int, epoch: int, backend: str) -> str:
         """Join as rank 0 of the store from ``weight_group_address``; returns once every actor has joined."""
         backend = resolve_backend(backend, self.device)
@@ -72,6 +78,7 @@ class WeightPublisher:
                                         store=self._weight_store)
         return backend
 
+    @rank_zero
     def close_weight_group(self) -> None:
         group = getattr(self, "weight_group", None)
         if group is not None:
@@ -79,6 +86,7 @@ class WeightPublisher:
         self.weight_group = None
         self._weight_store = None  # the store goes with its last handle
 
+    @rank_zero
     def broadcast_weights(self) -> float:
         """Send the trainable parameters to every member; the seconds it took."""
         group = getattr(self, "weight_group", None)

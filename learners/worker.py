@@ -35,6 +35,7 @@ from anyflow_ray.pipeline import pipeline_files, save_as_pipeline
 from anyflow_ray.run.storage import Storage, job_inputs
 from anyflow_ray.training.optim import EMA, warmup_lambda
 from learners.partitions import gather_parts, gather_to_cpu, local_part
+from learners.ranks import every_rank, rank_zero
 
 
 def job_settings(cfg: DictConfig, job: str) -> DictConfig:
@@ -129,6 +130,7 @@ class LearnerWorker:
         threads = max(1, int(self.cfg.run.threads) // world_size)
         set_threads(threads)
 
+    @rank_zero
     def rendezvous_address(self) -> tuple[str, int]:
         """(ip, free port) of this actor's node, for rank 0 to host the process group."""
         with socket.socket() as s:
@@ -138,6 +140,7 @@ class LearnerWorker:
 
         return ray.util.get_node_ip_address(), port
 
+    @every_rank
     def setup(self, master_addr: str, master_port: int) -> dict:
         import deepspeed
 
@@ -198,6 +201,7 @@ class LearnerWorker:
         return TrainData(clips=clips, uncond=uncond)
 
     # -- training ---------------------------------------------------------------------------
+    @every_rank
     def train_step(self, step: int) -> dict:
         self.engine.train()
         all_reduce = dist.all_reduce if self.world_size > 1 else None
@@ -219,6 +223,7 @@ class LearnerWorker:
                 "grad_norm": float(grad_norm) if grad_norm is not None else float("nan")}
 
     # -- checkpoints --------------------------------------------------------------------------
+    @every_rank
     def save(self, root: str, step: int, weight_version: int = 0, driver_state: dict | None = None) -> str:
         """Every rank saves its engines' DeepSpeed state and its RNG (rank 0 also the EMA and the exported
         pipeline); once all have, rank 0 writes meta.json, moves ``latest`` and drops old checkpoints.
@@ -274,6 +279,7 @@ class LearnerWorker:
             for path in doomed:
                 storage.delete(path)
 
+    @every_rank
     def load_latest(self, root: str) -> int:
         """Resume from ``root``'s latest checkpoint; returns the next step (0 when there is none)."""
         storage = Storage.of(self.cfg)  # with run.storage: the marker from storage, then what it names
@@ -303,6 +309,7 @@ class LearnerWorker:
         self._barrier()
         return int(meta["step"])
 
+    @rank_zero
     def checkpoint_meta(self, root: str) -> dict | None:
         """``weight_version``, ``driver_state`` and ``step`` of ``root``'s latest checkpoint (None: none)."""
         ckpt = ckpt_io.find_latest(root)
@@ -312,9 +319,12 @@ class LearnerWorker:
         return {"step": int(meta["step"]), "weight_version": int(meta.get("weight_version", 0)),
                 "driver_state": meta.get("driver_state") or {}}
 
+    @every_rank
     def export_pipeline(self, out: str) -> str:
-        """The EMA weights as an AnyFlowPipeline folder (LoRA fused), loadable by ``from_pretrained``.
-        ZeRO-3: a collective, every rank must call it (each gathers, rank 0 writes, the others return)."""
+        """The EMA weights as an AnyFlowPipeline folder (LoRA fused), loadable by ``from_pretrained``. Rank 0
+        writes; under ZeRO-3 every rank gathers with it first, otherwise the others return at once."""
+        if self.zero_stage < 3 and self.rank != 0:
+            return out
         if self.zero_stage == 3:
             model = self._whole_ema_model()
             if model is None:
@@ -356,6 +366,7 @@ class LearnerWorker:
         if self.world_size > 1:
             dist.barrier()
 
+    @every_rank
     def shutdown(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -11,6 +11,7 @@ import torch
 
 from anyflow_ray.run.config import load_config
 from learners.distill import DistillWorker
+from learners.ranks import every_rank
 
 # -- the learner tests' run (tests/learners/conftest.py prepares it once per session) ------------------------
 
@@ -32,10 +33,12 @@ def run_cfg(root, *extra):
 class ZeRO3Probe(DistillWorker):
     """A Stage-2 rank that also reports what ZeRO-3 holds, gathered independently of the worker's code."""
 
+    @every_rank
     def partition_sizes(self) -> dict:
         return {"ema": [s.numel() for s in self.ema.shadow], "local": [p.ds_tensor.numel() for p in self.trainable],
                 "placeholders": [p.numel() for p in self.trainable]}
 
+    @every_rank
     def gathered_trainable(self) -> dict | None:
         import deepspeed
 
@@ -48,6 +51,7 @@ class ZeRO3Probe(DistillWorker):
 class EmaProbe(ZeRO3Probe):
     """Also reports the whole EMA of the trainable parameters by name, gathered independently."""
 
+    @every_rank
     def gathered_ema(self) -> dict | None:
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         if self.zero_stage == 3:

@@ -143,7 +143,7 @@ def _learner_step_times(cfg: DictConfig) -> list[float]:
         times = []
         for step in range(WARMUP + MEASURED):
             start = time.perf_counter()
-            group.run("train_step", step)
+            group.call("train_step", step)
             times.append(time.perf_counter() - start)
     finally:
         group.shutdown()

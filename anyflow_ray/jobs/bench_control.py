@@ -27,6 +27,8 @@ from pathlib import Path
 
 import ray
 
+from learners.ranks import every_rank, rank_zero
+
 PAYLOAD_BYTES = 4096  # a small trajectory: object-store traffic without model-sized copies
 WEIGHTS_BYTES = 4096
 
@@ -43,19 +45,24 @@ class SleepLearner:
         self.rank, self.world_size = rank, world_size
         self.weights = bytes(WEIGHTS_BYTES)
 
+    @rank_zero
     def rendezvous_address(self) -> tuple[str, int]:
         return ray.util.get_node_ip_address(), 0
 
+    @every_rank
     def setup(self, master_addr: str, master_port: int) -> dict:
         return {"rank": self.rank, "device": "cpu", "dtype": "sleep", "gpu_ids": [],
                 "node_id": ray.get_runtime_context().get_node_id(), "trainable": 0, "total": 0}
 
+    @every_rank
     def load_latest(self, root: str) -> int:
         return 0
 
+    @rank_zero
     def checkpoint_meta(self, root: str) -> None:
         return None
 
+    @every_rank
     def train_step(self, step: int, generator_refs: list = (), critic_refs: list = ()) -> dict:
         start = time.perf_counter()
         trained = lost = rejected = 0
@@ -75,15 +82,19 @@ class SleepLearner:
         return {"loss": 0.0, "fetch_s": fetch_s, "rank_step_s": time.perf_counter() - start, "trained": trained,
                 "lost": lost, "rejected": rejected}
 
+    @every_rank
     def save(self, root: str, step: int, **kwargs) -> str:
         return root
 
+    @every_rank
     def publish_weights(self, full: bool = False) -> list | None:
         return [ray.put({"weights": self.weights})] if self.rank == 0 else None  # every rank is called
 
+    @every_rank
     def export_pipeline(self, out: str) -> str:
         return out
 
+    @every_rank
     def shutdown(self) -> None:
         pass
 

@@ -39,24 +39,21 @@ def train_with_learners(cfg: DictConfig, job: str, out: Path, steps: int, save_e
         info = group.info[0]
         log.info("%s: %d rank(s) on %s (%s), %d/%d trainable parameters", job, group.num_ranks, info["device"],
                  info["dtype"], info["trainable"], info["total"])
-        start = group.run("load_latest", str(out))[0] if resume else 0
+        start = group.call("load_latest", str(out))[0] if resume else 0
         if start:
             log.info("%s: resumed from %s at step %d", job, out / "checkpoints", start)
         logger = MetricsLogger(out, job, cfg)
         bar = progress(range(start, steps), initial=start, total=steps, desc=job)
         for step in bar:
-            metrics = group.run("train_step", step)[0]
+            metrics = group.call("train_step", step)[0]
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
             if (step + 1) % log_every == 0 or step + 1 == steps:
                 logger.log(step + 1, {f"{job}/{k}": v for k, v in metrics.items()})
             if (step + 1) % save_every == 0 or step + 1 == steps:
-                group.run("save", str(out), step + 1)
+                group.call("save", str(out), step + 1)
                 logger.sync()
         logger.close()
-        if cfg.learner.zero_stage == 3:  # every rank gathers the EMA weights, rank 0 writes
-            group.run("export_pipeline", str(out))
-        else:
-            group.run_on(0, "export_pipeline", str(out))
+        group.call("export_pipeline", str(out))  # rank 0 writes (under ZeRO-3 every rank gathers first)
         if start:  # a resumed run's config (a larger step budget, say) becomes the record once it has trained
             record_config(cfg, out)
     finally:

@@ -1,4 +1,11 @@
-"""Weight broadcast over a torch.distributed process group of its own (the second sync backend).
+"""Weight sync: the interface the Stage-2 driver calls (``WeightSync``) and the torch.distributed
+transport that learner rank 0 and the rollout actors both call (``WeightGroup``, ``pack`` / ``unpack_into``).
+
+The two implementations of the interface (object store, torch.distributed broadcast) drive Ray actors
+and live beside the weight registry in actors/weights.py; the job builds one and hands it the learner
+group. This module imports no Ray.
+
+**The broadcast transport.**
 
 The group is learner rank 0 (root, rank 0 here) plus every rollout actor (ranks 1..M). It is built
 directly from a ``TCPStore`` hosted by the learner, so it never touches the learners' default
@@ -21,6 +28,30 @@ import torch.distributed as dist
 from anyflow_ray.run.device import collective_backend
 
 Layout = list[tuple[str, tuple[int, ...], str]]
+
+
+class WeightSync:
+    """How a new weight version reaches the rollout actors. ``start`` publishes the first version and
+    returns the fleet (``make_fleet()``: before or after it, as the transport needs); ``publish`` hands
+    over ``version`` (returns the driver's seconds); ``heal`` brings a restarted actor up to ``version``;
+    ``finish`` waits for everything queued. ``overlaps_learner``: whether a publish may be queued behind
+    a learner step instead of awaited; ``times``: seconds until each version could be loaded."""
+
+    name: str
+    overlaps_learner: bool
+    times: list[float]
+
+    def start(self, version: int, make_fleet):
+        raise NotImplementedError
+
+    def publish(self, version: int, fleet) -> float:
+        raise NotImplementedError
+
+    def heal(self, version: int, fleet) -> None:
+        raise NotImplementedError
+
+    def finish(self) -> None:
+        raise NotImplementedError
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:

@@ -91,7 +91,7 @@ def test_bad_trajectories_are_rejected_and_the_good_one_trains_on_the_weighted_l
         wrong = dataclasses.replace(good, z_k=torch.randn(2, 3, 4, 16, 16))
 
         refs = [[ray.put(good)], [ray.put(nan)], [ray.put(wrong)]]
-        result = group.run("train_step", 0, refs, [])[0]
+        result = group.call("train_step", 0, refs, [])[0]
         assert (result["trained"], result["rejected"], result["lost"]) == (1, 2, 0)
         assert torch.isfinite(torch.tensor(result["loss"]))
         # the generator trains on DMD + real_weight x the co-training loss
@@ -170,8 +170,8 @@ def test_torch_dist_broadcast_gives_each_actor_the_learners_weights_even_mid_rol
     and lands even while an actor's rollout waits inside it for buffer space (no deadlock)."""
     from actors.buffer import TrajectoryBuffer
     from actors.weights import WeightRegistry
-    from anyflow_ray.jobs.distill import RolloutFleet
-    from anyflow_ray.jobs.weight_sync import CollectiveSync
+    from actors.fleet import RolloutFleet
+    from actors.weights import CollectiveSync
 
     cfg = run_cfg(prepared_run, "distill.weight_sync=torch_dist", "rollout.num_actors=2", "distill.sync_timeout_s=30",
                   f"experiments.rollout_weights={weights}", "distill.ema=0.5", "distill.lr=1e-2")
@@ -191,9 +191,9 @@ def test_torch_dist_broadcast_gives_each_actor_the_learners_weights_even_mid_rol
         # move the learner's weights, then broadcast them as version 1
         gen = [ray.put(Trajectory("generator", torch.tensor([0, 1]), 2, 0, torch.randn(2, 3, 8, 16, 16),
                                   torch.full((2,), 1000.0), torch.full((2,), 833.0)))]
-        group.run("train_step", 0, [gen], [])
-        trained = group.run_on(0, "trainable_state")
-        learner = trained if weights == "current" else group.run_on(0, "gathered_ema")
+        group.call("train_step", 0, [gen], [])
+        trained = group.call("trainable_state")
+        learner = trained if weights == "current" else group.call("gathered_ema")[0]
         before = ray.get(fleet.actors[1].state_of.remote(sorted(learner)))
         assert any(not torch.equal(before[n], learner[n]) for n in learner)
         assert (weights == "ema") == any(not torch.equal(trained[n], learner[n]) for n in learner)

@@ -34,13 +34,13 @@ def test_zero3_publishes_whole_weights_and_exports_the_gathered_partition_wise_e
                   "distill.ema_warmup=0", "distill.lr=1e-2")
     group = LearnerGroup(cfg, "distill", num_ranks=2, worker_cls=ZeRO3Probe)
     try:
-        sizes = group.run("partition_sizes")
+        sizes = group.call("partition_sizes")
         initial = load_transformer(cfg.distill.init, flow_map=True, gate=cfg.model.gate).state_dict()
         for rank in sizes:
             assert set(rank["placeholders"]) == {0} and rank["ema"] == rank["local"] and all(rank["ema"])
         assert sum(sum(rank["ema"]) for rank in sizes) >= sum(t.numel() for t in initial.values())
 
-        wrapped, other = group.run("publish_weights", True)
+        wrapped, other = group.call("publish_weights", True)
         assert other is None
         before = ray.get(wrapped[0])
         assert sorted(before) == sorted(initial)
@@ -48,16 +48,16 @@ def test_zero3_publishes_whole_weights_and_exports_the_gathered_partition_wise_e
 
         trained = []
         for step in range(2):  # the second step: ZeRO-3 now keeps its small parameters whole between steps
-            result = group.run("train_step", step, _trajectories(2, "generator"), _trajectories(2, "critic"))
+            result = group.call("train_step", step, _trajectories(2, "generator"), _trajectories(2, "critic"))
             assert [r["trained"] for r in result] == [2, 2]
-            wrapped, other = group.run("publish_weights")
-            after, gathered = ray.get(wrapped[0]), group.run("gathered_trainable")[0]
+            wrapped, other = group.call("publish_weights")
+            after, gathered = ray.get(wrapped[0]), group.call("gathered_trainable")[0]
             assert other is None and sorted(after) == sorted(gathered) and set(after) <= set(initial)
             assert all(torch.equal(after[n], gathered[n]) for n in after)
             trained.append(after)
         assert any(not torch.equal(trained[1][n], before[n]) for n in before)
 
-        group.run("export_pipeline", str(tmp_path / "export"))
+        group.call("export_pipeline", str(tmp_path / "export"))
         exported = AnyFlowPipeline.from_pretrained(tmp_path / "export").transformer.state_dict()
         for name in trained[0]:
             ema = 0.81 * before[name] + 0.09 * trained[0][name] + 0.1 * trained[1][name]
@@ -76,12 +76,12 @@ def test_zero3_ranks_with_uneven_trajectories_stay_in_step_with_a_lora_critic(ra
     group = LearnerGroup(cfg, "distill", num_ranks=2, worker_cls=ZeRO3Probe)
     try:
         for step in range(2):  # rank 0 gets a generator trajectory, rank 1 none
-            result = group.run("train_step", step, _trajectories(1, "generator"), _trajectories(2, "critic"))
+            result = group.call("train_step", step, _trajectories(1, "generator"), _trajectories(2, "critic"))
             assert [r["trained"] for r in result] == [2, 1]
-        wrapped, _ = group.run("publish_weights")
-        after, gathered = ray.get(wrapped[0]), group.run("gathered_trainable")[0]
+        wrapped, _ = group.call("publish_weights")
+        after, gathered = ray.get(wrapped[0]), group.call("gathered_trainable")[0]
         assert sorted(after) == sorted(gathered) and all(torch.equal(after[n], gathered[n]) for n in after)
-        group.run("export_pipeline", str(tmp_path / "export"))
+        group.call("export_pipeline", str(tmp_path / "export"))
         exported = AnyFlowPipeline.from_pretrained(tmp_path / "export").transformer.state_dict()
         assert all(torch.isfinite(t).all() and t.numel() > 0 for t in exported.values())
     finally:
@@ -92,7 +92,7 @@ def test_lora_critic_on_the_frozen_teacher_trains(ray_local, prepared_run):
     group = LearnerGroup(run_cfg(prepared_run, "model.lora.enabled=true", "model.lora.rank=4", "model.lora.alpha=4",
                                  "distill.critic=lora"), "distill", worker_cls=DistillWorker)
     try:
-        result = group.run("train_step", 0, _trajectories(1, "generator"), _trajectories(1, "critic"))[0]
+        result = group.call("train_step", 0, _trajectories(1, "generator"), _trajectories(1, "critic"))[0]
         assert result["trained"] == 2 and torch.isfinite(torch.tensor([result["loss"], result["critic_loss"]])).all()
     finally:
         group.shutdown()
@@ -109,10 +109,10 @@ class CriticStepProbe(DistillWorker):
 def test_critic_updates_step_the_critic_that_many_times_per_student_step(ray_local, prepared_run):
     group = LearnerGroup(run_cfg(prepared_run, "experiments.critic_updates=3"), "distill", worker_cls=CriticStepProbe)
     try:
-        first = group.run("train_step", 0, _trajectories(1, "generator"), _trajectories(1, "critic"))[0]
+        first = group.call("train_step", 0, _trajectories(1, "generator"), _trajectories(1, "critic"))[0]
         assert (first["student_steps"], first["critic_steps"]) == (1, 3)
         # no critic trajectory this step: no critic update at all, the student still steps
-        second = group.run("train_step", 1, _trajectories(1, "generator"), [])[0]
+        second = group.call("train_step", 1, _trajectories(1, "generator"), [])[0]
         assert (second["student_steps"], second["critic_steps"]) == (2, 3)
         assert math.isnan(second["critic_loss"]) and math.isfinite(first["critic_loss"])
     finally:
@@ -128,10 +128,10 @@ def test_rollout_weights_ema_publishes_the_students_ema_not_its_trained_weights(
                   "distill.lr=1e-2", f"distill.num_ranks={ranks}", f"learner.zero_stage={zero}")
     group = LearnerGroup(cfg, "distill", num_ranks=ranks, worker_cls=EmaProbe)
     try:
-        initial = group.run("gathered_trainable")[0]
-        group.run("train_step", 0, _trajectories(ranks, "generator"), _trajectories(ranks, "critic"))
-        trained, ema = group.run("gathered_trainable")[0], group.run("gathered_ema")[0]
-        published = ray.get(group.run("publish_weights")[0][0])
+        initial = group.call("gathered_trainable")[0]
+        group.call("train_step", 0, _trajectories(ranks, "generator"), _trajectories(ranks, "critic"))
+        trained, ema = group.call("gathered_trainable")[0], group.call("gathered_ema")[0]
+        published = ray.get(group.call("publish_weights")[0][0])
         assert sorted(published) == sorted(trained) == sorted(ema)
         assert any(not torch.equal(trained[n], initial[n]) for n in trained)  # the step moved the weights
         for name in published:
@@ -158,11 +158,11 @@ def test_a_non_finite_extra_critic_update_ends_the_critic_updates_of_the_step_no
     stops the critic's updates for that step (1 of 3 taken) without halting, and the next step runs all 3."""
     group = LearnerGroup(run_cfg(prepared_run, "experiments.critic_updates=3"), "distill", worker_cls=LaterCriticLossNaN)
     try:
-        first = group.run("train_step", 0, _trajectories(1, "generator"), _trajectories(1, "critic"))[0]
+        first = group.call("train_step", 0, _trajectories(1, "generator"), _trajectories(1, "critic"))[0]
         assert (first["student_steps"], first["critic_steps"], first["critic_updates"]) == (1, 1, 1)
         assert math.isfinite(first["critic_loss"])
-        second = group.run("train_step", 1, _trajectories(1, "generator"), _trajectories(1, "critic"))[0]
+        second = group.call("train_step", 1, _trajectories(1, "generator"), _trajectories(1, "critic"))[0]
         assert (second["student_steps"], second["critic_steps"], second["critic_updates"]) == (2, 4, 3)
-        assert ray.get(group.run("publish_weights")[0][0])  # not halted: publishing still works
+        assert ray.get(group.call("publish_weights")[0][0])  # not halted: publishing still works
     finally:
         group.shutdown()

@@ -15,7 +15,7 @@ from tests.probes import run_cfg
 
 
 def _train(group, steps):
-    return [group.run("train_step", s)[0]["loss"] for s in steps]
+    return [group.call("train_step", s)[0]["loss"] for s in steps]
 
 
 def test_one_and_two_ranks_take_the_same_stage1_step(ray_local, prepared_run, tmp_path):
@@ -25,8 +25,15 @@ def test_one_and_two_ranks_take_the_same_stage1_step(ray_local, prepared_run, tm
         group = LearnerGroup(run_cfg(prepared_run, f"learner.num_ranks={ranks}"), "pretrain")
         try:
             assert [i["rank"] for i in group.info] == list(range(ranks))
-            steps = [group.run("train_step", s) for s in (0, 1)]
-            group.run_on(0, "export_pipeline", str(tmp_path / f"r{ranks}"))
+            steps = [group.call("train_step", s) for s in (0, 1)]
+            group.call("export_pipeline", str(tmp_path / f"r{ranks}"))
+            # a method says where it runs: every rank (a list) or rank 0 (its result); no call site chooses
+            assert len(group.submit("checkpoint_meta", str(tmp_path / "none"))) == 1
+            assert group.call("checkpoint_meta", str(tmp_path / "none")) is None  # rank 0's answer, not a list
+            with pytest.raises(TypeError, match="LearnerWorker.checkpoint_engines does not declare where it runs"):
+                group.call("checkpoint_engines")
+            with pytest.raises(AttributeError, match="has no method 'no_such_method'"):
+                group.submit("no_such_method")
         finally:
             group.shutdown()
         # every rank reports the same (global) loss and gradient norm
@@ -58,11 +65,11 @@ def test_resume_reproduces_the_next_losses(ray_local, prepared_run, tmp_path, pr
     out = tmp_path / "resumed"
     group = LearnerGroup(cfg, "pretrain")
     try:
-        assert group.run("load_latest", str(out))[0] == 0  # nothing to resume yet
+        assert group.call("load_latest", str(out))[0] == 0  # nothing to resume yet
         first = []
         for step in range(3):
             first += _train(group, [step])
-            group.run("save", str(out), step + 1)
+            group.call("save", str(out), step + 1)
     finally:
         group.shutdown()
     checkpoints = out / "checkpoints"
@@ -78,7 +85,7 @@ def test_resume_reproduces_the_next_losses(ray_local, prepared_run, tmp_path, pr
 
     group = LearnerGroup(cfg, "pretrain")
     try:
-        start = group.run("load_latest", str(out))[0]
+        start = group.call("load_latest", str(out))[0]
         assert start == 3
         rest = _train(group, range(3, 5))
     finally:
@@ -94,18 +101,18 @@ def test_corrupt_or_incomplete_checkpoints_are_refused(ray_local, prepared_run, 
     group = LearnerGroup(cfg, "teacher")
     try:
         _train(group, [0])
-        ckpt = Path(group.run("save", str(out), 1)[0])
+        ckpt = Path(group.call("save", str(out), 1)[0])
         state = ckpt / "training_state"
         model_states = state / "model" / "mp_rank_00_model_states.pt"
         shutil.copy(model_states, tmp_path / "good")
         model_states.write_bytes(b"\x80\x04 a bare pickle, not a torch zip")
         with pytest.raises(LearnerGroupError, match="mp_rank_00_model_states.pt is not a valid torch checkpoint"):
-            group.run("load_latest", str(out))
+            group.call("load_latest", str(out))
         shutil.copy(tmp_path / "good", model_states)
         rank_state = state / "rank-00000.safetensors"
         rank_state.write_bytes(rank_state.read_bytes()[:-4])  # truncated
         with pytest.raises(LearnerGroupError, match="rank-00000.safetensors (is not a valid safetensors|has)"):
-            group.run("load_latest", str(out))
+            group.call("load_latest", str(out))
         (state / "model" / "zero_pp_rank_0_mp_rank_00_optim_states.pt").unlink()
         with pytest.raises(CheckpointError, match="missing: .*zero_pp_rank_0_mp_rank_00_optim_states.pt"):
             validate_checkpoint(ckpt, world_size=1)
@@ -113,7 +120,7 @@ def test_corrupt_or_incomplete_checkpoints_are_refused(ray_local, prepared_run, 
             validate_checkpoint(ckpt, world_size=2)  # a resume with another group size
         (state / "meta.json").unlink()
         with pytest.raises(LearnerGroupError, match="missing training_state/meta.json"):
-            group.run("load_latest", str(out))
+            group.call("load_latest", str(out))
     finally:
         group.shutdown()
 
@@ -126,7 +133,7 @@ def test_a_rank_that_dies_fails_the_group_with_its_rank_named(ray_local, prepare
         _train(group, [0])
         ray.kill(group.workers[1], no_restart=True)
         with pytest.raises(LearnerGroupError, match="rank 1 died"):
-            group.run("train_step", 1)
+            group.call("train_step", 1)
     finally:
         group.shutdown()
 
@@ -135,3 +142,15 @@ def test_a_rank_that_cannot_start_fails_with_a_clear_error(ray_local, prepared_r
     cfg = run_cfg(prepared_run, "learner.num_ranks=1", f"pretrain.init={tmp_path}/no-such-teacher")
     with pytest.raises(LearnerGroupError, match="no-such-teacher"):
         LearnerGroup(cfg, "pretrain")
+
+
+def test_an_override_keeps_the_declaration_of_the_method_it_overrides():
+    from learners.distill import DistillWorker
+    from learners.ranks import EVERY_RANK, RANK_ZERO, runs_on
+
+    class Probe(DistillWorker):
+        def train_step(self, step, generator_refs=(), critic_refs=()):  # no decorator: DistillWorker's holds
+            return super().train_step(step, generator_refs, critic_refs)
+
+    assert runs_on(Probe, "train_step") == EVERY_RANK and runs_on(Probe, "save") == EVERY_RANK
+    assert runs_on(Probe, "checkpoint_meta") == RANK_ZERO and runs_on(Probe, "broadcast_weights") == RANK_ZERO
