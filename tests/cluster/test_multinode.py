@@ -87,18 +87,19 @@ def test_a_placement_the_cluster_cannot_hold_fails_at_once_naming_it(two_nodes, 
 
 def test_stage2_on_two_ranks_with_colocated_actors_one_killed_everything_under_the_storage_root(
         two_nodes, shared_root, monkeypatch):
+    from actors.fleet import RolloutFleet
     from anyflow_ray.jobs import distill
     from tests.probes import kill_an_actor_at_submit, summary_balances
 
     seen = {}
-    original = distill.RolloutFleet.__init__
+    original = RolloutFleet.__init__
 
     def remember_where_actors_run(self, *args, **kwargs):
         original(self, *args, **kwargs)
         seen["actors"] = ray.get([a.whereabouts.remote() for a in self.actors])
 
-    monkeypatch.setattr(distill.RolloutFleet, "__init__", remember_where_actors_run)
-    calls = kill_an_actor_at_submit(monkeypatch, distill.RolloutFleet, 5)
+    monkeypatch.setattr(RolloutFleet, "__init__", remember_where_actors_run)
+    calls = kill_an_actor_at_submit(monkeypatch, RolloutFleet, 5)
     run = [f"run.output_dir={shared_root}", *SMALL, "distill.num_ranks=2", "rollout.num_actors=2",
            "rollout.colocate=true", "distill.save_every=3"]
     out = distill.run(load_config("configs/tiny.yaml", [*run, "distill.steps=6"]))

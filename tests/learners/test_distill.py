@@ -65,9 +65,10 @@ def test_distill_pipeline_runs_and_its_books_balance(ray_local, prepared_run, tm
 
 
 def test_a_killed_rollout_actor_is_restarted_and_the_run_finishes(ray_local, prepared_run, tmp_path, monkeypatch):
+    from actors.fleet import RolloutFleet
     from anyflow_ray.jobs import distill
 
-    calls = kill_an_actor_at_submit(monkeypatch, distill.RolloutFleet, 8)  # mid-run: 2 rollouts queued per actor
+    calls = kill_an_actor_at_submit(monkeypatch, RolloutFleet, 8)  # mid-run: 2 rollouts queued per actor
     cfg = run_cfg(prepared_run, f"distill.output={tmp_path}/s2", "distill.steps=8", "distill.save_every=8",
                   "rollout.num_actors=1", "distill.max_policy_lag=1")
     out = distill.run(cfg)
@@ -213,9 +214,10 @@ def test_torch_dist_broadcast_gives_each_actor_the_learners_weights_even_mid_rol
 
 
 def test_torch_dist_sync_reforms_its_group_when_an_actor_restarts(ray_local, prepared_run, tmp_path, monkeypatch):
+    from actors.fleet import RolloutFleet
     from anyflow_ray.jobs import distill
 
-    calls = kill_an_actor_at_submit(monkeypatch, distill.RolloutFleet, 5)
+    calls = kill_an_actor_at_submit(monkeypatch, RolloutFleet, 5)
     cfg = run_cfg(prepared_run, f"distill.output={tmp_path}/s2", "distill.steps=6", "distill.save_every=6",
                   "rollout.num_actors=2", "distill.max_policy_lag=1", "distill.weight_sync=torch_dist")
     out = distill.run(cfg)

@@ -11,6 +11,8 @@ import torch
 from anyflow_ray.training.checkpoint import CheckpointError, validate_checkpoint
 from anyflow_ray.pipeline import AnyFlowPipeline
 from learners.group import LearnerGroup, LearnerGroupError
+from learners.ranks import every_rank, rank_zero
+from learners.worker import LearnerWorker
 from tests.probes import run_cfg
 
 
@@ -154,3 +156,42 @@ def test_an_override_keeps_the_declaration_of_the_method_it_overrides():
 
     assert runs_on(Probe, "train_step") == EVERY_RANK and runs_on(Probe, "save") == EVERY_RANK
     assert runs_on(Probe, "checkpoint_meta") == RANK_ZERO and runs_on(Probe, "broadcast_weights") == RANK_ZERO
+
+
+class RankProbe(LearnerWorker):
+    """A rank without DeepSpeed or a model that records which calls ran on it."""
+
+    def setup(self, master_addr, master_port):  # keeps LearnerWorker.setup's @every_rank
+        self.ran = []
+        return {"rank": self.rank}
+
+    @rank_zero
+    def note(self, tag):
+        self.ran.append(tag)
+        return self.rank
+
+    @every_rank
+    def what_ran(self):
+        return list(self.ran)
+
+    def undeclared(self):
+        self.ran.append("undeclared")
+
+
+def test_a_rank_zero_method_runs_on_rank_0_only_and_an_undeclared_one_is_refused(ray_local, tmp_path):
+    import ray
+
+    group = LearnerGroup(run_cfg(tmp_path, "learner.num_ranks=2"), "teacher", worker_cls=RankProbe)
+    try:
+        assert group.call("note", "called") == 0  # rank 0's own result, not a list
+        (ref,) = group.submit("note", "submitted")  # one ref: rank 0's
+        assert ray.get(ref) == 0
+        assert group.call("what_ran") == [["called", "submitted"], []]  # rank 1 ran neither
+        with pytest.raises(TypeError, match=r"^RankProbe\.undeclared does not declare where it runs: decorate it "
+                                            r"with @every_rank or @rank_zero"):
+            group.call("undeclared")
+        with pytest.raises(TypeError, match="does not declare where it runs"):
+            group.submit("undeclared")
+        assert group.call("what_ran") == [["called", "submitted"], []]  # refused before any rank ran it
+    finally:
+        group.shutdown()
