@@ -54,7 +54,8 @@ NEEDS_WHAT_IS_MISSING = {"bench-scale": "--allow-cpu", "/models/Wan2.1-T2V-1.3B-
 
 def readme_commands(text: str) -> list[list[str]]:
     """The command lines of the README's bash blocks, continuation lines joined, comments dropped,
-    ``NAME=value`` lines applied to later ``$NAME`` and ``a && b`` split, as argument lists."""
+    ``NAME=value`` lines applied to later ``$NAME`` and ``a && b`` split, as argument lists (a pipe,
+    ``a | grep P``, stays in the list: the walk runs ``a`` and checks ``P`` against what it printed)."""
     commands, variables = [], {}
     for block in re.findall(r"```bash\n(.*?)```", text, re.S):
         for line in block.replace("\\\n", " ").splitlines():
@@ -102,6 +103,7 @@ def walk(ray_module, tmp_path_factory):
 
     for tokens in readme_commands(README.read_text()):
         line = " ".join(tokens)
+        tokens, pipe = (tokens[:tokens.index("|")], tokens[tokens.index("|") + 1:]) if "|" in tokens else (tokens, [])
         if line == "make demo":
             tokens = ["anyflow-ray", "demo", "--config", DEMO_CONFIG]
             capture.setenv("WANDB_MODE", "offline")  # as on a fresh machine (the suite turns wandb off)
@@ -109,14 +111,19 @@ def walk(ray_module, tmp_path_factory):
             skipped.append(line)
             continue
         assert tokens[0] == "anyflow-ray", f"README command not walked and not covered elsewhere: {line}"
-        err = io.StringIO()
+        err, out = io.StringIO(), io.StringIO()
         capture.setattr(sys, "stderr", err)
+        if pipe:
+            capture.setattr(sys, "stdout", out)
         started = time.perf_counter()
         try:
             code = main(as_walked(tokens, root))
         finally:
             capture.undo()
         results[line] = (code, cli_lines(err.getvalue()))
+        if pipe:
+            assert pipe[0] == "grep" and len(pipe) == 2, f"README pipe the walk cannot check: {line}"
+            results[f"{line}: lines the pipe keeps"] = [l for l in out.getvalue().splitlines() if re.search(pipe[1], l)]
         if line == "make demo":  # what the README's run.new_run=true commands must leave as it is
             results["stage1 after make demo"] = snapshot(root / DEMO / "stage1")
         print(f"{time.perf_counter() - started:6.1f}s  {line}")  # pytest -s: where the walk's time goes
@@ -126,7 +133,8 @@ def walk(ray_module, tmp_path_factory):
 def test_every_readme_command_runs_as_written_or_names_what_is_missing(walk):
     root, results, skipped = walk
     assert len(results) >= 15 and "make demo" in results
-    for line, (code, errors) in [(k, v) for k, v in results.items() if k != "stage1 after make demo"]:
+    commands = {k: v for k, v in results.items() if k != "stage1 after make demo" and "the pipe keeps" not in k}
+    for line, (code, errors) in commands.items():
         missing = [needle for needle in NEEDS_WHAT_IS_MISSING if needle in line]
         if missing:
             assert code != 0 and len(errors) == 1, (line, errors)
@@ -134,6 +142,8 @@ def test_every_readme_command_runs_as_written_or_names_what_is_missing(walk):
         else:
             assert code == 0, (line, errors)
     assert sorted({line.split()[0] for line in skipped}) == ["anyflow-ray", "cluster/submit.sh", "export", "make"]
+    piped = {k: v for k, v in results.items() if "the pipe keeps" in k}
+    assert piped and all(piped.values()), piped  # the config command's '^\*' lines: the keys a config changes
 
 
 def test_the_walk_did_what_each_command_says(walk):
