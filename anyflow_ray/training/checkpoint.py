@@ -104,12 +104,17 @@ def _step_of(path: Path) -> int | None:
     return int(name[5:])
 
 
+_RANK_OWNED = re.compile(r"(?:bf16_)?zero_pp_rank_(\d+)_|rank-0*(\d+)\.")
+
+
 def writer_rank(filename: str) -> int:
-    """Which learner rank writes a checkpoint file: a rank's ZeRO partition (``zero_pp_rank_<r>_...``) and
-    its ``rank-<r>.safetensors`` are its own; everything else (model states, the exported pipeline,
-    meta.json) is rank 0's. Each file has one writer, so uploads to storage never race."""
-    match = re.match(r"(?:zero_pp_rank_|rank-)0*(\d+)", filename)
-    return int(match.group(1)) if match else 0
+    """Which learner rank writes a checkpoint file: a rank's ZeRO partitions (DeepSpeed's
+    ``zero_pp_rank_<r>_mp_rank_00_optim_states.pt``, ``bf16_zero_pp_rank_<r>_...`` in bf16 and
+    ``zero_pp_rank_<r>_mp_rank_00_model_states.pt`` at ZeRO-3) and its ``rank-<r>.safetensors`` are its
+    own; everything else (``mp_rank_00_model_states.pt``, the exported pipeline, meta.json) is rank 0's.
+    Each file has one writer, so uploads to storage never race."""
+    match = _RANK_OWNED.match(filename)
+    return int(match.group(1) or match.group(2)) if match else 0
 
 
 def clear_unfinished(root: str | Path, ckpt: Path) -> None:

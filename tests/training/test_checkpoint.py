@@ -58,3 +58,29 @@ def test_the_manifest_catches_a_truncated_or_missing_file(tmp_path):
     meta.write_text(json.dumps({"step": 1, "world_size": 1}))  # written by the old (format 1) code
     with pytest.raises(ckpt_io.CheckpointError, match="format 1"):
         ckpt_io.validate_checkpoint(ckpt, 1)
+
+
+def test_every_file_deepspeed_names_per_rank_is_uploaded_by_that_rank():
+    """The names come from DeepSpeed's own naming methods (fp32 and bf16 ZeRO partitions, ZeRO-3 model
+    states, the rank-0 model states), so a DeepSpeed rename fails here rather than on a multi-node resume."""
+    from types import SimpleNamespace
+
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    def names(rank: int, bf16: bool, zero3: bool) -> list[str]:
+        engine = SimpleNamespace(checkpoint_mp_rank=0, zero_optimization_partition_weights=lambda: zero3)
+        engine._get_zero_ckpt_prefix = lambda dp_rank, bf16_mode: DeepSpeedEngine._get_zero_ckpt_prefix(
+            engine, dp_rank, bf16_mode)
+        optim = DeepSpeedEngine._get_rank_zero_ckpt_name(engine, "ckpt", "tag", 0, rank, bf16)
+        model = DeepSpeedEngine._get_ckpt_name(engine, "ckpt", "tag", pp_placeholder=rank)
+        return [optim.split("/")[-1], model.split("/")[-1]]
+
+    for rank in (0, 1, 3, 12):
+        for bf16 in (False, True):
+            optim, model = names(rank, bf16, zero3=False)
+            assert ckpt_io.writer_rank(optim) == rank, optim
+            assert ckpt_io.writer_rank(model) == 0, model  # mp_rank_00_model_states.pt: rank 0's
+            assert [ckpt_io.writer_rank(name) for name in names(rank, bf16, zero3=True)] == [rank, rank]
+    assert "bf16_zero_pp_rank_3_mp_rank_00_optim_states.pt" in names(3, True, False)  # the name the issue saw
+    assert ckpt_io.writer_rank("rank-00012.safetensors") == 12
+    assert ckpt_io.writer_rank("meta.json") == 0 and ckpt_io.writer_rank("diffusion_pytorch_model.safetensors") == 0
