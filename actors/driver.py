@@ -109,6 +109,7 @@ class Driver:
         summary["restarts"] = len(starts) - len(fleet.actors)
         summary["versions_at_start"] = starts
         summary["loaded_versions"] = ray.get(registry.loaded_versions.remote())
+        summary.update(fleet.books())
         summary["weight_sync"] = {"backend": sync.name, "publishes": len(self.sync_times),
                                   "mean_s": sum(self.sync_times) / max(1, len(self.sync_times)),  # the driver's wait
                                   "latency_s": sum(sync.times) / max(1, len(sync.times)),  # until actors can pull
@@ -168,7 +169,8 @@ class Driver:
         """The books, progress bar and metrics of a finished step."""
         stats = ray.get(reported)
         values = {**results[0], **counts, **more, "buffer_depth": stats["depth"],
-                  "failed_rollouts": self.fleet.failed_tasks, "produced": self.fleet.produced,
+                  "failed_rollouts": self.fleet.failed_tasks, "rollout_errors": self.fleet.rollout_errors,
+                  "produced": self.fleet.produced,
                   **{f"buffer/{k}": v for k, v in stats.items()}}
         self.bar.set_postfix(loss=f"{values['loss']:.4f}", v=more["version"], depth=stats["depth"], refresh=False)
         if (step + 1) % self.dc.log_every == 0 or step + 1 == self.dc.steps:

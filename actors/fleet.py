@@ -1,7 +1,10 @@
 """``RolloutFleet``: the Stage-2 driver's side of the rollout actors (actors/rollout.py).
 
 M actors kept busy with generator and critic rollouts (a task lost with its actor is resubmitted; Ray
-restarts the actor, which loads the newest weights), batches taken from the trajectory buffer no older
+restarts the actor, which loads the newest weights; a rollout that raises is booked as failed with its
+error's first line and resubmitted, an actor that fails ``rollout.failures_before_restart`` in a row is
+restarted, and after ``rollout.restarts_on_error`` such restarts retired; the run stops, naming the
+error, only when every actor is retired), batches taken from the trajectory buffer no older
 than ``distill.max_policy_lag`` versions, and the end of a run: the buffer closed, the rollouts in flight
 drained, the weight versions the actors hold checked against what they reported. The learner group is
 the job's (anyflow_ray/jobs/distill.py); a colocated fleet only asks it for a rank's bundle.
@@ -22,8 +25,13 @@ from anyflow_ray.training.seeds import step_seed
 log = logging.getLogger("anyflow_ray")
 
 
+class RolloutFleetError(RuntimeError):
+    """Every rollout actor is retired: none can make any more trajectories."""
+
+
 class RolloutFleet:
-    """M rollout actors kept busy with generator/critic rollouts; a task lost with its actor is resubmitted."""
+    """M rollout actors kept busy with generator/critic rollouts; a task lost with its actor, or one that
+    raised, is resubmitted."""
 
     def __init__(self, cfg: DictConfig, buffer: str, registry: str, start_step: int = 0, placement=None, group=None,
                  actor_cls: type | None = None):
@@ -42,12 +50,25 @@ class RolloutFleet:
         # rollout seeds continue where a resumed run left off (at most 64 rollouts per learner step)
         self.seeds = itertools.count(step_seed(cfg.run.seed, start_step, "rollouts"))
         self.kinds = itertools.cycle(["generator", "critic"])
-        self.failed_tasks = 0
+        self.failed_tasks = 0  # rollouts lost with their actor
+        self.errors: collections.Counter = collections.Counter()  # failed rollouts by their error's first line
+        self.streak = [0] * num_actors  # consecutive failed rollouts per actor
+        self.error_restarts = [0] * num_actors
+        self.retired: set[int] = set()
+        self.failures_before_restart = int(cfg.rollout.failures_before_restart)
+        self.restarts_on_error = int(cfg.rollout.restarts_on_error)
         self.saw_skipped = False  # a rollout came back unmade: some actor holds no weights yet
         self.produced = 0
 
+    @property
+    def rollout_errors(self) -> int:
+        return sum(self.errors.values())
+
     def submit(self, actor_index: int, kind: str | None = None) -> None:
+        """One rollout on actor ``actor_index`` (the next actor still in service if that one is retired)."""
         kind = kind or next(self.kinds)
+        live = [i for i in range(len(self.actors)) if i not in self.retired]
+        actor_index = actor_index if actor_index not in self.retired else live[actor_index % len(live)]
         ref = self.actors[actor_index].rollout.remote(kind, next(self.seeds))
         self.pending[ref] = (actor_index, kind)
 
@@ -56,7 +77,7 @@ class RolloutFleet:
         not a driver round trip later."""
         queued = collections.Counter(i for i, _ in self.pending.values())
         for i in range(len(self.actors)):
-            for _ in range(depth - queued[i]):
+            for _ in range(0 if i in self.retired else depth - queued[i]):
                 self.submit(i)
 
     def wait_any(self, timeout: float) -> None:
@@ -65,7 +86,8 @@ class RolloutFleet:
             ray.wait(list(self.pending), num_returns=1, timeout=timeout)
 
     def collect(self, timeout: float, resubmit: bool = True) -> list[dict]:
-        """Finished rollouts' metadata; a rollout whose actor died is resubmitted (Ray restarts it)."""
+        """Finished rollouts' metadata; a rollout whose actor died (Ray restarts it) or that raised is
+        resubmitted. Raises ``RolloutFleetError`` once every actor is retired."""
         if not self.pending:
             return []
         done, _ = ray.wait(list(self.pending), num_returns=len(self.pending), timeout=timeout)
@@ -83,12 +105,53 @@ class RolloutFleet:
                     continue
                 out.append(result)
                 self.produced += 1
+                self.streak[index] = 0
             except ray.exceptions.RayActorError:
                 self.failed_tasks += 1
                 log.warning("rollout actor %d died; Ray restarts it with the newest weights", index)
                 if resubmit:
                     self.submit(index, kind)
+            except ray.exceptions.RayTaskError as err:  # the rollout raised (out of memory, I/O, ...)
+                self._failed(index, first_line(err))
+                if resubmit:
+                    self.submit(index, kind)
         return out
+
+    def _failed(self, index: int, error: str) -> None:
+        """Book a rollout that raised; restart or retire its actor after a run of failures."""
+        self.errors[error] += 1
+        self.streak[index] += 1
+        log.warning("rollout actor %d: rollout failed (%d in a row): %s", index, self.streak[index], error)
+        if self.streak[index] < self.failures_before_restart or index in self.retired:
+            return
+        self.streak[index] = 0
+        if self.error_restarts[index] < self.restarts_on_error:
+            self.error_restarts[index] += 1
+            log.warning("rollout actor %d: restarting it after %d failed rollouts in a row", index,
+                        self.failures_before_restart)
+            ray.kill(self.actors[index], no_restart=False)  # Ray restarts it; it loads the newest weights
+            return
+        self.retired.add(index)
+        log.error("rollout actor %d retired: %d failed rollouts in a row after %d restarts (%s)", index,
+                  self.failures_before_restart, self.restarts_on_error, error)
+        if len(self.retired) == len(self.actors):
+            raise RolloutFleetError(
+                f"every rollout actor failed {self.failures_before_restart} rollouts in a row after "
+                f"{self.restarts_on_error} restart(s) (rollout.failures_before_restart, rollout.restarts_on_error); "
+                f"no actor can make trajectories. Last error: {error}; failed rollouts by error: {dict(self.errors)}")
+
+    def books(self) -> dict:
+        """The fleet's side of the run's books: rollouts lost with an actor, failed rollouts by error,
+        retired actors."""
+        return {"failed_rollouts": self.failed_tasks, "rollout_errors": dict(self.errors),
+                "retired_actors": sorted(self.retired)}
+
+
+def first_line(err: Exception) -> str:
+    """``Type: first line`` of what a rollout raised (the cause inside Ray's task error)."""
+    cause = getattr(err, "cause", None) or err
+    text = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {text[0] if text else ''}"[:300]
 
 
 def actor_options(cfg: DictConfig, placement, group, index: int) -> dict:

@@ -7,11 +7,38 @@ import pytest
 import ray
 import torch
 
+from pathlib import Path
+
+from actors.rollout import RolloutActor
 from anyflow_ray.pipeline import AnyFlowPipeline
 from anyflow_ray.training.distill import Trajectory
 from learners.distill import DistillWorker
 from learners.group import LearnerGroup
 from tests.probes import EmaProbe, kill_an_actor_at_submit, run_cfg, summary_balances
+
+
+class RaisesTwice(RolloutActor):
+    """A rollout actor whose second and third rollouts raise, once per run (a marker file in the run's
+    output survives the restart the two failures in a row bring)."""
+
+    def make_trajectory(self, kind: str, seed: int):
+        self.made = getattr(self, "made", 0) + 1
+        marker = Path(self.cfg.distill.output) / "raised"
+        if self.made in (2, 3) and not marker.exists():
+            if self.made == 3:
+                marker.touch()
+            raise RuntimeError("CUDA out of memory (injected)\nTried to allocate 2.00 GiB")
+        return super().make_trajectory(kind, seed)
+
+
+class AlwaysRaises:
+    """A rollout actor every rollout of which raises."""
+
+    def __init__(self, cfg: dict, actor_id: str, buffer: str, registry: str):
+        self.actor_id = actor_id
+
+    def rollout(self, kind: str, seed: int) -> dict:
+        raise OSError(f"no space left on device (injected, {self.actor_id})")
 
 
 class CriticRerunProbe(DistillWorker):
@@ -81,6 +108,42 @@ def test_a_killed_rollout_actor_is_restarted_and_the_run_finishes(ray_local, pre
     (first, v_first), (again, v_again) = summary["versions_at_start"]
     assert first == again == "rollout-0" and v_first == 0
     assert v_again >= 1  # the restarted actor came back with newer weights than the initial ones
+
+
+def test_rollouts_that_raise_are_booked_and_retried_and_the_run_finishes(ray_local, prepared_run, tmp_path):
+    from anyflow_ray.jobs import distill
+
+    cfg = run_cfg(prepared_run, f"distill.output={tmp_path}/s2", "distill.steps=6", "distill.save_every=6",
+                  "rollout.num_actors=1", "distill.max_policy_lag=1", "rollout.failures_before_restart=2")
+    out = distill.run(cfg, actor_cls=RaisesTwice)
+    summary = json.loads((out / "pipeline_summary.json").read_text())
+    summary_balances(summary)  # a failed rollout never reached the buffer: the books still balance
+    assert summary["rollout_errors"] == {"RuntimeError: CUDA out of memory (injected)": 2}, summary
+    assert summary["restarts"] == 1 and summary["retired_actors"] == []  # two in a row: restarted once
+    assert summary["trained"] + summary["lost"] == 12 and summary["trained"] >= 10
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["distill/rollout_errors"] == 2
+
+
+def test_when_every_actor_keeps_failing_the_fleet_stops_naming_the_error(ray_local):
+    from actors.fleet import RolloutFleet, RolloutFleetError
+    from anyflow_ray.run.config import load_config
+
+    cfg = load_config("configs/tiny.yaml", ["rollout.num_actors=2", "rollout.cpus_per_actor=0.25",
+                                            "rollout.failures_before_restart=2", "rollout.restarts_on_error=1"])
+    fleet = RolloutFleet(cfg, "no-buffer", "no-registry", actor_cls=AlwaysRaises)
+    try:
+        fleet.keep_busy(depth=1)
+        with pytest.raises(RolloutFleetError, match=r"Last error: OSError: no space left on device .*rollout-\d"):
+            for _ in range(200):  # each actor: 2 failures, a restart, 2 more failures, retired
+                fleet.wait_any(timeout=5.0)
+                fleet.collect(timeout=0)
+        assert fleet.retired == {0, 1} and fleet.error_restarts == [1, 1]
+        assert fleet.rollout_errors == 8 and len(fleet.errors) == 2  # one line per actor's message
+        assert fleet.produced == 0
+    finally:
+        for actor in fleet.actors:
+            ray.kill(actor, no_restart=True)
 
 
 def test_bad_trajectories_are_rejected_and_the_good_one_trains_on_the_weighted_loss(ray_local, prepared_run):
