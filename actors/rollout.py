@@ -22,11 +22,12 @@ from omegaconf import OmegaConf
 
 from anyflow_ray.run.weight_sync import WeightGroup, check_layout, empty_buffers, resolve_backend, unpack_into
 from anyflow_ray.data.shards import read_shards
+from anyflow_ray.data.stream import RowStream
 from anyflow_ray.models.causal import is_causal
 from anyflow_ray.models.loading import load_transformer
 from anyflow_ray.models.lora import apply_lora
 from anyflow_ray.run.device import resolve_device, resolve_dtype, set_threads
-from anyflow_ray.run.storage import Storage, job_inputs
+from anyflow_ray.run.storage import Storage, data_source, job_inputs
 from anyflow_ray.training.distill import Trajectory, rollout_strategy
 
 
@@ -46,12 +47,19 @@ class RolloutActor:
         if self.cfg.model.lora.enabled:  # the same adapters as the learner, so published names match
             apply_lora(student, self.cfg.model.lora)
         self.student = student.to(self.device).eval().requires_grad_(False)
-        # prompt embeddings only, no videos; with data.rank_shards only this actor's share of the shards,
-        # and each trajectory then carries its embeddings (the learners hold other shares)
-        part = (int(actor_id.rsplit("-", 1)[1]), int(self.cfg.rollout.num_actors)) if self.cfg.data.rank_shards \
-            else (0, 1)
-        clips = read_shards(Path(self.cfg.data.root) / "train", *part, columns=["prompt_embedding"])
-        self.embeddings, self.clip_shape = clips.embeddings, clips.video_shape
+        # prompt embeddings only, no videos. With data.rank_shards this actor streams its share of the rows
+        # (a bounded window; data/stream.py) and each trajectory carries its embeddings (the learners hold
+        # other rows); otherwise it holds every embedding and draws from them
+        self.stream, self.cursor = None, None
+        if self.cfg.data.rank_shards:
+            source, filesystem = data_source(self.cfg)
+            self.stream = RowStream(source, int(actor_id.rsplit("-", 1)[1]), int(self.cfg.rollout.num_actors),
+                                    seed=int(self.cfg.run.seed), window=int(self.cfg.data.window_row_groups),
+                                    columns=["prompt_embedding"], filesystem=filesystem)
+            self.embeddings, self.clip_shape = None, self.stream.video_shape
+        else:
+            clips = read_shards(Path(self.cfg.data.root) / "train", columns=["prompt_embedding"])
+            self.embeddings, self.clip_shape = clips.embeddings, clips.video_shape
         self.version = -1
         self.lock = threading.Lock()  # weights change only between trajectories
         self.load_latest_weights()
@@ -127,9 +135,16 @@ class RolloutActor:
 
     def make_trajectory(self, kind: str, seed: int) -> Trajectory:
         """One trajectory of ``rollout.batch_size`` clips: prompts, noise, (N, k) drawn from ``seed``."""
+        batch = int(self.cfg.rollout.batch_size)
+        embeddings, in_order = self.embeddings, False
+        if self.stream is not None:  # the next rows of this actor's stream (a fresh place after a restart)
+            if self.cursor is None:
+                self.cursor = seed * batch % len(self.stream)
+            embeddings, in_order = self.stream.batch(self.cursor, batch)[1], True
+            self.cursor += batch
         with self.lock:
-            return self.strategy.make(self.student, kind, seed, self.embeddings, self.clip_shape,
-                                      int(self.cfg.rollout.batch_size), self.version, self.device, self.dtype)
+            return self.strategy.make(self.student, kind, seed, embeddings, self.clip_shape, batch, self.version,
+                                      self.device, self.dtype, in_order=in_order)
 
     def rollout(self, kind: str, seed: int) -> dict:
         """Make one trajectory and push its ref into the buffer, awaiting space while it is full.

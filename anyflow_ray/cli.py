@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
                                "simulation (rollouts and learner steps replaced by sleeps, 1-32 actors)")
             which.add_argument("--control-plane-only", action="store_true", help="run only that simulation "
                                "(its result replaces control_plane_sim in bench.json)")
+            which.add_argument("--data-scale-only", action="store_true", help="run only the data-path figures "
+                               "(2k-200k tiny rows; their result replaces data_scale in bench.json)")
             cmd.add_argument("--actors", default="1,4,16,32", help="rollout actor counts of the simulation "
                              "(default: 1,4,16,32)")
         if name == "bench-scale":
@@ -125,7 +127,8 @@ def _run_command(args: argparse.Namespace) -> int:
                   file=sys.stderr)
             return 2
         extra = {"actors": actors,
-                 "control_plane": "skip" if args.skip_control_plane else "only" if args.control_plane_only else "run"}
+                 "control_plane": "skip" if args.skip_control_plane else "only" if args.control_plane_only
+                 else "data-only" if args.data_scale_only else "run"}
     if args.command == "bench-scale":
         try:
             steps = tuple(int(n) for n in args.steps.split(","))

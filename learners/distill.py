@@ -91,7 +91,7 @@ class DistillWorker(WeightPublisher, LearnerWorker):
     # -- trajectories -----------------------------------------------------------------------
     def _fetch(self, wrapped_refs: list, kind: str) -> tuple[list[Trajectory], int, int]:
         """(valid trajectories, lost, rejected)."""
-        clips = self.data.clips
+        data = self.data
         good, lost, rejected = [], 0, 0
         for wrapped in wrapped_refs:
             try:
@@ -100,8 +100,8 @@ class DistillWorker(WeightPublisher, LearnerWorker):
                 lost += 1
                 continue
             try:
-                good.append(checked(payload, tuple(clips.videos.shape[1:]), len(clips.prompts),
-                                    tuple(clips.embeddings.shape[1:]), self.causal, kind))
+                good.append(checked(payload, data.clip_shape, len(data.clips), data.embedding_shape, self.causal,
+                                    kind))
             except TrajectoryError:
                 rejected += 1
         return good, lost, rejected
@@ -122,7 +122,7 @@ class DistillWorker(WeightPublisher, LearnerWorker):
         return [int(m) - c for m, c in zip(most.tolist(), counts)]
 
     def _stand_ins(self, kind: str, count: int) -> list[Trajectory]:
-        return [self.objective.stand_in(kind, tuple(self.data.clips.videos.shape[1:]))] * count
+        return [self.objective.stand_in(kind, self.data.clip_shape)] * count
 
     # -- one step -----------------------------------------------------------------------------
     halted: int | None = None  # the step whose non-finite loss stopped this rank

@@ -26,13 +26,14 @@ from omegaconf import DictConfig, OmegaConf
 from anyflow_ray.training import checkpoint as ckpt_io
 from anyflow_ray.run.config import ConfigError
 from anyflow_ray.data.shards import read_shards
+from anyflow_ray.data.stream import RowStream
 from anyflow_ray.run.device import collective_backend, resolve_device, resolve_dtype, set_threads
 from anyflow_ray.models.loading import load_text_encoder, load_transformer, text_max_length
 from anyflow_ray.models.lora import apply_lora
 from anyflow_ray.models.text import encode_prompts
 from anyflow_ray.training.objectives import OBJECTIVES, TrainData, objective_models
 from anyflow_ray.pipeline import pipeline_files, save_as_pipeline
-from anyflow_ray.run.storage import Storage, job_inputs
+from anyflow_ray.run.storage import Storage, data_source, job_inputs
 from anyflow_ray.training.optim import EMA, warmup_lambda
 from learners.partitions import gather_parts, gather_to_cpu, local_part
 from learners.ranks import every_rank, rank_zero
@@ -193,8 +194,12 @@ class LearnerWorker:
     def _load_data(self) -> TrainData:
         from pathlib import Path
 
-        part = (self.rank, self.world_size) if self.cfg.data.rank_shards else (0, 1)  # only its own shards
-        clips = read_shards(Path(self.cfg.data.root) / "train", *part)
+        if self.cfg.data.rank_shards:  # its own rows, streamed in bounded memory (data/stream.py)
+            source, filesystem = data_source(self.cfg)
+            clips = RowStream(source, self.rank, self.world_size, seed=int(self.cfg.run.seed),
+                              window=int(self.cfg.data.window_row_groups), filesystem=filesystem)
+        else:  # the whole data set, in memory
+            clips = read_shards(Path(self.cfg.data.root) / "train")
         tokenizer, encoder = load_text_encoder(self.cfg.model.base)
         uncond = encode_prompts(tokenizer, encoder, [self.cfg.model.negative_prompt],  # c_null
                                 text_max_length(self.cfg.model.base))

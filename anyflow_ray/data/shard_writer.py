@@ -109,8 +109,10 @@ def write_shards(
     embeddings: np.ndarray | torch.Tensor,
     seeds: list[int],
     shard_size: int = 256,
+    row_group_size: int | None = None,
 ) -> list[Path]:
-    """Write N clips as Parquet shards of ``shard_size`` rows plus ``manifest.json``.
+    """Write N clips as Parquet shards of ``shard_size`` rows (row groups of ``row_group_size`` rows,
+    the unit a data stream reads; default one per shard) plus ``manifest.json``.
 
     ``videos`` is (N, ...) (usually (N, C, F, H, W)), ``embeddings`` (N, L, D). All inputs
     are validated first; on bad input a ValueError names the problem and nothing is
@@ -129,7 +131,7 @@ def write_shards(
             video_array[rows], embedding_array[rows], prompt_list[rows], seed_list[rows]
         )
         path = root / shard_name(index)
-        write_atomically(path, lambda temp, table=table: pq.write_table(table, temp))
+        write_atomically(path, lambda temp, table=table: pq.write_table(table, temp, row_group_size=row_group_size))
         paths.append(path)
     for stale in sorted(set(root.glob(SHARD_GLOB)) - set(paths)):
         stale.unlink()

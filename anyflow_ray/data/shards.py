@@ -120,7 +120,7 @@ def shard_name(index: int) -> str:
 # ----------------------------------------------------------------------------- reading
 
 
-def _check_schema(schema: pa.Schema, shard: str, required: Sequence[str] | None = None) -> None:
+def check_schema(schema: pa.Schema, shard: str, required: Sequence[str] | None = None) -> None:
     """A shard's schema has the ``required`` schema columns (default all), no others but the
     optional ones, with the schema's types."""
     required = SHARD_SCHEMA.names if required is None else list(required)
@@ -190,7 +190,7 @@ def _flat_values(table: pa.Table, shard: str, column: str, shape: tuple[int, ...
 
 
 @dataclass
-class _ShardContents:
+class ShardContents:
     """Checked contents of one shard."""
 
     videos: np.ndarray  # (rows, prod(video_shape))
@@ -205,7 +205,7 @@ class _ShardContents:
 _ALWAYS_READ = ("video_shape", "prompt", "embedding_shape", "seed")
 
 
-def _read_columns(columns: Sequence[str] | None) -> list[str]:
+def read_columns(columns: Sequence[str] | None) -> list[str]:
     """The schema columns a read needs for ``columns`` (None: all of them), in schema order."""
     if columns is None:
         return list(SHARD_SCHEMA.names)
@@ -221,7 +221,7 @@ def _read_shard(
     shapes: dict[str, tuple[int, ...] | None],
     columns: list[str] | None = None,
     rows: np.ndarray | None = None,
-) -> _ShardContents:
+) -> ShardContents:
     """Read and check one shard; ``shapes`` maps shape columns to the shape seen so far.
 
     ``columns``: the schema columns to read (default all); a column left out comes back empty
@@ -231,10 +231,21 @@ def _read_shard(
     columns = columns or list(SHARD_SCHEMA.names)
     try:
         file = pq.ParquetFile(path)
-        _check_schema(file.schema_arrow, shard, required=columns)
+        check_schema(file.schema_arrow, shard, required=columns)
         table = file.read(columns=columns)
     except (pa.ArrowException, OSError) as error:
         raise ShardError(f"{shard}: not a readable Parquet file ({error})") from error
+    return checked_contents(table, shard, shapes, columns, rows)
+
+
+def checked_contents(
+    table: pa.Table,
+    shard: str,
+    shapes: dict[str, tuple[int, ...] | None],
+    columns: list[str],
+    rows: np.ndarray | None = None,
+) -> ShardContents:
+    """The checked contents of ``table`` (a shard, or a row group of one, named ``shard`` in errors)."""
     if table.num_rows == 0:
         raise ShardError(f"{shard}: has no rows")
     for column in columns:
@@ -253,7 +264,7 @@ def _read_shard(
             return np.zeros((table.num_rows, 0), dtype=np.float32)
         return _flat_values(table, shard, column, found[ARRAY_COLUMNS[column]])
 
-    return _ShardContents(
+    return ShardContents(
         videos=values("video"),
         embeddings=values("prompt_embedding"),
         prompts=table.column("prompt").to_pylist(),
@@ -311,7 +322,7 @@ def read_shards(
     Raises FileNotFoundError when the folder is missing or empty and ShardError (a
     ValueError) naming the shard file, row and column when a row breaks the schema.
     """
-    read = _read_columns(columns)
+    read = read_columns(columns)
     shapes: dict[str, tuple[int, ...] | None] = dict.fromkeys(ARRAY_COLUMNS.values())
     contents = []
     paths = shard_paths(root)

@@ -10,6 +10,9 @@
    real driver, buffer, registry and learner group with rollouts and learner steps replaced by sleeps
    (1 s, 0.25 s), 1-32 rollout actors: learner steps/s against the ideal, and the driver's time per step.
    ``--skip-control-plane`` leaves it out; ``--control-plane-only`` runs just it (into the same bench.json).
+6. The data path (``bench_data``, key ``data_scale``): one reader's peak resident memory and rows/s over
+   an epoch of 2k, 20k and 200k tiny rows, streamed (``data.rank_shards``) and in memory; the stream's
+   rows/s against what the tiny learner step of 1. consumes. ``--data-scale-only`` runs just it.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from anyflow_ray.run.config import load_config
-from anyflow_ray.jobs import bench_control
+from anyflow_ray.jobs import bench_control, bench_data
 from anyflow_ray.jobs.common import log, prepare
 from anyflow_ray.jobs.data import scaffold_untrained_run
 
@@ -35,6 +38,8 @@ def run(cfg: DictConfig, control_plane: str = "run", actors: tuple[int, ...] = b
     figures already in bench.json are kept)."""
     if control_plane == "only":
         return _control_plane_only(cfg, actors)
+    if control_plane == "data-only":
+        return _data_scale_only(cfg)
     with tempfile.TemporaryDirectory(prefix="anyflow-bench-") as tmp:
         overrides = _bench_overrides(cfg, tmp)
         bench_cfg = load_config(None, overrides)
@@ -78,6 +83,26 @@ def run(cfg: DictConfig, control_plane: str = "run", actors: tuple[int, ...] = b
     if control is not None:
         bench_control.print_table(control)
         result["control_plane_sim"] = control
+    print("Data path, one reader, one epoch (peak resident memory growth, rows/s):")
+    result["data_scale"] = bench_data.measure()
+    bench_data.print_summary(result["data_scale"], _rows_per_s_consumed(result))
+    _write(cfg, result)
+    return result
+
+
+def _rows_per_s_consumed(result: dict) -> float | None:
+    """Rows a second the tiny Stage-1 learner step (one rank) of this bench consumes."""
+    if "ray_deepspeed_step_s" not in result:
+        return None
+    return result["global_batch"] / result["ray_deepspeed_step_s"]
+
+
+def _data_scale_only(cfg: DictConfig) -> dict:
+    path = Path(cfg.run.output_dir) / "bench.json"
+    result = json.loads(path.read_text()) if path.exists() else {}
+    print("Data path, one reader, one epoch (peak resident memory growth, rows/s):")
+    result["data_scale"] = bench_data.measure()
+    bench_data.print_summary(result["data_scale"], _rows_per_s_consumed(result))
     _write(cfg, result)
     return result
 

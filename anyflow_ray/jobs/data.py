@@ -55,7 +55,8 @@ def run(cfg: DictConfig) -> Path:
     for name, out, num, seed in splits:
         videos, prompts, seeds = render_split(cfg, num, seed, name)
         embeddings = encode_prompts(tokenizer, encoder, prompts, max_length)
-        shards = write_shards(out, videos, prompts, embeddings.numpy(), seeds, shard_size=cfg.data.shard_size)
+        shards = write_shards(out, videos, prompts, embeddings.numpy(), seeds, shard_size=cfg.data.shard_size,
+                              row_group_size=cfg.data.row_group_size)
         log.info("%s: %d clips %s in %d shard(s) under %s", name, num, tuple(videos.shape[1:]), len(shards), out)
     return root
 

@@ -248,7 +248,7 @@ def run(cfg: DictConfig) -> dict:
         run_tag = time.strftime("%Y%m%d%H%M%S")
         _pipeline(cfg, items, leave_out, skip_log).write_parquet(
             out, filesystem=fs, filename_provider=_shard_names(run_tag), min_rows_per_file=cfg.data.shard_size,
-            max_rows_per_file=cfg.data.shard_size)
+            max_rows_per_file=cfg.data.shard_size, row_group_size=cfg.data.row_group_size)
     seconds = time.perf_counter() - start
     new_files = sorted(set(list_shard_files(out, fs)) - before)
     _drop_empty_files(fs, new_files)

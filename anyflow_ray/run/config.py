@@ -88,7 +88,9 @@ class DataConfig:
     seed: int = 1234
     fps: float = 16.0  # frame rate clips are sampled at (`prepare`; the mp4 files `data` writes with format=mp4)
     format: str = "parquet"  # `anyflow-ray data` writes: parquet (shards, the default) or mp4 (mp4 + json clips)
-    rank_shards: bool = False  # each rank reads its own shards (its draws then depend on the rank count)
+    rank_shards: bool = False  # each rank streams its own rows in bounded memory (draws then depend on the rank count)
+    row_group_size: int = 16  # rows per Parquet row group written (the unit a stream reads)
+    window_row_groups: int = 4  # row groups a stream holds at once (its memory bound; the shuffle's reach)
 
 
 @dataclass
@@ -169,6 +171,8 @@ class RolloutConfig:
     colocate: bool = False  # actor i shares learner rank i mod num_ranks' bundle and GPU (e.g. 0.5 + 0.5)
     threads: int = 1
     batch_size: int = 8  # clips per trajectory
+    failures_before_restart: int = 3  # consecutive rollouts of one actor that raised before it is restarted
+    restarts_on_error: int = 2  # such restarts before the actor is retired (all retired: the run stops)
 
 
 @dataclass

@@ -28,19 +28,20 @@ def validate(cfg: DictConfig, inherits: dict[str, str] | None = None) -> None:
     _require(cfg.run.device in ("auto", "cpu", "cuda"), "run.device", cfg.run.device, "must be auto, cpu or cuda")
     _require(cfg.run.precision in ("auto", "fp32", "bf16"), "run.precision", cfg.run.precision, "must be auto, fp32 or bf16")
     for key in ("run.threads", "run.keep_checkpoints", "learner.num_ranks", "rollout.num_actors", "rollout.batch_size",
-                "eval.num_prompts", "model.lora.rank", "prepare.vae_batch_size", "prepare.vae_concurrency",
-                "prepare.text_batch_size", "prepare.text_concurrency"):
+                "rollout.failures_before_restart", "eval.num_prompts", "model.lora.rank", "prepare.vae_batch_size",
+                "prepare.vae_concurrency", "prepare.text_batch_size", "prepare.text_concurrency"):
         _require(OmegaConf.select(cfg, key) >= 1, key, OmegaConf.select(cfg, key), "must be >= 1")
     for key in ("prepare.decode_cpus", "prepare.vae_gpus", "prepare.text_gpus", "prepare.actor_cpus", "teacher.ema_warmup",
                 "pretrain.ema_warmup", "distill.ema_warmup", "distill.max_policy_lag", "distill.real_weight",
-                "rollout.cpus_per_actor", "model.causal.cache_chunks", "sample.max_chunks"):
+                "rollout.cpus_per_actor", "rollout.restarts_on_error", "model.causal.cache_chunks", "sample.max_chunks"):
         _require(OmegaConf.select(cfg, key) >= 0, key, OmegaConf.select(cfg, key), "must be >= 0")
     patch = list(cfg.model.tiny.patch_size)
     _require(len(patch) == 3 and all(p >= 1 for p in patch), "model.tiny.patch_size", patch, "must be 3 positive ints")
     _require(cfg.data.frames % patch[0] == 0 and cfg.data.height % patch[1] == 0 and cfg.data.width % patch[2] == 0,
              "data.frames/height/width", (cfg.data.frames, cfg.data.height, cfg.data.width),
              f"must be divisible by model.tiny.patch_size={patch}")
-    for key in ("num_train", "num_heldout", "frames", "height", "width", "shard_size"):
+    for key in ("num_train", "num_heldout", "frames", "height", "width", "shard_size", "row_group_size",
+                "window_row_groups"):
         _require(cfg.data[key] >= 1, f"data.{key}", cfg.data[key], "must be >= 1")
     _require(cfg.data.format in ("parquet", "mp4"), "data.format", cfg.data.format, "must be parquet or mp4")
     for key in ("steps", "batch_size", "warmup", "log_every"):

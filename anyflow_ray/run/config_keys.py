@@ -65,7 +65,9 @@ KEYS: dict[str, str] = {
     "data.seed": "seed of the synthetic clips (the held-out split uses its own offset)",
     "data.fps": "frame rate clips are sampled at (`prepare`; the mp4 files `data` writes with format=mp4)",
     "data.format": "what `anyflow-ray data` writes: parquet (shards) or mp4 (mp4 + json clips)",
-    "data.rank_shards": "true: each learner rank reads only its own shards (its draws then depend on the rank count); false: every rank reads all",
+    "data.rank_shards": "true: each learner rank and rollout actor streams only its own rows, a few row groups at a time (a global shuffle of row groups per epoch; draws depend on the rank count); false: every process holds the whole data set in memory",
+    "data.row_group_size": "rows per Parquet row group the data and prepare commands write: the unit a stream reads",
+    "data.window_row_groups": "row groups a stream (data.rank_shards) holds at once: its memory bound and the reach of its shuffle",
     # prepare: captioned videos -> Wan latents + UMT5 embeddings (Ray Data)
     "prepare.input": "folders, .mp4 files, .tar shards, .csv/.jsonl manifests to encode",
     "prepare.output": "folder of the Parquet shards `prepare` writes",
@@ -126,6 +128,8 @@ KEYS: dict[str, str] = {
     "rollout.colocate": "place rollout actor i in learner rank i mod ranks' bundle, sharing its GPU (e.g. 0.5 + 0.5)",
     "rollout.threads": "torch threads per rollout actor",
     "rollout.batch_size": "clips per trajectory (one trajectory per learner rank and step)",
+    "rollout.failures_before_restart": "consecutive rollouts of one actor that raised (out of memory, I/O, ...) before Ray restarts it",
+    "rollout.restarts_on_error": "such restarts of one actor before it is retired; the run stops, naming the error, when every actor is retired",
     # distill: Stage 2, on-policy distillation with flow-map backward simulation (docs/method.md §5)
     "distill.output": "Stage 2's folder",
     "distill.init": "student G's start: the Stage-1 export",

@@ -173,10 +173,62 @@ def _activation_items(cfg: DictConfig, forwards: int, per_pass: int, what: str) 
             Item("activations: one block's backward (est.)", recompute, f"{per_pass} clip(s)")]
 
 
-def _host_items(cfg: DictConfig) -> dict[str, list[Item]]:
+def row_bytes(cfg: DictConfig, videos: bool = True) -> int:
+    """One data-set row in a reader's memory: fp32 Wan latents (16 channels, 4x temporal and 8x spatial
+    compression) and the fp32 UMT5 prompt embedding padded to its 512 x 4096."""
+    from anyflow_ray.run.config import latent_frames
+
+    latent = 16 * latent_frames(cfg) * (cfg.data.height // 8) * (cfg.data.width // 8)
+    return FP32 * (latent * videos + 512 * 4096)
+
+
+def dataset_rows(cfg: DictConfig) -> tuple[int, str]:
+    """Rows of the training set: its manifest's when it is prepared, else ``data.num_train``."""
+    import json
+    from pathlib import Path
+
+    manifest = Path(str(cfg.data.root)) / "train" / "manifest.json"
+    if "://" not in str(cfg.data.root) and manifest.is_file():
+        return int(json.loads(manifest.read_text())["num_rows"]), str(manifest)
+    return int(cfg.data.num_train), "data.num_train"
+
+
+def data_items(cfg: DictConfig, videos: bool = True) -> list[Item]:
+    """What one reader holds of the data set: a stream's windows (``data.rank_shards``: the window it
+    reads, the next one read ahead and that one's shuffled copy while it is made) or, otherwise, the
+    whole data set (twice at load)."""
+    rows, where = dataset_rows(cfg)
+    row = row_bytes(cfg, videos)
+    what = "latents + prompt embedding" if videos else "prompt embeddings only"
+    if cfg.data.rank_shards:
+        held = cfg.data.window_row_groups * cfg.data.row_group_size
+        return [Item("data stream windows (x3: +read-ahead, shuffle)", 3 * held * row,
+                     f"{held} rows of {row / 2**20:.1f} MiB ({what}), whatever the data set's size "
+                     f"({rows:,} rows, {where})")]
+    return [Item("data set in memory (x2 at load)", 2 * rows * row,
+                 f"{rows:,} rows ({where}) of {row / 2**20:.1f} MiB ({what}) on every reader: set "
+                 f"data.rank_shards=true to stream")]
+
+
+def _host_items(cfg: DictConfig, job: str = "") -> dict[str, list[Item]]:
     n = text_encoder_parameters()
-    return {"host RAM per learner rank (not GPU)": [
-        Item("text encoder UMT5-XXL (encodes c_null once)", FP32 * n, f"{n / 1e9:.2f} B params, fp32, CPU")]}
+    items = {HOST_RANK: [
+        Item("text encoder UMT5-XXL (encodes c_null once)", FP32 * n, f"{n / 1e9:.2f} B params, fp32, CPU"),
+        *data_items(cfg)]}
+    if job == "distill":
+        items["host RAM per rollout actor (not GPU)"] = data_items(cfg, videos=False)
+    return items
+
+
+HOST_RANK = "host RAM per learner rank (not GPU)"
+
+
+def node_note(plan: MemoryPlan, ranks: int, gpus_per_node: int = 8) -> str:
+    """Host RAM of a node's learner ranks (``gpus_per_node`` of them, one GPU each)."""
+    per_rank = sum(item.bytes for item in plan.other[HOST_RANK])
+    on_node = min(ranks, gpus_per_node)
+    return (f"host RAM of the learner ranks of one {gpus_per_node}-GPU node: {on_node} x {per_rank / GiB:.1f} GiB "
+            f"= {on_node * per_rank / GiB:.1f} GiB (rollout actors on the node add theirs)")
 
 
 def plan_teacher(cfg: DictConfig) -> MemoryPlan:
@@ -187,6 +239,7 @@ def plan_teacher(cfg: DictConfig) -> MemoryPlan:
     micro = cfg.teacher.batch_size // ranks
     plan.items += _activation_items(cfg, micro, micro, f"{micro} clip(s) x 1 forward with grad")
     plan.other = _host_items(cfg)
+    plan.notes.append(node_note(plan, ranks))
     return plan
 
 
@@ -208,6 +261,7 @@ def plan_pretrain(cfg: DictConfig) -> MemoryPlan:
         what += " + the bidirectional auxiliary forward"
     plan.items += _activation_items(cfg, forwards, micro * seq, what)
     plan.other = _host_items(cfg)
+    plan.notes.append(node_note(plan, ranks))
     return plan
 
 
@@ -242,7 +296,8 @@ def plan_distill(cfg: DictConfig) -> MemoryPlan:
     forwards, per_pass = distill_forwards(cfg)
     plan.items += _activation_items(cfg, forwards, per_pass, f"{forwards} clip-forward(s) with grad at the peak "
                                     f"(grad_scope={grad_scope(cfg)})")
-    plan.other = {"rollout actor GPU": _rollout_items(cfg, student), **_host_items(cfg)}
+    plan.other = {"rollout actor GPU": _rollout_items(cfg, student), **_host_items(cfg, "distill")}
+    plan.notes.append(node_note(plan, ranks))
     if cfg.rollout.colocate:
         plan.notes.append("rollout.colocate: a rollout actor shares each learner GPU; add its total to the learner's")
         plan.items.append(Item("colocated rollout actor", sum(i.bytes for i in plan.other["rollout actor GPU"])))

@@ -130,4 +130,20 @@ def job_inputs(cfg, job: str) -> list[str]:
     """The folders a job's processes read: the base model (text encoder, tokenizer), the data, and the
     model the job starts from (Stage 1: ``pretrain.init``; Stage 2: ``distill.init`` and ``distill.teacher``)."""
     starts = {"teacher": [], "pretrain": [cfg.pretrain.init], "distill": [cfg.distill.init, cfg.distill.teacher]}[job]
-    return [cfg.model.base, cfg.data.root, *starts]
+    data = [] if cfg.data.rank_shards else [cfg.data.root]  # streamed in place (data_source), never fetched
+    return [cfg.model.base, *data, *starts]
+
+
+def data_source(cfg, split: str = "train") -> tuple[str, object]:
+    """Where a data stream (``data.rank_shards``) reads ``split``'s shards, as (path or URI, pyarrow
+    filesystem or None): ``data.root`` itself when it is a URI; the local folder when this node has it;
+    else its copy under ``run.storage``, read in place (only the row groups a reader needs)."""
+    root = str(cfg.data.root)
+    if "://" in root:
+        return f"{root.rstrip('/')}/{split}", None
+    local = Path(root) / split
+    storage = Storage.of(cfg)
+    remote = storage.remote_of(local)
+    if remote is None or local.is_dir():
+        return str(local), None
+    return remote, storage.fs

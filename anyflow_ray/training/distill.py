@@ -117,11 +117,17 @@ class RolloutStrategy:
 
     @torch.no_grad()
     def make(self, student, kind: str, seed: int, embeddings: torch.Tensor, clip_shape: tuple[int, ...],
-             batch: int, version: int, device, dtype) -> Trajectory:
-        """The actor's side: one trajectory of ``batch`` clips; prompts, noise and (N, k) drawn from ``seed``."""
+             batch: int, version: int, device, dtype, in_order: bool = False) -> Trajectory:
+        """The actor's side: one trajectory of ``batch`` clips; prompts, noise and (N, k) drawn from ``seed``.
+        ``in_order``: ``embeddings`` are this trajectory's ``batch`` prompts (the next rows of the actor's
+        data stream), taken as they are; otherwise prompts are drawn from them."""
         gen = torch.Generator().manual_seed(seed)
         n, k = draw_budget(gen, self.budgets)
-        idx = torch.randint(len(embeddings), (batch,), generator=gen)
+        idx = torch.randint(len(embeddings), (batch,), generator=gen)  # drawn either way: the same noise
+        if in_order:
+            if len(embeddings) != batch:
+                raise ValueError(f"in_order: {len(embeddings)} prompt embeddings for a trajectory of {batch} clips")
+            idx = torch.arange(batch)
         context = embeddings[idx].to(device, dtype)
         noise = torch.randn((batch, *clip_shape), generator=gen).to(device, dtype)
         rollout = None
@@ -185,7 +191,8 @@ class DistillObjective:
         self.cfg, self.co_training = cfg, co_training
         self.device, self.dtype = torch.device(device or "cpu"), dtype  # where the models run
         self.strategy = rollout_strategy(cfg, causal)
-        self.embeddings = co_training.data.clips.embeddings
+        # looked up by a trajectory's prompt_idx unless trajectories carry their prompts (a data stream)
+        self.embeddings = None if self.strategy.carry_context else co_training.data.clips.embeddings
         self.uncond = co_training.data.uncond
         ex = cfg.experiments
         self.shift, self.critic_times = float(ex.dmd_shift), str(ex.critic_times)

@@ -6,9 +6,10 @@ The learner worker (DeepSpeed, under Ray) and the plain single-process loop call
 the global batch does not depend on anything but its rank.
 
 When every rank holds the whole data set (``data.rank_shards: false``, the tiny configs) a run's draws do
-not depend on the number of ranks either. With ``data.rank_shards: true`` (real data: each rank reads
-only its own shards) that cannot hold, since a rank can only draw the clips it holds: the clips drawn
-then depend on the number of ranks, the noise and times drawn for each batch position still do not.
+not depend on the number of ranks either. With ``data.rank_shards: true`` (real data) each rank streams
+its own rows in bounded memory (``data/stream.py``: a global shuffle of row groups per epoch, dealt to
+the ranks; step s is rows [s * local, (s + 1) * local) of the rank's stream): the clips drawn then
+depend on the number of ranks, the noise and times drawn for each batch position still do not.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 from omegaconf import DictConfig
 
 from anyflow_ray.data.shards import ClipBatch
+from anyflow_ray.data.stream import RowStream
 from anyflow_ray.training.losses import FlowMapLossConfig, draw_layout, flowmap_loss, sample_seeds, teacher_loss
 from anyflow_ray.sampling.schedule import Beta08Weight
 from anyflow_ray.training.seeds import epoch_seed, step_generator
@@ -26,8 +28,17 @@ from anyflow_ray.training.seeds import epoch_seed, step_generator
 
 @dataclass
 class TrainData:
-    clips: ClipBatch
+    clips: ClipBatch | RowStream  # the whole data set in memory, or this rank's stream (data.rank_shards)
     uncond: torch.Tensor  # (1, L, D) embedding of the unconditional prompt
+
+    @property
+    def clip_shape(self) -> tuple[int, ...]:
+        return tuple(self.clips.video_shape)
+
+    @property
+    def embedding_shape(self) -> tuple[int, ...]:
+        clips = self.clips
+        return tuple(clips.embedding_shape if isinstance(clips, RowStream) else clips.embeddings.shape[1:])
 
     def global_indices(self, step: int, global_batch: int, seed: int) -> torch.Tensor:
         """Clip indices of step ``step``'s global batch: epoch-wise permutations, seeded by (seed, epoch)."""
@@ -39,30 +50,17 @@ class TrainData:
         order = torch.randperm(n, generator=torch.Generator().manual_seed(epoch_seed(seed, epoch)))
         return order[slot * global_batch:(slot + 1) * global_batch]
 
-    def part_indices(self, step: int, local: int, seed: int, rank: int) -> torch.Tensor:
-        """Clip indices of a rank that holds only its part of the data set (``read_shards(root, rank,
-        world_size)``): epoch-wise permutations of its own clips, seeded by (seed, epoch, rank).
-
-        Unlike ``global_indices`` the clips a run draws then depend on the number of ranks (each rank
-        draws from other clips); the noise and times of each batch position do not (``positions``)."""
-        n = len(self.clips.prompts)
-        if local > n:
-            raise ValueError(f"rank {rank}: local batch {local} is larger than its part of the data set ({n} clips)")
-        epoch, slot = divmod(step, n // local)
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(epoch_seed(seed, epoch, rank)))
-        return order[slot * local:(slot + 1) * local]
-
     def local_batch(self, step: int, global_batch: int, seed: int, rank: int, world_size: int, device, dtype):
         """(x0, context, positions in the global batch) of this rank's slice."""
         local = global_batch // world_size
         positions = torch.arange(rank * local, (rank + 1) * local)
-        if self.clips.part[1] > 1:
+        if isinstance(self.clips, RowStream):
             if self.clips.part != (rank, world_size):
-                raise ValueError(f"the data is part {self.clips.part} (rank, ranks) but rank {rank} of {world_size} "
-                                 f"draws from it")
-            idx = self.part_indices(step, local, seed, rank)
-        else:
-            idx = self.global_indices(step, global_batch, seed)[positions]
+                raise ValueError(f"the data stream is part {self.clips.part} (rank, ranks) but rank {rank} of "
+                                 f"{world_size} draws from it")
+            videos, embeddings = self.clips.batch(step * local, local)
+            return videos.to(device, dtype), embeddings.to(device, dtype), positions
+        idx = self.global_indices(step, global_batch, seed)[positions]
         return (self.clips.videos[idx].to(device, dtype), self.clips.embeddings[idx].to(device, dtype), positions)
 
 
