@@ -40,10 +40,8 @@ and ``embedding_shape``. Files are written under a temporary name and renamed, s
 never sees half a shard. Readers check every row and raise :class:`ShardError` naming the
 shard file, the row index within it and the column when something is off.
 
-Reading at scale: ``read_shards(root, rank, world_size)`` reads only rank ``rank``'s part
-(shards ``i % world_size == rank`` in name order; rows ``j % world_size == rank`` when there
-are fewer shards than ranks), and ``columns=`` leaves out what a reader does not need (rollout
-actors read the prompt embeddings, never the videos).
+``read_shards`` holds what it reads (``rank, world_size``: one rank's part; ``columns=``: e.g. the
+embeddings only); training at scale streams its rows in bounded memory instead (``stream.py``).
 """
 
 from __future__ import annotations
