@@ -1,21 +1,24 @@
-"""Clip datasets stored as Parquet shards.
+"""Clip datasets stored as Parquet shards: listing, a rank's part, reading it whole (``read_shards``).
 
-Writing is in ``shard_writer.py``. A dataset is a folder holding ``shard-00000.parquet``, ``shard-00001.parquet``, ... and a
-``manifest.json``. Each shard is a Parquet table with one row per clip and exactly these
-columns:
+Writing is in ``shard_writer.py``, the on-disk formats and the row checks in ``shard_format.py``, the
+streaming reader in ``stream.py``. A dataset is a folder holding ``shard-00000.parquet``, ... and a
+``manifest.json``. Each shard is a Parquet table with one row per clip and these columns (format 2, what
+is written; format 1 stored both arrays as ``list<float32>``, the embedding padded, and is still read):
 
-===================  ===============  ======================================================
-column               Arrow type       meaning
-===================  ===============  ======================================================
-``video``            list<float32>    the clip, flattened in C order; pixels in [-1, 1] for
-                                      raw videos, or a latent for real models
-``video_shape``      list<int32>      shape of ``video``, e.g. ``[C, F, H, W]``; the channel
-                                      count is not assumed to be 3
-``prompt``           string           the text prompt
-``prompt_embedding`` list<float32>    the prompt's text-encoder output, flattened in C order
-``embedding_shape``  list<int32>      ``[L, D]`` (tokens, embedding width)
-``seed``             int64            the seed the clip was made with
-===================  ===============  ======================================================
+======================  ===============  ======================================================
+column                  Arrow type       meaning
+======================  ===============  ======================================================
+``video``               list<uint16>     the clip as bf16 bit patterns, flattened in C order; pixels
+                                         in [-1, 1] for raw videos, or a latent for real models
+``video_shape``         list<int32>      shape of ``video``, e.g. ``[C, F, H, W]``; the channel
+                                         count is not assumed to be 3
+``prompt``              string           the text prompt
+``prompt_embedding``    list<uint16>     the prompt's text-encoder states, bf16, its first
+                                         ``embedding_length`` tokens only, flattened in C order
+``embedding_shape``     list<int32>      ``[L, D]`` (padded tokens, embedding width) handed out
+``embedding_length``    int32            tokens kept; readers pad with zeros up to ``L``
+``seed``                int64            the seed the clip was made with
+======================  ===============  ======================================================
 
 Shards made from real videos by ``anyflow-ray prepare`` also hold these columns (optional:
 readers accept them and the synthetic data set leaves them out):
@@ -29,19 +32,19 @@ readers accept them and the synthetic data set leaves them out):
 ===================  ===============  ======================================================
 
 Their ``video`` holds normalised Wan latents ``(C, F', H', W')`` and ``seed`` a stable hash of
-``key``. Their file names are ``shard-<run>-<task>.parquet`` (one name per ``prepare`` run and
-write task, so a later run adds files without touching the earlier ones).
+``key``. Their file names are ``shard-<run>-<write uuid>-<task>.parquet`` (one name per ``prepare`` run
+and write task, so a later run adds files without touching the earlier ones).
 
-Every row of a dataset has the same ``video_shape`` and ``embedding_shape``, the same
-number of values as the product of its shape, and only finite values.
+Every row of a dataset has the same ``video_shape`` and ``embedding_shape``, the number of values its
+shape (and ``embedding_length``) says, and only finite values.
 
-``manifest.json`` records ``num_rows``, ``shards`` (file names in order), ``video_shape``
-and ``embedding_shape``. Files are written under a temporary name and renamed, so a reader
-never sees half a shard. Readers check every row and raise :class:`ShardError` naming the
-shard file, the row index within it and the column when something is off.
+``manifest.json`` records ``num_rows``, ``shards`` (file names in order), ``video_shape``,
+``embedding_shape`` and ``format`` (the shard format). Files are written under a temporary name and
+renamed, so a reader never sees half a shard. Readers check every row and raise :class:`ShardError`
+naming the shard file, the row index within it and the column when something is off.
 
-``read_shards`` holds what it reads (``rank, world_size``: one rank's part; ``columns=``: e.g. the
-embeddings only); training at scale streams its rows in bounded memory instead (``stream.py``).
+``read_shards`` holds what it reads, as float32 (``rank, world_size``: one rank's part; ``columns=``:
+e.g. the embeddings only); training at scale streams its rows in bounded memory instead (``stream.py``).
 """
 
 from __future__ import annotations
@@ -55,40 +58,16 @@ from typing import Any, Sequence
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-SHARD_SCHEMA = pa.schema(
-    [
-        pa.field("video", pa.list_(pa.float32())),
-        pa.field("video_shape", pa.list_(pa.int32())),
-        pa.field("prompt", pa.string()),
-        pa.field("prompt_embedding", pa.list_(pa.float32())),
-        pa.field("embedding_shape", pa.list_(pa.int32())),
-        pa.field("seed", pa.int64()),
-    ]
-)
-# Columns that prepared (real-video) shards add; readers accept them when present.
-OPTIONAL_FIELDS = pa.schema(
-    [
-        pa.field("key", pa.string()),
-        pa.field("source", pa.string()),
-        pa.field("frames", pa.int32()),
-        pa.field("fps", pa.float32()),
-        pa.field("height", pa.int32()),
-        pa.field("width", pa.int32()),
-    ]
-)
-# Flattened array column -> the column holding its shape.
-ARRAY_COLUMNS = {"video": "video_shape", "prompt_embedding": "embedding_shape"}
-SHAPE_RANKS = {"embedding_shape": 2}  # shape columns whose length is fixed
+from anyflow_ray.data.shard_format import (ALWAYS_READ, ARRAY_COLUMNS, COLUMNS, FORMAT_VERSION,  # noqa: F401
+                                           OPTIONAL_FIELDS, SCHEMAS, SHARD_SCHEMA_V1, SHARD_SCHEMA_V2, RowBlock,
+                                           ShardContents, ShardError, check_schema, checked_block, table_columns)
+
+SHARD_SCHEMA = SCHEMAS[FORMAT_VERSION]  # the schema writers write
 MANIFEST_NAME = "manifest.json"
 SHARD_GLOB = "shard-*.parquet"
-
-
-class ShardError(ValueError):
-    """A shard does not follow the schema; the message names file, row and column."""
 
 
 @dataclass
@@ -118,158 +97,30 @@ def shard_name(index: int) -> str:
 # ----------------------------------------------------------------------------- reading
 
 
-def check_schema(schema: pa.Schema, shard: str, required: Sequence[str] | None = None) -> None:
-    """A shard's schema has the ``required`` schema columns (default all), no others but the
-    optional ones, with the schema's types."""
-    required = SHARD_SCHEMA.names if required is None else list(required)
-    missing = [name for name in required if name not in schema.names]
-    known = SHARD_SCHEMA.names + OPTIONAL_FIELDS.names
-    extra = [name for name in schema.names if name not in known]
-    for problem, columns in (("missing", missing), ("unexpected", extra)):
-        if columns:
-            raise ShardError(f"{shard}: {problem} columns {columns}; schema: {SHARD_SCHEMA.names} "
-                             f"(optional: {OPTIONAL_FIELDS.names})")
-    optional = [field for field in OPTIONAL_FIELDS if field.name in schema.names]
-    for field in [*(SHARD_SCHEMA.field(name) for name in required), *optional]:
-        actual, expected = schema.field(field.name).type, field.type
-        # List types may differ in the name of their item field only.
-        same_list = pa.types.is_list(actual) and pa.types.is_list(expected)
-        if not (actual == expected or same_list and actual.value_type == expected.value_type):
-            message = f"column '{field.name}' has type {actual}, expected {expected}"
-            raise ShardError(f"{shard}: {message}")
-
-
-def _first_null_row(column: pa.ChunkedArray) -> int | None:
-    """Index of the first null row of a column, or None."""
-    nulls = np.asarray(column.is_null().to_numpy(zero_copy_only=False))
-    return int(np.argmax(nulls)) if nulls.any() else None
-
-
-def _row_shapes(
-    table: pa.Table, shard: str, column: str, expected: tuple[int, ...] | None
-) -> tuple[int, ...]:
-    """The one shape every row of ``column`` has; ShardError naming the first odd row."""
-    shapes = table.column(column).to_pylist()
-    reference = expected if expected is not None else tuple(shapes[0])
-    if len(reference) != SHAPE_RANKS.get(column, len(reference)) or not all(
-        isinstance(size, int) and size > 0 for size in reference
-    ):
-        raise ShardError(f"{shard}: row 0: column '{column}' holds an invalid shape {shapes[0]}")
-    for row, shape in enumerate(shapes):
-        if tuple(shape) != reference:
-            message = f"column '{column}' is {shape}, other rows have {list(reference)}"
-            raise ShardError(f"{shard}: row {row}: {message}")
-    return reference
-
-
-def _flat_values(table: pa.Table, shard: str, column: str, shape: tuple[int, ...]) -> np.ndarray:
-    """(rows, prod(shape)) float32 values of a flattened column, every row checked."""
-    values = table.column(column).combine_chunks()
-    lengths = pc.list_value_length(values).to_numpy(zero_copy_only=False)
-    expected_length = math.prod(shape)
-    wrong = np.nonzero(lengths != expected_length)[0]
-    if len(wrong):
-        row = int(wrong[0])
-        raise ShardError(
-            f"{shard}: row {row}: column '{column}' has {lengths[row]} values, "
-            f"expected {expected_length} = prod({list(shape)})"
-        )
-    flat = values.flatten()
-    if flat.null_count:
-        row = int(np.argmax(np.asarray(flat.is_null())) // expected_length)
-        raise ShardError(f"{shard}: row {row}: column '{column}' has null values")
-    array = flat.to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
-    array = array.reshape(len(values), expected_length)
-    finite_rows = np.isfinite(array).all(axis=1)
-    if not finite_rows.all():
-        row = int(np.argmin(finite_rows))
-        raise ShardError(f"{shard}: row {row}: column '{column}' has NaN or infinite values")
-    return array
-
-
-@dataclass
-class ShardContents:
-    """Checked contents of one shard."""
-
-    videos: np.ndarray  # (rows, prod(video_shape))
-    embeddings: np.ndarray  # (rows, prod(embedding_shape))
-    prompts: list[str]
-    seeds: np.ndarray  # (rows,) int64
-    video_shape: tuple[int, ...]
-    embedding_shape: tuple[int, ...]
-
-
-# Columns every read includes: small, and what the shapes and the row checks need.
-_ALWAYS_READ = ("video_shape", "prompt", "embedding_shape", "seed")
-
-
 def read_columns(columns: Sequence[str] | None) -> list[str]:
     """The schema columns a read needs for ``columns`` (None: all of them), in schema order."""
     if columns is None:
-        return list(SHARD_SCHEMA.names)
-    unknown = sorted(set(columns) - set(SHARD_SCHEMA.names))
+        return list(COLUMNS)
+    unknown = sorted(set(columns) - set(COLUMNS))
     if unknown:
-        raise ValueError(f"columns {unknown} are not in the shard schema {SHARD_SCHEMA.names}")
-    wanted = set(columns) | set(_ALWAYS_READ)
-    return [name for name in SHARD_SCHEMA.names if name in wanted]
+        raise ValueError(f"columns {unknown} are not in the shard schema {list(COLUMNS)}")
+    wanted = set(columns) | set(ALWAYS_READ)
+    return [name for name in COLUMNS if name in wanted]
 
 
-def _read_shard(
-    path: Path,
-    shapes: dict[str, tuple[int, ...] | None],
-    columns: list[str] | None = None,
-    rows: np.ndarray | None = None,
-) -> ShardContents:
-    """Read and check one shard; ``shapes`` maps shape columns to the shape seen so far.
-
-    ``columns``: the schema columns to read (default all); a column left out comes back empty
-    (zero values per row). ``rows``: indices of the rows to keep (default all).
-    """
+def read_block(path: Path, shapes: dict[str, tuple[int, ...] | None], columns: list[str] | None = None,
+               rows: np.ndarray | None = None) -> RowBlock:
+    """Read and check one shard (either format), its rows as stored; ``shapes`` maps shape columns to the
+    shape seen so far. ``columns``: the logical columns to read (default all); ``rows``: the rows to keep."""
     shard = str(path)
-    columns = columns or list(SHARD_SCHEMA.names)
+    columns = columns or list(COLUMNS)
     try:
         file = pq.ParquetFile(path)
-        check_schema(file.schema_arrow, shard, required=columns)
-        table = file.read(columns=columns)
+        version = check_schema(file.schema_arrow, shard, required=columns)
+        table = file.read(columns=table_columns(version, columns))
     except (pa.ArrowException, OSError) as error:
         raise ShardError(f"{shard}: not a readable Parquet file ({error})") from error
-    return checked_contents(table, shard, shapes, columns, rows)
-
-
-def checked_contents(
-    table: pa.Table,
-    shard: str,
-    shapes: dict[str, tuple[int, ...] | None],
-    columns: list[str],
-    rows: np.ndarray | None = None,
-) -> ShardContents:
-    """The checked contents of ``table`` (a shard, or a row group of one, named ``shard`` in errors)."""
-    if table.num_rows == 0:
-        raise ShardError(f"{shard}: has no rows")
-    for column in columns:
-        null_row = _first_null_row(table.column(column))
-        if null_row is not None:
-            raise ShardError(f"{shard}: row {null_row}: column '{column}' is null")
-    found = {
-        shape_column: _row_shapes(table, shard, shape_column, shapes[shape_column])
-        for shape_column in ARRAY_COLUMNS.values()
-    }
-    if rows is not None:
-        table = table.take(pa.array(rows, type=pa.int64()))
-
-    def values(column: str) -> np.ndarray:
-        if column not in columns:
-            return np.zeros((table.num_rows, 0), dtype=np.float32)
-        return _flat_values(table, shard, column, found[ARRAY_COLUMNS[column]])
-
-    return ShardContents(
-        videos=values("video"),
-        embeddings=values("prompt_embedding"),
-        prompts=table.column("prompt").to_pylist(),
-        seeds=table.column("seed").to_numpy().astype(np.int64),
-        video_shape=found["video_shape"],
-        embedding_shape=found["embedding_shape"],
-    )
+    return checked_block(table, shard, shapes, columns, version, rows)
 
 
 def shard_paths(root: str | os.PathLike) -> list[Path]:
@@ -322,25 +173,33 @@ def read_shards(
     """
     read = read_columns(columns)
     shapes: dict[str, tuple[int, ...] | None] = dict.fromkeys(ARRAY_COLUMNS.values())
-    contents = []
+    blocks = []
     paths = shard_paths(root)
     for path, rows in rank_part(paths, rank, world_size):
-        shard = _read_shard(path, shapes, read, rows)
-        shapes = {"video_shape": shard.video_shape, "embedding_shape": shard.embedding_shape}
-        contents.append(shard)
+        block = read_block(path, shapes, read, rows)
+        shapes = {"video_shape": block.video_shape, "embedding_shape": block.embedding_shape}
+        blocks.append(block)
+    rows = sum(len(block) for block in blocks)
     if world_size == 1:
-        _check_manifest(Path(root), sum(len(shard.prompts) for shard in contents))
+        _check_manifest(Path(root), rows)
     else:
         _check_manifest_names(Path(root), [path.name for path in paths])
-    videos = np.concatenate([shard.videos for shard in contents])
-    embeddings = np.concatenate([shard.embeddings for shard in contents])
     video_shape = shapes["video_shape"] if "video" in read else (0,)
     embedding_shape = shapes["embedding_shape"] if "prompt_embedding" in read else (0, 0)
-    rows = len(seeds := np.concatenate([shard.seeds for shard in contents]))
+    # float32 out, filled shard by shard (no second copy of the whole part at once, as a concatenate makes)
+    videos = np.empty((rows, math.prod(video_shape)), dtype=np.float32)
+    embeddings = np.empty((rows, math.prod(embedding_shape)), dtype=np.float32)
+    start = 0
+    for block in blocks:
+        block.dense_into(videos[start:start + len(block)], embeddings[start:start + len(block)])
+        start += len(block)
+    prompts = [prompt for block in blocks for prompt in block.prompts]
+    seeds = np.concatenate([block.seeds for block in blocks])
+    del blocks
     return ClipBatch(
         videos=torch.from_numpy(videos).reshape(rows, *video_shape),
         embeddings=torch.from_numpy(embeddings).reshape(rows, *embedding_shape),
-        prompts=[prompt for shard in contents for prompt in shard.prompts],
+        prompts=prompts,
         seeds=torch.from_numpy(seeds),
         video_shape=tuple(shapes["video_shape"]),
         part=(rank, world_size),

@@ -18,6 +18,10 @@ global batch (the noise and times of each batch position do not, ``training/obje
 length of a rank's epoch (ranks hold different row groups: a rank moves to its next epoch within a few
 row groups of the others).
 
+A window holds its rows as stored (shard format 2: bf16 and embeddings trimmed to their tokens, about a
+third of the float32 size of a Wan row; ``shard_format.py``); only the rows handed out by ``rows`` and
+``batch`` are turned into float32 (L, D) embeddings.
+
 Why row groups through ``pyarrow`` and not Ray Data's ``streaming_split``: the readers are DeepSpeed
 ranks and rollout actors that already exist, each of which needs its own deterministic order (resume
 needs position -> row as a function, not a live iterator), and the core package imports no Ray. A row
@@ -37,8 +41,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from anyflow_ray.data.shards import (ARRAY_COLUMNS, MANIFEST_NAME, ShardContents, ShardError, checked_contents,
-                                     list_shard_files, read_columns, check_schema)
+from anyflow_ray.data.shard_format import RowBlock, checked_block, table_columns
+from anyflow_ray.data.shards import (ARRAY_COLUMNS, MANIFEST_NAME, ShardContents, ShardError, check_schema,
+                                     list_shard_files, read_columns)
 from anyflow_ray.training.seeds import epoch_seed
 
 
@@ -96,8 +101,9 @@ class RowStream:
         self.groups_read = 0  # row groups read so far (each once per epoch when read in order)
         first = self._read_group(self.groups[0], ["video_shape", "prompt", "embedding_shape", "seed"])
         self.video_shape, self.embedding_shape = first.video_shape, first.embedding_shape
+        self.stored_bytes = first.videos.dtype.itemsize  # per value in a window: 2 (format 2, bf16) or 4
         self._epoch_cache: dict[int, tuple[list[int], np.ndarray]] = {}
-        self._loaded: tuple[tuple[int, int], ShardContents] | None = None
+        self._loaded: tuple[tuple[int, int], RowBlock] | None = None
         self.prefetch, self._pool, self._next = prefetch, None, None
 
     # -- the order ------------------------------------------------------------------------------------
@@ -131,7 +137,7 @@ class RowStream:
 
     # -- reading --------------------------------------------------------------------------------------
     def rows(self, start: int, count: int) -> ShardContents:
-        """Rows [start, start + count) of this rank's stream (across windows and epochs)."""
+        """Rows [start, start + count) of this rank's stream (across windows and epochs), as float32."""
         if start < 0 or count < 1:
             raise ValueError(f"rows({start}, {count}): start must be >= 0 and count >= 1")
         epoch, offset = self.locate(start)
@@ -141,13 +147,13 @@ class RowStream:
             w = int(np.searchsorted(bounds, offset, side="right")) - 1
             window = self._window(epoch, w)
             lo = offset - int(bounds[w])
-            hi = min(len(window.prompts), lo + left)
-            parts.append(_slice(window, lo, hi))
+            hi = min(len(window), lo + left)
+            parts.append(window.slice(lo, hi))
             left -= hi - lo
             offset += hi - lo
             if offset >= bounds[-1]:
                 epoch, offset = epoch + 1, 0
-        return _concat(parts) if len(parts) > 1 else parts[0]
+        return (RowBlock.concat(parts) if len(parts) > 1 else parts[0]).dense()
 
     def batch(self, start: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(videos (count, C, F, H, W), embeddings (count, L, D)) of ``rows(start, count)``."""
@@ -156,7 +162,7 @@ class RowStream:
         return (torch.from_numpy(got.videos).reshape(count, *video_shape),
                 torch.from_numpy(got.embeddings).reshape(count, *self.embedding_shape))
 
-    def _window(self, epoch: int, w: int) -> ShardContents:
+    def _window(self, epoch: int, w: int) -> RowBlock:
         """Window ``w`` of ``epoch``: its row groups read and its rows shuffled. One window is held and,
         with ``prefetch``, the next one is read meanwhile on a thread (Arrow reads outside the GIL)."""
         key = (epoch, w)
@@ -180,23 +186,23 @@ class RowStream:
             self._next = (following, self._pool.submit(self._load, following))
         return window
 
-    def _load(self, key: tuple[int, int]) -> ShardContents:
+    def _load(self, key: tuple[int, int]) -> RowBlock:
         epoch, w = key
         groups = self.epoch_groups(epoch)[w * self.window:(w + 1) * self.window]
-        window = _concat([self._read_group(self.groups[g], self.columns) for g in groups])
+        window = RowBlock.concat([self._read_group(self.groups[g], self.columns) for g in groups])
         gen = torch.Generator().manual_seed(epoch_seed(self.seed, epoch, self.rank) * 1_000_003 + w)
-        return _take(window, torch.randperm(len(window.prompts), generator=gen).numpy())
+        return window.take(torch.randperm(len(window), generator=gen).numpy())
 
-    def _read_group(self, group: RowGroup, columns: list[str]) -> ShardContents:
+    def _read_group(self, group: RowGroup, columns: list[str]) -> RowBlock:
         name = f"{group.path} (row group {group.index})"
         try:
             with self.fs.open_input_file(group.path) as f:
                 file = pq.ParquetFile(f)
-                check_schema(file.schema_arrow, group.path, required=columns)
-                table = file.read_row_group(group.index, columns=columns)
+                version = check_schema(file.schema_arrow, group.path, required=columns)
+                table = file.read_row_group(group.index, columns=table_columns(version, columns))
         except OSError as error:
             raise ShardError(f"{name}: not readable ({error})") from error
-        contents = checked_contents(table, name, self.shapes, columns)
+        contents = checked_block(table, name, self.shapes, columns, version)
         self.shapes = {"video_shape": contents.video_shape, "embedding_shape": contents.embedding_shape}
         self.groups_read += 1
         return contents
@@ -218,21 +224,6 @@ class RowStream:
         return self.epoch_rows(0)
 
     def bytes_per_row(self) -> int:
-        """Bytes one row takes in memory (float32 arrays)."""
-        return 4 * (math.prod(self.video_shape) * ("video" in self.columns) + math.prod(self.embedding_shape))
-
-
-def _slice(c: ShardContents, lo: int, hi: int) -> ShardContents:
-    return ShardContents(c.videos[lo:hi], c.embeddings[lo:hi], c.prompts[lo:hi], c.seeds[lo:hi], c.video_shape,
-                         c.embedding_shape)
-
-
-def _take(c: ShardContents, order: np.ndarray) -> ShardContents:
-    return ShardContents(c.videos[order], c.embeddings[order], [c.prompts[i] for i in order], c.seeds[order],
-                         c.video_shape, c.embedding_shape)
-
-
-def _concat(parts: list[ShardContents]) -> ShardContents:
-    return ShardContents(np.concatenate([p.videos for p in parts]), np.concatenate([p.embeddings for p in parts]),
-                         [s for p in parts for s in p.prompts], np.concatenate([p.seeds for p in parts]),
-                         parts[0].video_shape, parts[0].embedding_shape)
+        """Bytes one row takes in a window at most: as stored (bf16 for format 2, the embedding's full L
+        tokens counted), or float32 for format 1."""
+        return self.stored_bytes * (math.prod(self.video_shape) * ("video" in self.columns) + math.prod(self.embedding_shape))

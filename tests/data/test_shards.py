@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from anyflow_ray.data.shards import (
-    SHARD_SCHEMA,
+    SHARD_SCHEMA_V1 as SHARD_SCHEMA,  # rows written by hand below are format 1 (float lists)
     ClipBatch,
     ShardError,
     read_shards,
@@ -31,6 +31,11 @@ def make_clips(n: int, seed: int = 0) -> tuple[np.ndarray, list[str], np.ndarray
     prompts = [f"clip number {i}" for i in range(n)]
     seeds = [int(s) for s in rng.integers(0, 2**62, size=n)]
     return videos, prompts, embeddings, seeds
+
+
+def bf16(array: np.ndarray) -> np.ndarray:
+    """What format 2 stores of float32 values: torch's bf16 rounding (nearest even)."""
+    return torch.from_numpy(np.ascontiguousarray(array)).bfloat16().float().numpy()
 
 
 def row(video_values: list, video_shape: list, index: int = 0) -> dict:
@@ -63,8 +68,8 @@ def test_round_trip_single_shard(tmp_path: Path) -> None:
     assert isinstance(batch, ClipBatch) and len(batch) == 5
     assert batch.videos.dtype == torch.float32 and batch.videos.shape == (5, *VIDEO_SHAPE)
     assert batch.embeddings.shape == (5, *EMBEDDING_SHAPE)
-    np.testing.assert_array_equal(batch.videos.numpy(), videos)
-    np.testing.assert_array_equal(batch.embeddings.numpy(), embeddings)
+    np.testing.assert_array_equal(batch.videos.numpy(), bf16(videos))
+    np.testing.assert_array_equal(batch.embeddings.numpy(), bf16(embeddings))
     assert batch.prompts == prompts
     assert batch.seeds.dtype == torch.int64 and batch.seeds.tolist() == seeds
 
@@ -78,8 +83,10 @@ def test_round_trip_torch_inputs_and_manifest(tmp_path: Path) -> None:
         "shards": ["shard-00000.parquet"],
         "video_shape": list(VIDEO_SHAPE),
         "embedding_shape": list(EMBEDDING_SHAPE),
+        "format": 2,
+        "max_embedding_length": EMBEDDING_SHAPE[0],
     }
-    assert torch.equal(read_shards(tmp_path).videos, torch.from_numpy(videos))
+    assert torch.equal(read_shards(tmp_path).videos, torch.from_numpy(videos).bfloat16().float())
     assert not list(tmp_path.glob(".*.tmp"))
 
 
@@ -90,7 +97,7 @@ def test_many_shards_keep_order(tmp_path: Path) -> None:
     assert [pq.read_metadata(p).num_rows for p in paths] == [5, 5, 5, 5, 3]
     batch = read_shards(tmp_path)
     assert batch.prompts == prompts
-    np.testing.assert_array_equal(batch.videos.numpy(), videos)
+    np.testing.assert_array_equal(batch.videos.numpy(), bf16(videos))
     assert batch.seeds.tolist() == seeds
 
 
@@ -230,8 +237,8 @@ def test_two_ranks_see_disjoint_parts_whose_union_is_the_dataset(tmp_path: Path,
     assert sorted(parts[0].prompts + parts[1].prompts) == sorted(prompts)
     for part in parts:  # every row is intact: video and embedding of the same clip as written
         index = [prompts.index(p) for p in part.prompts]
-        np.testing.assert_array_equal(part.videos.numpy(), videos[index])
-        np.testing.assert_array_equal(part.embeddings.numpy(), embeddings[index])
+        np.testing.assert_array_equal(part.videos.numpy(), bf16(videos[index]))
+        np.testing.assert_array_equal(part.embeddings.numpy(), bf16(embeddings[index]))
         assert part.seeds.tolist() == [seeds[i] for i in index]
 
 
@@ -248,7 +255,7 @@ def test_embeddings_only_leave_the_videos_out(tmp_path: Path) -> None:
     write_shards(tmp_path, videos, prompts, embeddings, seeds, shard_size=2)
     batch = read_shards(tmp_path, columns=["prompt_embedding"])
     assert batch.videos.shape == (5, 0) and batch.video_shape == VIDEO_SHAPE
-    np.testing.assert_array_equal(batch.embeddings.numpy(), embeddings)
+    np.testing.assert_array_equal(batch.embeddings.numpy(), bf16(embeddings))
     assert batch.prompts == prompts
     with pytest.raises(ValueError, match="not in the shard schema"):
         read_shards(tmp_path, columns=["pixels"])
@@ -266,7 +273,7 @@ def test_prepared_rows_with_source_columns_are_read_and_listed_in_the_manifest(t
     assert manifest["num_rows"] == 4 and manifest["video_shape"] == list(VIDEO_SHAPE)
     assert manifest["shards"] == ["shard-run1-0.parquet", "shard-run2-0.parquet"] and "key" in manifest["columns"]
     batch = read_shards(tmp_path)
-    np.testing.assert_array_equal(batch.videos.numpy(), videos)
+    np.testing.assert_array_equal(batch.videos.numpy(), bf16(videos))
     assert batch.prompts == prompts
 
 
