@@ -98,7 +98,7 @@ class Driver:
         """After the last step: the buffer closed and the rollouts in flight drained, a restarted actor
         brought up to the final version, the versions the actors hold checked against what they reported
         loading; returns the run's pipeline summary (the buffer's books, throughput, restarts, sync times)."""
-        fleet, sync, version, timeout_s = self.fleet, self.sync, self.version, float(self.cfg.learner.timeout_s)
+        fleet, sync, version, timeout_s = self.fleet, self.sync, self.version, float(self.cfg.learner.timeouts.step)
         drain(fleet, self.buffer, timeout_s)
         sync.heal(version, fleet)  # an actor restarted after the last broadcast gets the final version too
         summary = ray.get(self.buffer.summary.remote())

@@ -173,10 +173,10 @@ def next_batch(cfg: DictConfig, fleet: RolloutFleet, buffer, version: int, ranks
             for i in range(n):
                 fleet.submit(i % len(fleet.actors), kind)
     taken = {"generator": [], "critic": []}
-    deadline = time.monotonic() + float(cfg.learner.timeout_s)
+    deadline = time.monotonic() + float(cfg.learner.timeouts.step)
     while True:
         if time.monotonic() > deadline:
-            raise TimeoutError(f"no fresh trajectories for {cfg.learner.timeout_s:.0f}s (rollout actors stuck?)")
+            raise TimeoutError(f"no fresh trajectories for {cfg.learner.timeouts.step:.0f}s (learner.timeouts.step; rollout actors stuck?)")
         fleet.collect(timeout=0)
         if cfg.distill.max_policy_lag > 0:
             fleet.keep_busy()

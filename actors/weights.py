@@ -82,7 +82,7 @@ class ObjectStoreSync(WeightSync):
 
     def __init__(self, cfg, group, registry, actor_gpus: float = 0.0):
         self.group, self.registry = group, registry
-        self.timeout = float(cfg.learner.timeout_s)
+        self.timeout = float(cfg.learner.timeouts.step)
         self.in_flight: list[tuple[int, object, list, float]] = []  # (version, registry ref, rank refs, submitted at)
         self.times: list[float] = []  # submit -> in the registry, per version
 
@@ -103,7 +103,7 @@ class ObjectStoreSync(WeightSync):
         self._confirm(wait=False)
 
     def finish(self) -> None:
-        """Every queued publish in the registry (bounded by ``learner.timeout_s``)."""
+        """Every queued publish in the registry (bounded by ``learner.timeouts.step``)."""
         self._confirm(wait=True)
 
     def _confirm(self, wait: bool) -> None:
@@ -115,7 +115,7 @@ class ObjectStoreSync(WeightSync):
             if len(done) < len(everything):
                 if wait:
                     raise error(f"publishing weight version {version} did not finish within "
-                                            f"{self.timeout:.0f}s (learner.timeout_s)")
+                                            f"{self.timeout:.0f}s (learner.timeouts.step)")
                 return
             for rank, part in [(0, ref), *list(enumerate(rank_refs))[1:]]:
                 try:

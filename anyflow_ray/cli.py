@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "teacher": ("teacher", "train the flow-matching teacher from scratch"),
     "pretrain": ("pretrain", "Stage 1: forward flow-map training on the DeepSpeed learner group"),
     "distill": ("distill", "Stage 2: on-policy distillation, rollout actors + buffer + learner group"),
+    "export": ("export", "a checkpoint's EMA model as a pipeline folder (CPU; no Ray, no DeepSpeed)"),
     "sample": ("sample", "sample videos for each step count: GIF/MP4 per prompt and a contact sheet"),
     "evaluate": ("evaluate", "quality-vs-steps table, JSON and plot"),
     "bench": ("bench", "benchmarks: learner step time through Ray + DeepSpeed vs a plain PyTorch loop"),
@@ -52,6 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
         if name in DRY_RUN_JOBS:
             cmd.add_argument("--dry-run", action="store_true", help="meta-device models: the per-GPU memory "
                              "plan (refused above run.gpu_memory_gb), no weights, no training")
+        if name == "export":
+            cmd.add_argument("checkpoint", help="a checkpoint folder (<run>/checkpoints/step-000500), or a run "
+                             "folder: its latest checkpoint")
+            cmd.add_argument("--out", default=None, help="the pipeline folder to write (default: "
+                             "<run>/exports/<step folder>)")
+            cmd.add_argument("--dtype", choices=("fp32", "bf16"), default=None, help="default: the run's "
+                             "run.export_dtype")
         if name == "sample":
             media = cmd.add_mutually_exclusive_group()
             media.add_argument("--image", metavar="PATH", help="a .png/.jpg the video starts from (image-to-video; "
@@ -85,7 +93,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)} (config overrides are key=value)")
     args.overrides = rest
-    if getattr(args, "out", None) and "=" in args.out:  # `make-tiny key=value`: no OUT was given
+    if args.command == "make-tiny" and args.out and "=" in args.out:  # `make-tiny key=value`: no OUT was given
         args.overrides, args.out = [args.out, *rest], None
     return args
 
@@ -118,6 +126,8 @@ def _run_command(args: argparse.Namespace) -> int:
     preflight.check(cfg, args.command)  # inputs, before Ray starts or anything is asked of it
     module = importlib.import_module(f"anyflow_ray.jobs.{COMMANDS[args.command][0]}")
     extra = {"out": args.out} if args.command == "make-tiny" else {}
+    if args.command == "export":
+        extra = {"checkpoint": args.checkpoint, "out": args.out, "dtype": args.dtype}
     if args.command == "sample":
         extra = {"image": args.image, "video": args.video}
     if args.command == "bench":
@@ -163,7 +173,7 @@ def _anticipated(err: BaseException | None) -> bool:
     modules not imported yet cannot have been raised, so the CLI need not import them."""
     kinds = [ConfigError]  # also PreflightError, RunRefused, PlacementError
     for module, name in (("anyflow_ray.training.checkpoint", "CheckpointError"), ("anyflow_ray.data.shards", "ShardError"),
-                         ("anyflow_ray.run.storage", "StorageError")):
+                         ("anyflow_ray.run.storage", "StorageError"), ("actors.fleet", "RolloutFleetError")):
         if module in sys.modules:
             kinds.append(getattr(sys.modules[module], name))
     return err is not None and isinstance(err, tuple(kinds))

@@ -22,6 +22,7 @@ from ray.exceptions import GetTimeoutError, ObjectLostError, OwnerDiedError
 
 from anyflow_ray.models.causal import is_causal
 from anyflow_ray.models.loading import load_transformer
+from anyflow_ray.training.export import job_model
 from anyflow_ray.models.lora import AdaptersOff, apply_lora
 from anyflow_ray.training.distill import DistillObjective, Trajectory, TrajectoryError, checked
 from anyflow_ray.training.objectives import PretrainObjective
@@ -41,14 +42,13 @@ class DistillWorker(WeightPublisher, LearnerWorker):
         import deepspeed
 
         dc = self.cfg.distill
-        student = load_transformer(dc.init, flow_map=True, gate=self.cfg.model.gate, dtype=self.dtype,
-                                   causal_chunks=list(self.cfg.model.causal.chunks))
+        self._progress("loading the student, the teacher and the critic")
+        student = job_model(self.cfg, "distill", self.dtype)  # what a checkpoint's model is rebuilt from
         self.causal = is_causal(student)  # teacher and critic stay bidirectional (docs/method.md §6)
         teacher = load_transformer(dc.teacher, flow_map=False, dtype=self.dtype)
         shared = dc.critic == "lora"  # F = LoRA on the frozen teacher; R = the same module, adapters off
         critic = teacher if shared else copy.deepcopy(teacher)
         if self.cfg.model.lora.enabled:
-            apply_lora(student, self.cfg.model.lora)
             apply_lora(critic, self.cfg.model.lora)
         if self.cfg.model.gradient_checkpointing:
             student.enable_gradient_checkpointing()
@@ -95,7 +95,7 @@ class DistillWorker(WeightPublisher, LearnerWorker):
         good, lost, rejected = [], 0, 0
         for wrapped in wrapped_refs:
             try:
-                payload = ray.get(wrapped[0], timeout=float(self.cfg.learner.timeout_s))
+                payload = ray.get(wrapped[0], timeout=float(self.cfg.learner.timeouts.step))
             except (ObjectLostError, OwnerDiedError, GetTimeoutError):  # gone with its actor, or unreachable
                 lost += 1
                 continue

@@ -4,10 +4,17 @@ Rank 0 picks the rendezvous address; every rank gets RANK, WORLD_SIZE, MASTER_AD
 torch.distributed group (gloo on the CPU, nccl on GPUs) with a finite time-out. Calls fan out to all
 ranks; a rank that fails to start, raises or dies fails the whole call at once with an error naming
 the rank, never a hang. Each call goes where the method declares it runs (learners/ranks.py).
+
+Each phase has its own limit (``learner.timeouts``, ``PHASE_OF``): placement, set-up, a step, a save
+(its load on resume and the stage's export too); the collective watchdog of torch.distributed has its
+own. During set-up (minutes at scale: the data index, 14B weights) every rank posts what it is doing
+to a small ``SetupBoard`` actor and the group logs the board every ``report_every_s`` seconds, so a
+long set-up is visibly alive and a stuck one names the rank and what it was doing.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 
 import ray
@@ -20,6 +27,23 @@ from learners.placement import Placement, alive_nodes, check, plan
 from learners.ranks import EVERY_RANK, runs_on
 from learners.worker import LearnerWorker
 
+log = logging.getLogger("anyflow_ray")
+# learner method -> the phase whose limit (learner.timeouts.<phase>) bounds it; any other method: "step"
+PHASE_OF = {"setup": "setup", "save": "save", "load_latest": "save", "export_pipeline": "save"}
+
+
+class SetupBoard:
+    """What each rank is doing during set-up, posted by the ranks and read by the group."""
+
+    def __init__(self):
+        self.posts: dict[int, tuple[float, str]] = {}
+
+    def post(self, rank: int, text: str, at: float) -> None:
+        self.posts[rank] = (at, text)
+
+    def read(self) -> dict[int, tuple[float, str]]:
+        return dict(self.posts)
+
 
 class LearnerGroupError(RuntimeError):
     """A rank failed, died or timed out; ``cause`` is the rank's own exception when it raised one."""
@@ -31,23 +55,26 @@ class LearnerGroupError(RuntimeError):
 
 class LearnerGroup:
     error = LearnerGroupError  # what code handed a group raises for a learner failure (actors/ imports no learners/)
+    report_every_s = 30.0  # set-up: the board logged this often
 
     def __init__(self, cfg: DictConfig, job: str, num_ranks: int | None = None, worker_cls: type = LearnerWorker,
                  placement: Placement | None = None):
         self.cfg, self.job, self.worker_cls = cfg, job, worker_cls
         self.num_ranks = int(num_ranks or cfg.learner.num_ranks)
-        self.timeout = float(cfg.learner.timeout_s)
+        self.limits = {phase: float(limit) for phase, limit in cfg.learner.timeouts.items()}
+        self.board = None
         self.plan = placement or plan(cfg, self.num_ranks)
         check(self.plan, alive_nodes(), bool(cfg.run.autoscaling))
         self.placement = placement_group([self.plan.bundle] * self.num_ranks, strategy="PACK")
         try:
-            self._wait(self.placement.ready(), f"placement group ({self.plan.describe()}; the cluster has "
+            self._wait(self.placement.ready(), "placement", f"placement group ({self.plan.describe()}; the cluster has "
                        f"{ray.available_resources()} free now)")
         except LearnerGroupError:
             self.shutdown()
             raise
         threads = max(1, int(cfg.run.threads) // self.num_ranks)
         env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
+        self.board = ray.remote(SetupBoard).options(num_cpus=0).remote()  # starts while the ranks do
         remote_cls = ray.remote(worker_cls)
         plain_cfg = OmegaConf.to_container(cfg, resolve=True)
         self.workers = [
@@ -59,8 +86,8 @@ class LearnerGroup:
             for rank in range(self.num_ranks)
         ]
         try:
-            addr, port = self._wait(self.submit("rendezvous_address")[0], "rank 0 rendezvous address")
-            self.info = self.call("setup", addr, port)
+            addr, port = self._wait(self.submit("rendezvous_address")[0], "setup", "rank 0 rendezvous address")
+            self.info = self.call("setup", addr, port, self.board)
         except BaseException:
             self.shutdown()
             raise
@@ -80,15 +107,24 @@ class LearnerGroup:
 
     def gather(self, refs: list, what: str) -> list:
         """Results of ``submit`` in rank order; the first failure (error or dead actor) raises
-        LearnerGroupError at once, naming its rank; a rank still running after ``learner.timeout_s`` too."""
+        LearnerGroupError at once, naming its rank; a rank still running after its phase's limit
+        (``learner.timeouts.<PHASE_OF[what]>``) too."""
+        phase = PHASE_OF.get(what, "step")
+        limit = self.limits[phase]
         rank_of = {ref: rank for rank, ref in enumerate(refs)}
-        pending, deadline = list(refs), time.monotonic() + self.timeout
+        pending, started = list(refs), time.monotonic()
+        deadline, report = started + limit, started + self.report_every_s
         while pending:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise LearnerGroupError(f"learner call {what!r} timed out after {self.timeout:.0f}s "
-                                        f"(ranks still running: {sorted(rank_of[r] for r in pending)})")
-            done, pending = ray.wait(pending, num_returns=1, timeout=left)
+            now = time.monotonic()
+            if now >= deadline:
+                late = sorted(rank_of[r] for r in pending)
+                raise LearnerGroupError(f"learner call {what!r} timed out after {limit:.0f}s (learner.timeouts."
+                                        f"{phase}; ranks still running: {late}){self._last_posts(late, phase)}")
+            if phase == "setup" and now >= report:
+                log.info("%s set-up, %.0fs%s", self.job, now - started, self._last_posts(range(self.num_ranks), phase))
+                report = now + self.report_every_s
+            wake = min(deadline, report) if phase == "setup" else deadline
+            done, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, wake - time.monotonic()))
             for ref in done:
                 try:
                     ray.get(ref)
@@ -99,11 +135,24 @@ class LearnerGroup:
                                             f"{err.cause!r}", cause=err.cause) from err
         return ray.get(refs)
 
-    def _wait(self, ref, what: str):
+    def _last_posts(self, ranks, phase: str) -> str:
+        """``; rank r: <what it posted> (<age>s ago)`` for each of ``ranks`` (set-up only)."""
+        if phase != "setup" or self.board is None:
+            return ""
         try:
-            return ray.get(ref, timeout=self.timeout)
+            posts = ray.get(self.board.read.remote(), timeout=2)
+        except Exception:  # the board is a convenience: never the reason a call fails
+            return ""
+        now = time.time()
+        return "".join(f"; rank {r}: {posts[r][1]} ({now - posts[r][0]:.0f}s ago)" if r in posts else
+                       f"; rank {r}: nothing posted yet" for r in ranks)
+
+    def _wait(self, ref, phase: str, what: str):
+        limit = self.limits[phase]
+        try:
+            return ray.get(ref, timeout=limit)
         except GetTimeoutError as err:
-            raise LearnerGroupError(f"timed out after {self.timeout:.0f}s waiting for {what}") from err
+            raise LearnerGroupError(f"timed out after {limit:.0f}s (learner.timeouts.{phase}) waiting for {what}") from err
         except RayActorError as err:
             raise LearnerGroupError(f"learner failed to start ({what}): {err}") from err
 
@@ -115,6 +164,9 @@ class LearnerGroup:
         for worker in getattr(self, "workers", []):
             ray.kill(worker, no_restart=True)
         self.workers = []
+        if getattr(self, "board", None) is not None:
+            ray.kill(self.board, no_restart=True)
+            self.board = None
         if getattr(self, "placement", None) is not None:
             remove_placement_group(self.placement)
             self.placement = None

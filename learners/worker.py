@@ -16,6 +16,7 @@ import copy
 import os
 import pickle
 import socket
+import time
 from pathlib import Path
 from datetime import timedelta
 
@@ -28,12 +29,11 @@ from anyflow_ray.run.config import ConfigError
 from anyflow_ray.data.shards import read_shards
 from anyflow_ray.data.stream import RowStream
 from anyflow_ray.run.device import collective_backend, resolve_device, resolve_dtype, set_threads
-from anyflow_ray.models.loading import load_text_encoder, load_transformer, text_max_length
-from anyflow_ray.models.lora import apply_lora
+from anyflow_ray.models.loading import load_text_encoder, text_max_length
 from anyflow_ray.models.text import encode_prompts
 from anyflow_ray.training.objectives import OBJECTIVES, TrainData, objective_models
-from anyflow_ray.pipeline import pipeline_files, save_as_pipeline
 from anyflow_ray.run.storage import Storage, data_source, job_inputs
+from anyflow_ray.training.export import export_dtype, export_files, final_model, job_model, write_pipeline
 from anyflow_ray.training.optim import EMA, warmup_lambda
 from learners.partitions import gather_parts, gather_to_cpu, local_part
 from learners.ranks import every_rank, rank_zero
@@ -49,31 +49,11 @@ def job_settings(cfg: DictConfig, job: str) -> DictConfig:
 
 
 def build_model(cfg: DictConfig, job: str, dtype: torch.dtype) -> torch.nn.Module:
-    """Teacher: the base folder's single-time transformer. Stage 1: the teacher wrapped as a flow map, or
-    with ``model.causal.chunks`` as the causal flow map over those chunks (docs/method.md §6)."""
-    if job == "teacher":
-        model = load_transformer(cfg.model.base, flow_map=False, dtype=dtype)
-    else:
-        model = pretrain_student(cfg, dtype)
-    if cfg.model.lora.enabled:
-        apply_lora(model, cfg.model.lora)
+    """The job's trainable model (``training.export.job_model``: what a checkpoint's model is rebuilt from),
+    with gradient checkpointing when configured."""
+    model = job_model(cfg, job, dtype)
     if cfg.model.gradient_checkpointing:
         model.enable_gradient_checkpointing()
-    return model
-
-
-def pretrain_student(cfg: DictConfig, dtype: torch.dtype) -> torch.nn.Module:
-    """``pretrain.init`` as the Stage-1 student: a two-time flow map (E_r := copy of E_t), made causal over
-    ``model.causal.chunks`` when they are set (a causal folder must already have those chunks)."""
-    from anyflow_ray.models.causal import WanCausalFlowMapTransformer3DModel, is_causal
-
-    chunks = [int(c) for c in cfg.model.causal.chunks]
-    model = load_transformer(cfg.pretrain.init, flow_map=True, gate=cfg.model.gate, dtype=dtype)
-    if is_causal(model) and list(model.config.causal_chunks) != chunks:
-        raise ConfigError(f"model.causal.chunks={chunks}: pretrain.init={cfg.pretrain.init} holds a causal model "
-                          f"over chunks {list(model.config.causal_chunks)}")
-    if chunks and not is_causal(model):
-        model = WanCausalFlowMapTransformer3DModel.from_base(model, chunks, gate=cfg.model.gate)
     return model
 
 
@@ -142,9 +122,13 @@ class LearnerWorker:
         return ray.util.get_node_ip_address(), port
 
     @every_rank
-    def setup(self, master_addr: str, master_port: int) -> dict:
+    def setup(self, master_addr: str, master_port: int, board=None) -> dict:
+        """Join the process group, fetch what this node lacks, build the model, data and engines; each
+        phase posted to ``board`` (the group's SetupBoard) as it starts."""
         import deepspeed
 
+        self._board = board
+        self._progress("joining the process group")
         os.environ.update(RANK=str(self.rank), WORLD_SIZE=str(self.world_size), LOCAL_RANK="0",
                           MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
         import ray
@@ -152,12 +136,14 @@ class LearnerWorker:
         gpu_ids = [str(i) for i in ray.get_gpu_ids()]
         self.device = resolve_device(self.cfg.run.device, len(gpu_ids))  # this process's GPUs, not the driver's
         self.dtype = resolve_dtype(self.cfg.run.precision, self.device)
-        timeout = timedelta(seconds=float(self.cfg.learner.timeout_s))
+        timeout = timedelta(seconds=float(self.cfg.learner.timeouts.collective))
         deepspeed.init_distributed(dist_backend=collective_backend(self.device), auto_mpi_discovery=False,
                                    timeout=timeout, rank=self.rank, world_size=self.world_size)
         torch.manual_seed(self.cfg.run.seed)
-        Storage.of(self.cfg).fetch_all(job_inputs(self.cfg, self.job))  # what this node lacks (run.storage)
+        self._progress("fetching the job's inputs this node lacks (run.storage)")
+        Storage.of(self.cfg).fetch_all(job_inputs(self.cfg, self.job))
         self._build()
+        self._progress("ready")
         # ZeRO-3: each rank averages its own partition of the trainable parameters (``local_part``)
         self.ema = EMA(self.trainable, self._ema_decay(), job_settings(self.cfg, self.job).ema_warmup, local=local_part)
         model = self.model
@@ -166,10 +152,17 @@ class LearnerWorker:
                 "trainable": sum(p.numel() for p in self.trainable),
                 "total": sum(p.numel() for p in model.parameters())}
 
+    def _progress(self, text: str) -> None:
+        """Post what this rank is doing now to the group's set-up board (no wait: the board only reads)."""
+        board = getattr(self, "_board", None)
+        if board is not None:
+            board.post.remote(self.rank, text, time.time())
+
     def _build(self) -> None:
         """Model, optimizer, warm-up schedule, objective and DeepSpeed engine of this job."""
         import deepspeed
 
+        self._progress(f"loading the {self.job} model")
         model = build_model(self.cfg, self.job, self.dtype).to(self.device)
         self.trainable = [p for p in model.parameters() if p.requires_grad]
         settings = job_settings(self.cfg, self.job)
@@ -179,6 +172,7 @@ class LearnerWorker:
         self.objective = OBJECTIVES[self.job](self._load_data(), self.cfg,
                                               **objective_models(self.cfg, self.job, self.device, self.dtype))
         micro = self.objective.global_batch // self.world_size
+        self._progress("initialising the DeepSpeed engine")
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler,
             config=deepspeed_config(self.cfg, self.job, micro, self.dtype), dist_init_required=False)
@@ -195,11 +189,16 @@ class LearnerWorker:
         from pathlib import Path
 
         if self.cfg.data.rank_shards:  # its own rows, streamed in bounded memory (data/stream.py)
+            self._progress("indexing the data's row groups")
             source, filesystem = data_source(self.cfg)
             clips = RowStream(source, self.rank, self.world_size, seed=int(self.cfg.run.seed),
                               window=int(self.cfg.data.window_row_groups), filesystem=filesystem)
+            self._progress(f"data indexed: {len(clips)} rows")
         else:  # the whole data set, in memory
+            self._progress("reading the whole data set into memory")
             clips = read_shards(Path(self.cfg.data.root) / "train")
+            self._progress(f"data read: {len(clips)} clips")
+        self._progress("encoding c_null")
         tokenizer, encoder = load_text_encoder(self.cfg.model.base)
         uncond = encode_prompts(tokenizer, encoder, [self.cfg.model.negative_prompt],  # c_null
                                 text_max_length(self.cfg.model.base))
@@ -230,25 +229,23 @@ class LearnerWorker:
     # -- checkpoints --------------------------------------------------------------------------
     @every_rank
     def save(self, root: str, step: int, weight_version: int = 0, driver_state: dict | None = None) -> str:
-        """Every rank saves its engines' DeepSpeed state and its RNG (rank 0 also the EMA and the exported
-        pipeline); once all have, rank 0 writes meta.json, moves ``latest`` and drops old checkpoints.
+        """Every rank saves its engines' trainable DeepSpeed state and its RNG (rank 0 also the EMA, every
+        rank its part of it under ZeRO-3); once all have, rank 0 writes meta.json (with the resolved config,
+        so the checkpoint rebuilds its model alone), moves ``latest`` and drops old checkpoints.
         ``driver_state``: JSON-able state of the driver (e.g. buffer statistics), returned on resume."""
         ckpt = ckpt_io.step_dir(root, step)
         if self.rank == 0:
             ckpt_io.clear_unfinished(root, ckpt)
         self._barrier()
-        lora = bool(self.cfg.model.lora.enabled)
-        for name, engine in self.checkpoint_engines().items():
+        for name, engine in self.checkpoint_engines().items():  # frozen weights are re-read from their folders
             engine.save_checkpoint(str(ckpt_io.state_dir(ckpt)), tag=name, client_state={"step": step},
-                                   save_latest=False, exclude_frozen_parameters=lora)
+                                   save_latest=False, exclude_frozen_parameters=True)
         tensors = {"rng.torch": torch.get_rng_state()}
         if self.device.type != "cpu":
             tensors["rng.device"] = torch.get_device_module(self.device).get_rng_state(self.device)
         if self.rank == 0 or self.zero_stage == 3:  # ZeRO <= 2: the same EMA on every rank
             tensors.update(self.ema.state_dict())
         ckpt_io.save_rank_state(ckpt, self.rank, tensors)
-        if self.rank == 0 or self.zero_stage == 3:  # ZeRO-3: every rank gathers, rank 0 writes
-            self.export_pipeline(str(ckpt))
         self._barrier()
         files = ckpt_io.manifest(ckpt)  # every rank's files on a shared disk, this rank's own otherwise
         if self.world_size > 1:
@@ -260,7 +257,7 @@ class LearnerWorker:
                                      "world_size": self.world_size, "zero_stage": self.zero_stage,
                                      "dtype": str(self.dtype), "engines": sorted(self.checkpoint_engines()),
                                      "weight_version": weight_version, "driver_state": driver_state or {},
-                                     "files": files})
+                                     "config": OmegaConf.to_container(self.cfg, resolve=True), "files": files})
             ckpt_io.write_latest(root, ckpt)
             doomed = ckpt_io.rotate(root, int(self.cfg.run.keep_checkpoints))
         self._upload_checkpoint(root, ckpt, doomed if self.rank == 0 else [])
@@ -298,10 +295,10 @@ class LearnerWorker:
         if sorted(engines) != meta.get("engines"):
             raise ckpt_io.CheckpointError(f"checkpoint {ckpt} holds engines {meta.get('engines')}, this "
                                           f"{self.job} learner has {sorted(engines)}")
-        lora = bool(self.cfg.model.lora.enabled)
         for name, engine in engines.items():
             engine.checkpoint_engine.load = restricted_torch_load
-            path, _ = engine.load_checkpoint(str(ckpt_io.state_dir(ckpt)), tag=name, load_module_strict=not lora)
+            frozen = any(not p.requires_grad for p in engine.module.parameters())  # not in the checkpoint
+            path, _ = engine.load_checkpoint(str(ckpt_io.state_dir(ckpt)), tag=name, load_module_strict=not frozen)
             if path is None:
                 raise ckpt_io.CheckpointError(f"DeepSpeed found no {name} checkpoint in {ckpt_io.state_dir(ckpt)}")
         tensors = ckpt_io.load_rank_state(ckpt, self.rank)
@@ -325,8 +322,9 @@ class LearnerWorker:
                 "driver_state": meta.get("driver_state") or {}}
 
     @every_rank
-    def export_pipeline(self, out: str) -> str:
-        """The EMA weights as an AnyFlowPipeline folder (LoRA fused), loadable by ``from_pretrained``. Rank 0
+    def export_pipeline(self, out: str, step: int | None = None) -> str:
+        """The EMA weights as an AnyFlowPipeline folder in ``run.export_dtype`` (LoRA fused; written as
+        ``training.export.write_pipeline`` writes, its marker last; uploaded with ``run.storage``). Rank 0
         writes; under ZeRO-3 every rank gathers with it first, otherwise the others return at once."""
         if self.zero_stage < 3 and self.rank != 0:
             return out
@@ -337,14 +335,10 @@ class LearnerWorker:
         else:
             model = copy.deepcopy(self.model).cpu()
             self.ema.copy_to(model.parameters())
-        if self.cfg.model.lora.enabled:
-            model.fuse_lora()
-            model.unload_lora()
-        save_as_pipeline(model.float(), self.cfg.model.base, out, negative_prompt=self.cfg.model.negative_prompt)
-        if Path(out).parent.name != "checkpoints":  # the run's final model (checkpoints upload in save)
-            storage = Storage.of(self.cfg)
-            for name in pipeline_files(out) if storage.enabled else []:
-                storage.upload(Path(out) / name)
+        write_pipeline(final_model(model, self.cfg).float(), self.cfg, out, export_dtype(self.cfg, self.dtype), step=step)
+        storage = Storage.of(self.cfg)
+        for name in export_files(out) if storage.enabled else []:  # the marker last
+            storage.upload(Path(out) / name)
         return out
 
     def _ema_shadows(self) -> dict[int, torch.Tensor]:

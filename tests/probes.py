@@ -17,7 +17,7 @@ from learners.ranks import every_rank
 
 LEARNER_RUN = ["model.tiny.num_layers=1", "model.tiny.ffn_dim=32", "data.num_train=64", "data.num_heldout=16",
                "teacher.batch_size=8", "pretrain.global_batch=8", "pretrain.warmup=2", "pretrain.lr=1e-3",
-               "learner.num_ranks=1", "learner.cpus_per_rank=0.5", "learner.timeout_s=240", "run.threads=2",
+               "learner.num_ranks=1", "learner.cpus_per_rank=0.5", "learner.timeouts.step=240", "learner.timeouts.setup=240", "run.threads=2",
                "rollout.batch_size=2", "rollout.cpus_per_actor=0.25", "distill.real_batch=8", "distill.lr=1e-4",
                "distill.budgets=[2,4]"]
 

@@ -46,7 +46,7 @@ def run(cfg: DictConfig, control_plane: str = "run", actors: tuple[int, ...] = b
         prepare(bench_cfg, Path(tmp) / "bench")
         scaffold_untrained_run(bench_cfg)
         plain = _plain_loop_step_times(bench_cfg)
-        learner = _learner_step_times(bench_cfg)
+        learner, saves = _learner_step_times(bench_cfg)
         rollout = _rollout_speedups(bench_cfg)
         sync = _weight_sync_ratio(bench_cfg)
         runs = _pipeline_runs(overrides, tmp)
@@ -64,6 +64,10 @@ def run(cfg: DictConfig, control_plane: str = "run", actors: tuple[int, ...] = b
     print(f"  plain PyTorch loop      {result['plain_pytorch_step_s'] * 1e3:8.1f} ms")
     print(f"  Ray + DeepSpeed (1 rank) {result['ray_deepspeed_step_s'] * 1e3:7.1f} ms")
     print(f"  ratio                    {result['ratio_ray_deepspeed_over_plain']:7.3f}x")
+    print(f"Checkpoint per save (the trainable state): {saves['checkpoint_bytes'] / 2**20:.2f} MiB in "
+          f"{saves['save_s']:.2f} s, against {saves['format2_checkpoint_bytes'] / 2**20:.2f} MiB with the pipeline "
+          f"format 2 exported into every checkpoint; the stage's one export: {saves['export_bytes'] / 2**20:.2f} MiB "
+          f"in {saves['export_s']:.2f} s")
     print("Backward simulation vs full N-step rollout (batch %d, mean over k):" % cfg.rollout.batch_size)
     for n, (full, backward) in rollout.items():
         print(f"  N={n:<3d} full {full * 1e3:8.1f} ms  backward sim {backward * 1e3:7.1f} ms  speed-up {full / backward:6.2f}x")
@@ -74,6 +78,7 @@ def run(cfg: DictConfig, control_plane: str = "run", actors: tuple[int, ...] = b
           f"lag 0 {throughput[0]:.2f} steps/s: {throughput[1] / throughput[0]:.2f}x")
     print(f"Stage-2 weight publish per version (lag 1, driver wall time): object store {sync_ms['lag1']:.1f} ms vs "
           f"torch.distributed (gloo) broadcast {sync_ms['lag1_torch_dist']:.1f} ms")
+    result["checkpoint"] = saves
     result.update({"rollout_ms": {n: {"full": f * 1e3, "backward_sim": b * 1e3, "speedup": f / b}
                                   for n, (f, b) in rollout.items()},
                    "weight_sync": {**sync, "speedup": sync["full_s"] / sync["trainable_s"]},
@@ -158,7 +163,9 @@ def _plain_loop_step_times(cfg: DictConfig) -> list[float]:
     return times[WARMUP:]
 
 
-def _learner_step_times(cfg: DictConfig) -> list[float]:
+def _learner_step_times(cfg: DictConfig) -> tuple[list[float], dict]:
+    """The learner's step times after warm-up, and one save and one export of the trained state: their
+    wall time and bytes, against format 2 (a checkpoint that also held the exported pipeline)."""
     from anyflow_ray.jobs.ray_runtime import init_ray
     from learners.group import LearnerGroup
 
@@ -170,9 +177,19 @@ def _learner_step_times(cfg: DictConfig) -> list[float]:
             start = time.perf_counter()
             group.call("train_step", step)
             times.append(time.perf_counter() - start)
+        root = Path(cfg.run.output_dir) / "bench-save"
+        start = time.perf_counter()
+        ckpt = Path(group.call("save", str(root), WARMUP + MEASURED)[0])
+        save_s = time.perf_counter() - start
+        start = time.perf_counter()
+        group.call("export_pipeline", str(root / "export"), WARMUP + MEASURED)
+        export_s = time.perf_counter() - start
     finally:
         group.shutdown()
-    return times[WARMUP:]
+    size = lambda folder: sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())  # noqa: E731
+    saved, exported = size(ckpt), size(root / "export")
+    return times[WARMUP:], {"checkpoint_bytes": saved, "export_bytes": exported, "save_s": save_s,
+                            "export_s": export_s, "format2_checkpoint_bytes": saved + exported}
 
 
 def _rollout_speedups(cfg: DictConfig) -> dict[int, tuple[float, float]]:

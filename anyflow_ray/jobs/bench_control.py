@@ -41,7 +41,7 @@ class SleepLearner:
     learner_s = 0.25
 
     def __init__(self, cfg: dict, job: str, rank: int, world_size: int):
-        self.timeout = float(cfg["learner"]["timeout_s"])
+        self.timeout = float(cfg["learner"]["timeouts"]["step"])
         self.rank, self.world_size = rank, world_size
         self.weights = bytes(WEIGHTS_BYTES)
 
@@ -50,7 +50,7 @@ class SleepLearner:
         return ray.util.get_node_ip_address(), 0
 
     @every_rank
-    def setup(self, master_addr: str, master_port: int) -> dict:
+    def setup(self, master_addr: str, master_port: int, board=None) -> dict:
         return {"rank": self.rank, "device": "cpu", "dtype": "sleep", "gpu_ids": [],
                 "node_id": ray.get_runtime_context().get_node_id(), "trainable": 0, "total": 0}
 
@@ -91,7 +91,7 @@ class SleepLearner:
         return [ray.put({"weights": self.weights})] if self.rank == 0 else None  # every rank is called
 
     @every_rank
-    def export_pipeline(self, out: str) -> str:
+    def export_pipeline(self, out: str, step: int | None = None) -> str:
         return out
 
     @every_rank

@@ -44,6 +44,10 @@ def run(cfg: DictConfig, worker_cls: type | None = None, actor_cls: type | None 
     run_record = open_run(cfg, "distill")  # refuses a resume whose config differs; None left to train: no writes
     if run_record.done:
         return run_record.out
+    if run_record.export_only:  # trained to the budget, killed before its export was complete
+        from anyflow_ray.jobs.export import export_finished_run
+
+        return export_finished_run(run_record.cfg, "distill", run_record.out)
     cfg = run_record.cfg
     dc = cfg.distill
     out, _, _ = prepare(cfg, run_record.out, write_config=run_record.fresh)
@@ -74,7 +78,7 @@ def run(cfg: DictConfig, worker_cls: type | None = None, actor_cls: type | None 
         (out / "pipeline_summary.json").write_text(json.dumps(summary, indent=2))
         Storage.of(cfg).upload(out / "pipeline_summary.json")
         logger.close()
-        group.call("export_pipeline", str(out))  # rank 0 writes (under ZeRO-3 every rank gathers first)
+        group.call("export_pipeline", str(out), dc.steps)  # rank 0 writes (under ZeRO-3 every rank gathers first)
         if start:  # a resumed run rewrites its record only now that it has trained
             record_config(cfg, out)
         log.info("distill: buffer accounting %s", summary)

@@ -25,6 +25,7 @@ from anyflow_ray.evaluation.quality import (FeatureScore, batched_sample, evalua
 from anyflow_ray.models.causal import chunk_bounds, is_causal
 from anyflow_ray.jobs.common import heldout_root, log, prepare
 from anyflow_ray.pipeline import AnyFlowPipeline
+from anyflow_ray.training.export import is_model, open_pipeline
 from anyflow_ray.sampling.samplers import draw_noise
 from anyflow_ray.evaluation.plots import write_contact_sheet
 
@@ -52,11 +53,11 @@ def run(cfg: DictConfig) -> Path:
     bar = tqdm(total=len(runs) * len(ec.steps) * (2 if chunks else 1), desc="evaluating")
     for model_dir, sampler in runs:
         key = "eval.models" if sampler == "flowmap" and model_dir in ec.models else "eval.consistency_models"
-        if not (Path(model_dir) / "model_index.json").is_file():
-            raise FileNotFoundError(f"{key}: {model_dir} is not a pipeline folder (no model_index.json); "
+        if not is_model(model_dir):
+            raise FileNotFoundError(f"{key}: {model_dir} is neither a pipeline folder nor a checkpoint; "
                                     f"train it first or drop it from {key}")
         pipe = teacher if Path(model_dir) == Path(cfg.teacher.output) else \
-            AnyFlowPipeline.from_pretrained(model_dir, dtype=dtype).to(device)
+            open_pipeline(model_dir, dtype).to(device)  # an exported folder or a checkpoint
         guidance = 1.0 if is_flow_map(pipe.transformer) else ec.teacher_guidance
         rows += evaluate_model(Path(model_dir).name, pipe.transformer, noise, contexts, prompts, uncond, reference,
                                real, [int(s) for s in ec.steps], cfg.schedule.shift, guidance, ec.batch_size,

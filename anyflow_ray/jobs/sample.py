@@ -24,6 +24,7 @@ from anyflow_ray.evaluation.quality import is_flow_map
 from anyflow_ray.jobs.common import log, prepare
 from anyflow_ray.models.causal import is_causal
 from anyflow_ray.pipeline import AnyFlowPipeline
+from anyflow_ray.training.export import open_pipeline
 from anyflow_ray.pipeline import pixel_frames
 from anyflow_ray.evaluation.plots import save_video, to_uint8, write_contact_sheet
 
@@ -58,7 +59,7 @@ def sample_model(cfg: DictConfig, model_dir: str, out_dir: str | Path, image: np
     """Every prompt x step count of ``model_dir``: clips and ``contact_sheet.png`` in ``out_dir``."""
     sc = cfg.sample
     out, device, dtype = prepare(cfg, str(out_dir))
-    pipe = AnyFlowPipeline.from_pretrained(model_dir, dtype=dtype).to(device)
+    pipe = open_pipeline(model_dir, dtype).to(device)  # an exported folder or a checkpoint
     guidance = sc.guidance_scale if not is_flow_map(pipe.transformer) else 1.0
     causal = is_causal(pipe.transformer)
     if not causal and (image is not None or video is not None):

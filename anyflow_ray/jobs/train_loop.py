@@ -20,6 +20,10 @@ def run_job(cfg: DictConfig, job: str) -> Path:
     record = open_run(cfg, job)  # refuses a resume that would rewrite the earlier run's record
     if record.done:
         return record.out
+    if record.export_only:  # trained to the budget, killed before its export was complete
+        from anyflow_ray.jobs.export import export_finished_run
+
+        return export_finished_run(record.cfg, job, record.out)
     cfg = record.cfg
     section = cfg[JOB_SECTIONS[job][0]]
     out, _, _ = prepare(cfg, record.out, write_config=record.fresh)
@@ -53,7 +57,7 @@ def train_with_learners(cfg: DictConfig, job: str, out: Path, steps: int, save_e
                 group.call("save", str(out), step + 1)
                 logger.sync()
         logger.close()
-        group.call("export_pipeline", str(out))  # rank 0 writes (under ZeRO-3 every rank gathers first)
+        group.call("export_pipeline", str(out), steps)  # rank 0 writes (under ZeRO-3 every rank gathers first)
         if start:  # a resumed run's config (a larger step budget, say) becomes the record once it has trained
             record_config(cfg, out)
     finally:

@@ -16,25 +16,42 @@ def _require(ok: bool, key: str, value: Any, why: str) -> None:
         raise ConfigError(f"{key}={value!r}: {why}")
 
 
+PHASES = ("placement", "setup", "step", "save", "collective")  # learner.timeouts.*
+
+
 def validate(cfg: DictConfig, inherits: dict[str, str] | None = None) -> None:
     """Range checks; each error names its key. ``inherits``: the keys that kept their interpolated default
     (``config.INHERITED``), each with the key it follows (an error then names the key the user set)."""
     inherits = inherits or {}
     for key in ("schedule.shift", "data.fps", "teacher.lr", "run.gpu_memory_gb", "learner.cpus_per_rank",
-                "learner.timeout_s", "pretrain.fd_delta", "distill.sync_timeout_s"):
+                "pretrain.fd_delta", "distill.sync_timeout_s", *(f"learner.timeouts.{phase}" for phase in PHASES)):
         _require(OmegaConf.select(cfg, key) > 0, key, OmegaConf.select(cfg, key), "must be > 0")
+    limits = cfg.learner.timeouts
+    _require(limits.collective >= max(limits.step, limits.save), "learner.timeouts.collective", limits.collective,
+             f"must be >= learner.timeouts.step ({limits.step:g}) and .save ({limits.save:g}): ranks wait in a "
+             f"collective while another trains or saves")
+    _require(cfg.run.export_dtype in ("auto", "fp32", "bf16"), "run.export_dtype", cfg.run.export_dtype,
+             "must be auto, fp32 or bf16")
     _require(0.0 <= cfg.model.gate <= 1.0, "model.gate", cfg.model.gate, "must be in [0, 1]")
     _require(cfg.model.full_size in ("", "1.3b", "14b"), "model.full_size", cfg.model.full_size, "must be '', '1.3b' or '14b'")
     _require(cfg.run.device in ("auto", "cpu", "cuda"), "run.device", cfg.run.device, "must be auto, cpu or cuda")
     _require(cfg.run.precision in ("auto", "fp32", "bf16"), "run.precision", cfg.run.precision, "must be auto, fp32 or bf16")
     for key in ("run.threads", "run.keep_checkpoints", "learner.num_ranks", "rollout.num_actors", "rollout.batch_size",
                 "rollout.failures_before_restart", "eval.num_prompts", "model.lora.rank", "prepare.vae_batch_size",
-                "prepare.vae_concurrency", "prepare.text_batch_size", "prepare.text_concurrency"):
+                "prepare.text_batch_size", "prepare.clips_per_block", "data.shard_format"):
         _require(OmegaConf.select(cfg, key) >= 1, key, OmegaConf.select(cfg, key), "must be >= 1")
     for key in ("prepare.decode_cpus", "prepare.vae_gpus", "prepare.text_gpus", "prepare.actor_cpus", "teacher.ema_warmup",
                 "pretrain.ema_warmup", "distill.ema_warmup", "distill.max_policy_lag", "distill.real_weight",
                 "rollout.cpus_per_actor", "rollout.restarts_on_error", "model.causal.cache_chunks", "sample.max_chunks"):
         _require(OmegaConf.select(cfg, key) >= 0, key, OmegaConf.select(cfg, key), "must be >= 0")
+    for key in ("prepare.vae_concurrency", "prepare.text_concurrency"):  # auto: sized from the cluster's GPUs
+        value = str(OmegaConf.select(cfg, key))
+        _require(value == "auto" or value.isdigit() and int(value) >= 1, key, value, "must be auto or an int >= 1")
+    _require(cfg.data.shard_format in (1, 2), "data.shard_format", cfg.data.shard_format, "must be 1 or 2")
+    _require(cfg.prepare.vae_dtype in ("auto", "fp32", "bf16"), "prepare.vae_dtype", cfg.prepare.vae_dtype,
+             "must be auto, fp32 or bf16")
+    _require(0.0 <= cfg.prepare.heldout_fraction < 1.0, "prepare.heldout_fraction", cfg.prepare.heldout_fraction,
+             "must be in [0, 1)")
     patch = list(cfg.model.tiny.patch_size)
     _require(len(patch) == 3 and all(p >= 1 for p in patch), "model.tiny.patch_size", patch, "must be 3 positive ints")
     _require(cfg.data.frames % patch[0] == 0 and cfg.data.height % patch[1] == 0 and cfg.data.width % patch[2] == 0,

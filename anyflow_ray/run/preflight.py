@@ -100,9 +100,12 @@ def _pipeline_folder(cfg: DictConfig, key: str, path: str) -> None:
     if not folder.is_dir():
         raise PreflightError(f"{key}={path}: no such folder (expected an AnyFlowPipeline folder: a training "
                              f"job's output){_follows_output_dir(cfg, key, folder)}")
-    if not (folder / "model_index.json").is_file():
-        raise PreflightError(f"{key}={path}: no model_index.json there (expected an AnyFlowPipeline folder: "
-                             f"a training job's output)")
+    from anyflow_ray.training.export import is_model
+
+    if not is_model(folder):
+        raise PreflightError(f"{key}={path}: no model_index.json there and no checkpoint (expected an AnyFlowPipeline "
+                             f"folder: a training job's output, or a checkpoint: training_state/meta.json, or a run "
+                             f"folder with checkpoints/latest)")
 
 
 def _follows_output_dir(cfg: DictConfig, key: str, path: Path) -> str:

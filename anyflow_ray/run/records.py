@@ -10,7 +10,9 @@ checkpoint (``checkpoints/latest`` -> ``training_state/meta.json``):
   listing each key as ``old -> new``. Only the step budgets and the logging / IO knobs of
   ``HARMLESS`` may change between a run and its resume;
 - its latest checkpoint already at the step budget: nothing to train; the job says so in one line and
-  writes nothing (``RunRecord.done``).
+  writes nothing (``RunRecord.done``), unless the stage's export of that step is missing or incomplete
+  (the run died after its last checkpoint): then it is exported from that checkpoint
+  (``RunRecord.export_only``; the export is the only copy of the model, checkpoints hold no pipeline).
 
 ``config.yaml`` is then written by the job when it starts fresh or once it has trained (never by a
 resume that is refused or has nothing to do). Ray-free: it reads two small files.
@@ -27,6 +29,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from anyflow_ray.training.checkpoint import LATEST, state_dir
+from anyflow_ray.training.export import MARKER as EXPORT_MARKER, export_complete
 from anyflow_ray.run.config import INHERITED, MOVED, ConfigError
 from anyflow_ray.run.storage import Storage
 
@@ -45,7 +48,8 @@ HARMLESS = frozenset({
     "pretrain.resume", "distill.resume",
     "run.output_dir", "run.new_run", "run.wandb_mode", "run.wandb_project", "run.keep_checkpoints",
     "run.autoscaling", "run.gpu_memory_gb", "run.threads",
-    "learner.timeout_s", "learner.master_port", "distill.sync_timeout_s",
+    "learner.master_port", "distill.sync_timeout_s", "run.export_dtype",
+    *(f"learner.timeouts.{phase}" for phase in ("placement", "setup", "step", "save", "collective")),
 })
 # folders compared as absolute paths (a run started with a relative path resumes with an absolute one)
 PATH_KEYS = frozenset({"model.base", "data.root", "teacher.output", "pretrain.output", "pretrain.init",
@@ -63,6 +67,7 @@ class RunRecord:
     start: int  # the step the latest checkpoint is at (0: a fresh run)
     fresh: bool  # nothing of an earlier run is resumed; config.yaml may be written at once
     done: bool  # the latest checkpoint is at the step budget: nothing to train, nothing to write
+    export_only: bool = False  # trained to the budget, its export missing or incomplete: export it only
 
 
 def open_run(cfg: DictConfig, job: str) -> RunRecord:
@@ -96,6 +101,10 @@ def open_run(cfg: DictConfig, job: str) -> RunRecord:
                          f"{key} asks for {ranks}: resume with {key}={meta['world_size']}, or set "
                          f"run.new_run=true to start a fresh folder")
     if step >= steps:
+        if not export_complete(out, step, check_files=not Storage.of(cfg).enabled):
+            print(f"{job}: {out} trained to step {step} of {section}.steps={steps} but its export is missing or "
+                  f"incomplete: exporting it from checkpoints/{_latest_name(out)}", flush=True)
+            return RunRecord(cfg, out, step, fresh=False, done=False, export_only=True)
         print(f"{job}: nothing to train: {out} is at step {step} of {section}.steps={steps} (raise "
               f"{section}.steps to train on); its files are left as they are", flush=True)
         return RunRecord(cfg, out, step, fresh=False, done=True)
@@ -158,12 +167,17 @@ def latest_meta(out: Path, storage: Storage | None = None) -> dict | None:
         return {}
 
 
+def _latest_name(out: Path) -> str:
+    return (out / "checkpoints" / LATEST).read_text().strip()
+
+
 def _fetch_record(cfg: DictConfig, out: Path) -> None:
-    """With ``run.storage``: the earlier run's config and checkpoint marker from storage."""
+    """With ``run.storage``: the earlier run's config, export marker and checkpoint marker from storage."""
     storage = Storage.of(cfg)
     if not storage.enabled:
         return
     storage.fetch(out / "config.yaml", refresh=True)
+    storage.fetch(out / EXPORT_MARKER, refresh=True)
     storage.fetch(out / "checkpoints" / LATEST, refresh=True)  # its meta.json is read in place: latest_meta
 
 

@@ -1,15 +1,22 @@
 """Training checkpoints: DeepSpeed's own engine checkpoints plus our state, a ``latest`` marker written last.
 
     <root>/checkpoints/step-000500/
-        model_index.json, transformer/, ...     the EMA model as an AnyFlowPipeline folder (safetensors)
-        training_state/meta.json                step, job, world size, ZeRO stage, dtype, weight version,
-                                                the driver's state (e.g. buffer statistics), file manifest
-        training_state/rank-00000.safetensors   per rank: torch RNG state; EMA shadow tensors (rank 0's file,
-                                                or every rank's under ZeRO-3)
-        training_state/<engine>/                engine.save_checkpoint(training_state, tag=<engine>): model
-                                                (teacher, Stage 1) | student, critic (Stage 2); e.g.
-                                                mp_rank_00_model_states.pt, zero_pp_rank_0_mp_rank_00_optim_states.pt
+        training_state/meta.json                format, step, job, world size, ZeRO stage, dtype, weight
+                                                version, the driver's state (e.g. buffer statistics), the
+                                                run's resolved config, file manifest
+        training_state/rank-00000.safetensors   per rank: torch RNG state; EMA shadow tensors of the trainable
+                                                parameters (rank 0's file, or every rank's under ZeRO-3)
+        training_state/<engine>/                engine.save_checkpoint(training_state, tag=<engine>,
+                                                exclude_frozen_parameters=True): model (teacher, Stage 1) |
+                                                student, critic (Stage 2); e.g. mp_rank_00_model_states.pt,
+                                                zero_pp_rank_0_mp_rank_00_optim_states.pt
     <root>/checkpoints/latest                   "step-000500", written after every rank has saved
+
+Only the trainable state is saved (format 3): frozen weights (the base under LoRA, the teacher) are read
+again from the folders the config names, and no pipeline is exported per checkpoint. The model of a
+checkpoint is rebuilt by ``training.export`` (``anyflow-ray export``, ``sample``/``evaluate`` given a
+checkpoint); a stage exports its pipeline once, at its end. Format 2 checkpoints (with an exported
+pipeline inside) still resume.
 
 After ``latest`` moves, the newest ``run.keep_checkpoints`` step folders up to it are kept and older ones
 deleted. The data position is a pure function of the step (``anyflow_ray.training.objectives``), so the step is
@@ -36,7 +43,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 LATEST = "latest"
-FORMAT = 2  # 1: our own safetensors of parameters and optimizer moments (fp32 ZeRO-0 only)
+FORMAT = 3  # 2: format 3 plus the EMA model exported as a pipeline in every checkpoint (still resumed);
+# 1: our own safetensors of parameters and optimizer moments (fp32 ZeRO-0 only)
+RESUMED_FORMATS = (2, 3)
 
 
 class CheckpointError(RuntimeError):
@@ -154,10 +163,10 @@ def read_meta(ckpt: Path) -> dict:
 def validate_checkpoint(ckpt: Path, world_size: int) -> dict:
     """Check every file a resume needs; returns meta.json. Names the first bad file."""
     meta = read_meta(ckpt)
-    if meta.get("format") != FORMAT:
+    if meta.get("format") not in RESUMED_FORMATS:
         raise CheckpointError(f"checkpoint {ckpt} has format {meta.get('format', 1)}; this version resumes "
-                              f"format {FORMAT} (DeepSpeed engine checkpoints) only: start a new run from its "
-                              f"exported model instead")
+                              f"formats {RESUMED_FORMATS} (DeepSpeed engine checkpoints) only: start a new run "
+                              f"from its exported model instead")
     if meta.get("world_size") != world_size:
         raise CheckpointError(f"checkpoint {ckpt} was written by {meta.get('world_size')} ranks; this run has "
                               f"{world_size} (resume with learner.num_ranks={meta.get('world_size')}, "
@@ -176,13 +185,18 @@ def validate_checkpoint(ckpt: Path, world_size: int) -> dict:
         if size is not None and path.stat().st_size != size:
             raise CheckpointError(f"{path} has {path.stat().st_size} bytes, {size} were written "
                                   f"(truncated or overwritten)")
+    if meta["format"] == 2:  # the exported pipeline each checkpoint carried
+        _check_exported(ckpt)
+    return meta
+
+
+def _check_exported(ckpt: Path) -> None:
     transformer = ckpt / "transformer"
     for weights in transformer.glob("*") if transformer.is_dir() else []:
         if weights.suffix in (".bin", ".pt"):
             raise CheckpointError(f"{weights} is not safetensors; refusing to unpickle it")
     if not any(transformer.glob("*.safetensors")):
         raise CheckpointError(f"checkpoint {ckpt} has no transformer/*.safetensors")
-    return meta
 
 
 def _check_safetensors(path: Path) -> None:

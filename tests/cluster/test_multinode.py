@@ -17,7 +17,7 @@ from anyflow_ray.run.config import load_config
 from learners.placement import Placement, PlacementError, check, fits
 
 SMALL = ["model.tiny.num_layers=1", "model.tiny.ffn_dim=32", "data.num_train=32", "data.num_heldout=8",
-         "pretrain.global_batch=8", "learner.cpus_per_rank=0.5", "learner.timeout_s=300", "run.threads=2",
+         "pretrain.global_batch=8", "learner.cpus_per_rank=0.5", "learner.timeouts.step=300", "learner.timeouts.setup=300", "run.threads=2",
          "rollout.batch_size=2", "rollout.cpus_per_actor=0.25", "distill.real_batch=8", "distill.lr=1e-4",
          "distill.budgets=[2,4]", "distill.log_every=1"]
 

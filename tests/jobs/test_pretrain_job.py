@@ -18,3 +18,16 @@ def test_real_scale_dry_run_prints_counts_config_and_memory(capsys):
 def test_dry_run_needs_a_full_size_model():
     with pytest.raises(ValueError, match="model.full_size"):  # in-process: a subprocess costs ~8 s of imports
         main(["pretrain", "--config", "configs/tiny.yaml", "--dry-run"])
+
+
+@pytest.mark.parametrize("config, job, limit_gib", [("wan2.1-t2v-1.3b", "pretrain", 5), ("wan2.1-t2v-14b", "distill", 25)])
+def test_dry_run_prints_a_save_of_the_trainable_state_only(capsys, config, job, limit_gib):
+    """A save holds the trainable state (LoRA adapters, their optimizer state, the EMA): the 14B Stage-2 one
+    within 25 GiB, against the 100 GiB format 2 wrote with an fp32 pipeline in every checkpoint."""
+    assert main([job, "--config", f"configs/{config}.yaml", "--dry-run"]) == 0
+    out = capsys.readouterr().out.split("per checkpoint save")[1]
+    save = float(out.split("\n  total")[1].split()[0])
+    before = float(out.split("in every checkpoint: ")[1].split()[0])
+    export = float(out.split("export, once per stage")[1].split("\n  total")[1].split()[0])
+    assert 0 < save < limit_gib and before > 3 * save and export > save / 2
+    assert "frozen weights excluded" in out

@@ -20,11 +20,13 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from anyflow_ray.cli import main
 from anyflow_ray.data.shards import read_shards
 from anyflow_ray.run.logger import read_metrics
+from anyflow_ray.training.export import open_pipeline
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 # what `make demo` runs (the Makefile's CONFIG) and the folder under outputs/ it writes
@@ -33,7 +35,7 @@ DEMO = Path(yaml.safe_load(Path(README.parent / DEMO_CONFIG).read_text())["run"]
 BUDGETS = {"teacher.steps": 2, "pretrain.steps": 2, "distill.steps": 2}
 SMALL = ["model.tiny.num_layers=1", "model.tiny.ffn_dim=32", "run.threads=1", "data.num_train=16",
          "data.num_heldout=8", "data.shard_size=8", "learner.num_ranks=1", "learner.cpus_per_rank=0.5",
-         "learner.timeout_s=240", "teacher.batch_size=4", "teacher.warmup=1", "teacher.log_every=1",
+         "learner.timeouts.step=240", "learner.timeouts.setup=240", "teacher.batch_size=4", "teacher.warmup=1", "teacher.log_every=1",
          "teacher.save_every=2", "pretrain.global_batch=4", "pretrain.warmup=1", "pretrain.log_every=1",
          "pretrain.save_every=2", "distill.real_batch=4", "distill.save_every=2", "distill.log_every=1",
          "distill.budgets=[2]", "rollout.batch_size=2", "rollout.cpus_per_actor=0.25", "eval.num_prompts=4",
@@ -258,7 +260,12 @@ def test_stage1_writes_a_loadable_flow_map_checkpoints_and_metrics(walk):
     assert type(AnyFlowPipeline.from_pretrained(out).transformer).__name__ == "WanFlowMapTransformer3DModel"
     assert json.loads((out / "model_index.json").read_text())["transformer"][1] == "WanFlowMapTransformer3DModel"
     assert (out / "checkpoints" / "latest").read_text().strip() == "step-000002"
-    assert AnyFlowPipeline.from_pretrained(out / "checkpoints" / "step-000002").transformer is not None
+    # a checkpoint holds the trainable state only; the model it rebuilds is the exported one
+    assert sorted(p.name for p in (out / "checkpoints" / "step-000002").iterdir()) == ["training_state"]
+    exported = AnyFlowPipeline.from_pretrained(out).transformer.state_dict()
+    rebuilt = open_pipeline(out / "checkpoints" / "step-000002").transformer.state_dict()
+    assert all(torch.equal(exported[n], rebuilt[n]) for n in exported)
+    assert json.loads((out / "export.json").read_text())["step"] == 2
     records = read_metrics(out / "metrics.jsonl")
     assert [r["step"] for r in records] == [1, 2] and all(r["pretrain/frac_diagonal"] == 0.5 for r in records)
     assert list((out / "wandb").glob("offline-run-*"))
@@ -292,6 +299,26 @@ def test_nothing_left_to_train_says_so_and_leaves_the_folder_byte_identical(walk
     out = capsys.readouterr().out.strip().splitlines()
     assert any("nothing to train" in line and "step 4 of teacher.steps=4" in line for line in out)
     assert snapshot(walk[0] / DEMO / "teacher") == before
+
+
+def test_a_run_killed_between_its_last_checkpoint_and_its_export_reruns_into_the_same_model(walk, capsys):
+    """What a kill during the final export leaves (no marker, a torn transformer file, model_index.json
+    gone): the re-run exports the last checkpoint instead of reporting nothing to train."""
+    folder = walk[0] / DEMO / "teacher"
+    before = snapshot(folder)
+    weights = folder / "transformer" / "diffusion_pytorch_model.safetensors"
+    for torn in (folder / "export.json", folder / "model_index.json"):
+        torn.unlink()
+    weights.write_bytes(weights.read_bytes()[:100])
+    assert teacher(walk) == 0
+    out = capsys.readouterr().out
+    assert "its export is missing or incomplete: exporting it from checkpoints/step-000004" in out
+    after = snapshot(folder)
+    marker = json.loads(after.pop("export.json"))
+    assert marker["step"] == 4 and marker["source"].endswith("step-000004")
+    before.pop("export.json")
+    assert after == before  # the same files, byte for byte (config, metrics, checkpoints and the model)
+    assert teacher(walk) == 0 and "nothing to train" in capsys.readouterr().out
 
 
 def test_a_cluster_too_small_for_the_config_stops_at_once_in_one_line(walk, capsys):

@@ -4,11 +4,14 @@ EMA, gathered whole under ZeRO-3)."""
 
 import math
 
+from pathlib import Path
+
 import pytest
 import ray
 import torch
 
 from anyflow_ray.pipeline import AnyFlowPipeline
+from anyflow_ray.training.export import open_pipeline
 from anyflow_ray.training.distill import Trajectory
 from learners.distill import DistillWorker
 from learners.group import LearnerGroup
@@ -84,6 +87,10 @@ def test_zero3_ranks_with_uneven_trajectories_stay_in_step_with_a_lora_critic(ra
         group.call("export_pipeline", str(tmp_path / "export"))
         exported = AnyFlowPipeline.from_pretrained(tmp_path / "export").transformer.state_dict()
         assert all(torch.isfinite(t).all() and t.numel() > 0 for t in exported.values())
+        # the checkpoint's EMA partitions of the adapters, put together and fused offline as the ranks fuse them
+        ckpt = Path(group.call("save", str(tmp_path / "run"), 2)[0])
+        offline = open_pipeline(ckpt).transformer.state_dict()
+        assert sorted(offline) == sorted(exported) and all(torch.equal(offline[n], exported[n]) for n in exported)
     finally:
         group.shutdown()
 

@@ -1,15 +1,19 @@
 """Real Ray actors running real DeepSpeed ranks (gloo on the CPU)."""
 
 import json
+import logging
 import math
 import shutil
+import time
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from anyflow_ray.training.checkpoint import CheckpointError, validate_checkpoint
 from anyflow_ray.pipeline import AnyFlowPipeline
+from anyflow_ray.training.export import export_checkpoint, export_complete
 from learners.group import LearnerGroup, LearnerGroupError
 from learners.ranks import every_rank, rank_zero
 from learners.worker import LearnerWorker
@@ -72,14 +76,22 @@ def test_resume_reproduces_the_next_losses(ray_local, prepared_run, tmp_path, pr
         for step in range(3):
             first += _train(group, [step])
             group.call("save", str(out), step + 1)
+        group.call("export_pipeline", str(tmp_path / "live"), 3)
     finally:
         group.shutdown()
     checkpoints = out / "checkpoints"
     assert sorted(p.name for p in checkpoints.glob("step-*")) == ["step-000002", "step-000003"]
     assert (checkpoints / "latest").read_text().strip() == "step-000003"
     ckpt = checkpoints / "step-000003"
-    assert (ckpt / "transformer" / "diffusion_pytorch_model.safetensors").is_file()
-    AnyFlowPipeline.from_pretrained(ckpt)  # a loadable pipeline
+    assert sorted(p.name for p in ckpt.iterdir()) == ["training_state"]  # the trainable state, no pipeline
+    # the checkpoint alone (no Ray, no DeepSpeed) rebuilds the model the learners exported, in their dtype
+    export_checkpoint(ckpt, tmp_path / "offline")
+    live = AnyFlowPipeline.from_pretrained(tmp_path / "live").transformer.state_dict()
+    offline = AnyFlowPipeline.from_pretrained(tmp_path / "offline").transformer.state_dict()
+    assert sorted(live) == sorted(offline) and all(torch.equal(live[n], offline[n]) for n in live)
+    stored = load_file(tmp_path / "offline" / "transformer" / "diffusion_pytorch_model.safetensors")
+    assert {t.dtype for t in stored.values()} == {{"fp32": torch.float32, "bf16": torch.bfloat16}[precision]}
+    assert export_complete(tmp_path / "offline", 3) and export_complete(tmp_path / "live", 3)
     files = json.loads((ckpt / "training_state" / "meta.json").read_text())["files"]
     bf16 = "bf16_" if precision == "bf16" else ""
     assert {"model/mp_rank_00_model_states.pt", *(f"model/{bf16}zero_pp_rank_{r}_mp_rank_00_optim_states.pt"
@@ -161,7 +173,7 @@ def test_an_override_keeps_the_declaration_of_the_method_it_overrides():
 class RankProbe(LearnerWorker):
     """A rank without DeepSpeed or a model that records which calls ran on it."""
 
-    def setup(self, master_addr, master_port):  # keeps LearnerWorker.setup's @every_rank
+    def setup(self, master_addr, master_port, board=None):  # keeps LearnerWorker.setup's @every_rank
         self.ran = []
         return {"rank": self.rank}
 
@@ -195,3 +207,61 @@ def test_a_rank_zero_method_runs_on_rank_0_only_and_an_undeclared_one_is_refused
         assert group.call("what_ran") == [["called", "submitted"], []]  # refused before any rank ran it
     finally:
         group.shutdown()
+
+
+# -- a limit per phase (learner.timeouts) -------------------------------------------------------------------
+class SlowSaveHungStep(LearnerWorker):
+    """Rank 0 saves slowly (longer than a step may take); rank 1 hangs in its second step."""
+
+    def save(self, root, step, **kwargs):
+        if self.rank == 0:
+            time.sleep(8)
+        return super().save(root, step, **kwargs)
+
+    def train_step(self, step):
+        if step == 1 and self.rank == 1:
+            time.sleep(600)
+        return super().train_step(step)
+
+
+def test_a_save_longer_than_the_step_limit_finishes_and_a_hung_rank_is_named_within_it(ray_local, prepared_run,
+                                                                                        tmp_path):
+    cfg = run_cfg(prepared_run, "learner.num_ranks=2", "learner.timeouts.step=4", "learner.timeouts.save=120")
+    group = LearnerGroup(cfg, "teacher", worker_cls=SlowSaveHungStep)
+    try:
+        _train(group, [0])
+        saved = group.call("save", str(tmp_path / "run"), 1)  # 8 s: past the step limit, within the save limit
+        assert Path(saved[0]).name == "step-000001" and validate_checkpoint(Path(saved[0]), 2)["step"] == 1
+        started = time.monotonic()
+        # rank 0 waits for rank 1 in the step's all-reduce, so both are still running
+        with pytest.raises(LearnerGroupError, match=r"'train_step' timed out after 4s \(learner\.timeouts\.step; "
+                                                    r"ranks still running: \[0, 1\]\)"):
+            group.call("train_step", 1)
+        assert time.monotonic() - started < 60  # named at the step limit, not at a save's or a collective's
+    finally:
+        group.shutdown()
+
+
+class SlowSetup(RankProbe):
+    """A set-up in two posted phases; rank 1's second one outlasts the set-up limit."""
+
+    def setup(self, master_addr, master_port, board=None):
+        self._board = board
+        self._progress("indexing 12 row groups")
+        time.sleep(2)
+        self._progress("loading the teacher model")
+        time.sleep(60 if self.rank == 1 else 0)
+        return super().setup(master_addr, master_port, board)
+
+
+def test_a_long_setup_reports_every_ranks_progress_and_a_stuck_one_names_what_it_was_doing(
+        ray_local, tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(LearnerGroup, "report_every_s", 1.0)
+    cfg = run_cfg(tmp_path, "learner.num_ranks=2", "learner.timeouts.setup=20")
+    with caplog.at_level(logging.INFO, logger="anyflow_ray"):
+        with pytest.raises(LearnerGroupError, match=r"'setup' timed out after 20s \(learner\.timeouts\.setup; ranks "
+                                                    r"still running: \[1\]\); rank 1: loading the teacher model"):
+            LearnerGroup(cfg, "teacher", worker_cls=SlowSetup)
+    reports = [r.getMessage() for r in caplog.records if "set-up" in r.getMessage()]
+    assert any("rank 0: indexing 12 row groups" in m and "rank 1: indexing 12 row groups" in m for m in reports)
+    assert any("rank 1: loading the teacher model" in m for m in reports)

@@ -1,0 +1,256 @@
+"""The model of a checkpoint, and exported pipeline folders written so that none is ever half there.
+
+A checkpoint (``training.checkpoint``, format 3) holds the trainable state only: DeepSpeed's engines
+without frozen weights, the EMA of the trainable parameters, RNG and books, and the run's resolved
+config. The model is rebuilt from it the way its learner built it (``job_model``: the base or the
+stage's init folder, LoRA when configured) with the EMA written into the trainable parameters
+(``ema_model``), so a checkpoint is enough to sample (``open_pipeline``) or to export
+(``export_checkpoint``, the ``anyflow-ray export`` command) without a GPU, Ray or DeepSpeed.
+
+An export (``write_pipeline``) is an AnyFlowPipeline folder in ``run.export_dtype``: the transformer saved,
+the base folder's text encoder and VAE hard-linked (copied where the file system does not allow a link)
+and its tokenizer saved, so it is self-contained at the price of one copy per stage, not per checkpoint.
+It is built under ``<out>/.export-partial/`` and moved into place component by component; ``export.json``
+(the step, the dtype and every file's size) is written last and removed first, so its presence is the
+proof an export is complete (``export_complete``). A run whose training finished but whose export is
+not complete is exported again from its last checkpoint (``run.records``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from anyflow_ray.training import checkpoint as ckpt_io
+
+MARKER = "export.json"
+PARTIAL = ".export-partial"
+COMPONENTS_LINKED = ("text_encoder", "vae")  # large and frozen: the base's files as they are
+
+
+def job_model(cfg: DictConfig, job: str, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """The trainable model of ``job`` as its learner builds it: the teacher (the base's single-time
+    transformer), the Stage-1 student (``pretrain.init`` as a two-time flow map, causal over
+    ``model.causal.chunks`` when set) or the Stage-2 student (``distill.init``); LoRA when enabled."""
+    from anyflow_ray.models.causal import WanCausalFlowMapTransformer3DModel, is_causal
+    from anyflow_ray.models.loading import load_transformer
+    from anyflow_ray.models.lora import apply_lora
+    from anyflow_ray.run.config import ConfigError
+
+    chunks = [int(c) for c in cfg.model.causal.chunks]
+    if job == "teacher":
+        model = load_transformer(cfg.model.base, flow_map=False, dtype=dtype)
+    elif job == "pretrain":
+        model = load_transformer(cfg.pretrain.init, flow_map=True, gate=cfg.model.gate, dtype=dtype)
+        if is_causal(model) and list(model.config.causal_chunks) != chunks:
+            raise ConfigError(f"model.causal.chunks={chunks}: pretrain.init={cfg.pretrain.init} holds a causal "
+                              f"model over chunks {list(model.config.causal_chunks)}")
+        if chunks and not is_causal(model):
+            model = WanCausalFlowMapTransformer3DModel.from_base(model, chunks, gate=cfg.model.gate)
+    elif job == "distill":
+        model = load_transformer(cfg.distill.init, flow_map=True, gate=cfg.model.gate, dtype=dtype,
+                                 causal_chunks=chunks)
+    else:
+        raise ValueError(f"unknown job {job!r}; expected teacher, pretrain or distill")
+    if cfg.model.lora.enabled:
+        apply_lora(model, cfg.model.lora)
+    return model
+
+
+def export_dtype(cfg: DictConfig, trained: torch.dtype | None = None) -> torch.dtype:
+    """``run.export_dtype``: fp32 | bf16 | auto (the dtype the run trained in: bf16 on GPUs, fp32 on the CPU)."""
+    choice = str(cfg.run.get("export_dtype", "auto"))
+    if choice == "auto":
+        return torch.bfloat16 if trained == torch.bfloat16 or str(trained) == "torch.bfloat16" else torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[choice]
+
+
+def final_model(model: torch.nn.Module, cfg: DictConfig) -> torch.nn.Module:
+    """``model`` (a CPU copy holding the EMA weights) as it is exported: LoRA fused into the weights."""
+    if cfg.model.lora.enabled:
+        model.fuse_lora()
+        model.unload_lora()
+    return model
+
+
+# -- a checkpoint's model ------------------------------------------------------------------------------
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder (``.../checkpoints/step-000500``), or a run's ``checkpoints/`` folder or run
+    folder, meaning the checkpoint its ``latest`` names."""
+    path = Path(path)
+    for candidate in (path, path / "checkpoints"):
+        if (candidate / ckpt_io.LATEST).is_file():
+            found = ckpt_io.find_latest(candidate.parent if candidate.name == "checkpoints" else candidate)
+            if found is not None:
+                return found
+    if not (ckpt_io.state_dir(path) / "meta.json").is_file():
+        raise ckpt_io.CheckpointError(f"{path} is not a checkpoint (no training_state/meta.json) nor a run "
+                                      f"folder with checkpoints/latest")
+    return path
+
+
+def checkpoint_config(ckpt: Path, meta: dict) -> DictConfig:
+    """The run's resolved config: meta.json's (format 3), else the run folder's config.yaml (format 2)."""
+    if meta.get("config"):
+        return OmegaConf.create(meta["config"])
+    recorded = ckpt.parent.parent / "config.yaml"
+    if not recorded.is_file():
+        raise ckpt_io.CheckpointError(f"checkpoint {ckpt} (format {meta.get('format')}) holds no config and "
+                                      f"{recorded} is missing: it cannot be rebuilt")
+    return OmegaConf.load(recorded)
+
+
+def ema_model(ckpt: str | Path) -> tuple[torch.nn.Module, DictConfig, dict]:
+    """(the EMA model of checkpoint ``ckpt`` on the CPU in fp32, LoRA fused; its run's config; meta.json)."""
+    ckpt = resolve_checkpoint(ckpt)
+    meta = ckpt_io.read_meta(ckpt)
+    meta = ckpt_io.validate_checkpoint(ckpt, int(meta.get("world_size", 1)))
+    cfg = checkpoint_config(ckpt, meta)
+    model = job_model(cfg, meta["job"], torch.float32)
+    params = [p for p in model.parameters() if p.requires_grad]
+    ranks = [ckpt_io.load_rank_state(ckpt, r) for r in range(int(meta["world_size"]))]
+    with torch.no_grad():
+        for i, p in enumerate(params):
+            key = f"ema.{i}"
+            if key not in ranks[0]:
+                raise ckpt_io.CheckpointError(f"{ckpt_io.rank_file(ckpt, 0)} has no {key}: the checkpoint holds "
+                                              f"fewer EMA tensors than the {meta['job']} model has trainable "
+                                              f"parameters ({len(params)})")
+            if int(meta.get("zero_stage", 0)) == 3:  # each rank's flat partition, in rank order, the last padded
+                flat = torch.cat([r[key].reshape(-1) for r in ranks])[:p.numel()]
+            else:
+                flat = ranks[0][key]
+            if flat.numel() != p.numel():
+                raise ckpt_io.CheckpointError(f"{ckpt}: EMA tensor {i} has {flat.numel()} values, the model's "
+                                              f"parameter has {p.numel()} (another model or config?)")
+            p.copy_(flat.reshape(p.shape).to(p.dtype))
+    return final_model(model, cfg), cfg, meta
+
+
+def pipeline_of(transformer: torch.nn.Module, cfg: DictConfig, dtype: torch.dtype = torch.float32):
+    """An AnyFlowPipeline in memory around ``transformer`` with ``model.base``'s text encoder and VAE."""
+    from anyflow_ray.models.loading import load_text_encoder, sample_size, text_max_length
+    from anyflow_ray.pipeline import AnyFlowPipeline
+
+    base = cfg.model.base
+    tokenizer, encoder = load_text_encoder(base, dtype)
+    vae = None
+    if (Path(base) / "vae" / "config.json").is_file():
+        from anyflow_ray.data.encode import load_vae
+
+        vae = load_vae(base)
+    return AnyFlowPipeline(transformer=transformer.to(dtype), text_encoder=encoder, tokenizer=tokenizer, vae=vae,
+                           text_max_length=text_max_length(base), negative_prompt=cfg.model.negative_prompt,
+                           sample_size=sample_size(base))
+
+
+def open_pipeline(path: str | Path, dtype: torch.dtype = torch.float32):
+    """An exported pipeline folder, or a checkpoint (its EMA model, see ``resolve_checkpoint``)."""
+    from anyflow_ray.pipeline import AnyFlowPipeline
+
+    path = Path(path)
+    if (path / "model_index.json").is_file():
+        return AnyFlowPipeline.from_pretrained(path, dtype=dtype)
+    model, cfg, _ = ema_model(path)
+    return pipeline_of(model, cfg, dtype)
+
+
+def is_model(path: str | Path) -> bool:
+    """Whether ``path`` is something ``open_pipeline`` opens (an exported folder or a checkpoint)."""
+    path = Path(path)
+    try:
+        return (path / "model_index.json").is_file() or resolve_checkpoint(path) is not None
+    except ckpt_io.CheckpointError:
+        return False
+
+
+def export_checkpoint(ckpt: str | Path, out: str | Path, dtype: str | None = None) -> Path:
+    """Write checkpoint ``ckpt``'s EMA model as a pipeline folder ``out`` (``dtype``: fp32 | bf16, default
+    the run's ``run.export_dtype``)."""
+    model, cfg, meta = ema_model(ckpt)
+    trained = torch.bfloat16 if meta.get("dtype") == "torch.bfloat16" else torch.float32
+    chosen = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype] if dtype else export_dtype(cfg, trained)
+    return write_pipeline(model, cfg, out, chosen, step=int(meta["step"]), source=str(resolve_checkpoint(ckpt)))
+
+
+# -- writing an export ---------------------------------------------------------------------------------
+def write_pipeline(transformer: torch.nn.Module, cfg: DictConfig, out: str | Path, dtype: torch.dtype,
+                   step: int | None = None, source: str = "learner") -> Path:
+    """``transformer`` as an AnyFlowPipeline folder ``out`` (see the module docstring); returns ``out``."""
+    from anyflow_ray.models.loading import sample_size, text_max_length
+    from anyflow_ray.pipeline import AnyFlowPipeline
+    from transformers import AutoTokenizer
+
+    out, base = Path(out), Path(cfg.model.base)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).unlink(missing_ok=True)  # from here on the folder holds no complete export
+    partial = out / PARTIAL
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir()
+    transformer.to(dtype).save_pretrained(partial / "transformer", safe_serialization=True)
+    tokenizer = AutoTokenizer.from_pretrained(base / "tokenizer", local_files_only=True)
+    tokenizer.save_pretrained(partial / "tokenizer")
+    pipe = AnyFlowPipeline(transformer=transformer, text_encoder=None, tokenizer=tokenizer, vae=None,
+                           text_max_length=text_max_length(base), negative_prompt=cfg.model.negative_prompt,
+                           sample_size=sample_size(base))
+    pipe.save_config(partial)  # model_index.json; the linked components' entries follow
+    index = json.loads((partial / "model_index.json").read_text())
+    index["text_encoder"] = ["transformers", "UMT5EncoderModel"]
+    _link_tree(base / "text_encoder", partial / "text_encoder")
+    if (base / "vae" / "config.json").is_file():
+        _link_tree(base / "vae", partial / "vae")
+        index["vae"] = ["diffusers", json.loads((base / "vae" / "config.json").read_text())["_class_name"]]
+    (partial / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    components = sorted(p.name for p in partial.iterdir() if p.is_dir())
+    for name in components:  # each component replaced as a whole, model_index.json last
+        shutil.rmtree(out / name, ignore_errors=True)
+        os.replace(partial / name, out / name)
+    os.replace(partial / "model_index.json", out / "model_index.json")
+    partial.rmdir()
+    files = {str(p.relative_to(out)): p.stat().st_size for name in components for p in sorted((out / name).rglob("*"))
+             if p.is_file()}
+    files["model_index.json"] = (out / "model_index.json").stat().st_size
+    tmp = out / f"{MARKER}.tmp"
+    tmp.write_text(json.dumps({"step": step, "dtype": str(dtype).removeprefix("torch."), "source": source,
+                               "components": components, "files": files}, indent=2) + "\n")
+    os.replace(tmp, out / MARKER)
+    return out
+
+
+def export_files(out: str | Path) -> list[str]:
+    """What an export wrote into ``out``, relative to it (its marker last: upload in this order)."""
+    marker = json.loads((Path(out) / MARKER).read_text())
+    return [*marker["files"], MARKER]
+
+
+def export_complete(out: str | Path, step: int, check_files: bool = True) -> bool:
+    """Whether ``out`` holds a complete export of step ``step``: its marker names that step and (with
+    ``check_files``) every file it lists is there with the size written."""
+    marker = Path(out) / MARKER
+    try:
+        record = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return False
+    if record.get("step") != step:
+        return False
+    return not check_files or all((Path(out) / rel).is_file() and (Path(out) / rel).stat().st_size == size
+                                  for rel, size in record.get("files", {}).items())
+
+
+def _link_tree(src: Path, dst: Path) -> None:
+    """``src``'s files under ``dst``: hard links where the file system allows, copies elsewhere."""
+    for path in sorted(src.rglob("*")):
+        target = dst / path.relative_to(src)
+        if path.is_dir():
+            target.mkdir(parents=True, exist_ok=True)
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(path, target)
+        except OSError:  # another file system, or links not allowed
+            shutil.copy2(path, target)
