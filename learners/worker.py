@@ -28,9 +28,8 @@ from anyflow_ray.training import checkpoint as ckpt_io
 from anyflow_ray.run.config import ConfigError
 from anyflow_ray.data.shards import read_shards
 from anyflow_ray.data.stream import RowStream
+from anyflow_ray.data.uncond import load_uncond
 from anyflow_ray.run.device import collective_backend, resolve_device, resolve_dtype, set_threads
-from anyflow_ray.models.loading import load_text_encoder, text_max_length
-from anyflow_ray.models.text import encode_prompts
 from anyflow_ray.training.objectives import OBJECTIVES, TrainData, objective_models
 from anyflow_ray.run.storage import Storage, data_source, job_inputs
 from anyflow_ray.training.export import export_dtype, export_files, final_model, job_model, write_pipeline
@@ -198,10 +197,8 @@ class LearnerWorker:
             self._progress("reading the whole data set into memory")
             clips = read_shards(Path(self.cfg.data.root) / "train")
             self._progress(f"data read: {len(clips)} clips")
-        self._progress("encoding c_null")
-        tokenizer, encoder = load_text_encoder(self.cfg.model.base)
-        uncond = encode_prompts(tokenizer, encoder, [self.cfg.model.negative_prompt],  # c_null
-                                text_max_length(self.cfg.model.base))
+        self._progress("c_null: the stored one, or the text encoder")
+        uncond = load_uncond(self.cfg)  # written by prepare / data beside the shards: no text encoder here
         return TrainData(clips=clips, uncond=uncond)
 
     # -- training ---------------------------------------------------------------------------
