@@ -1,10 +1,9 @@
-"""Real video clips in: find captioned mp4 files, decode, resample to the training fps, crop to size.
+"""Real video clips in: find captioned mp4 files (folders, tar shards, manifests) as work items.
 
-Decoding goes through imageio-ffmpeg (the ffmpeg binding imageio's ffmpeg plugin uses): it is already a
-dependency of the project for writing samples, its wheel ships a static ffmpeg binary (no system
-ffmpeg, no compiler, no extra wheel as PyAV or decord would add), and it reads any container ffmpeg
-reads. Frames come out as raw RGB; resampling, resizing and cropping happen here, in numpy/torch, so
-the result does not depend on the ffmpeg build.
+Decoding (ffmpeg, only the frames needed, resized and cropped by ffmpeg) is in ``clip_decode.py``.
+A tar shard is indexed by its headers alone (``index_tar``: each member's byte range, the file seeked
+over, never read whole); its clips are then work items of their own (``kind: member``) whose video is
+copied from that byte range when decoded, one clip at a time.
 
 Inputs (``prepare.input``, a list whose items may mix kinds; local paths or ``pyarrow.fs`` URIs):
 
@@ -24,17 +23,14 @@ import csv
 import hashlib
 import io
 import json
-import math
 import os
 import tarfile
-import tempfile
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Iterator
 
-import numpy as np
-import torch
-import torch.nn.functional as F
+from anyflow_ray.data.clip_decode import (decode_clip, load_clip, source_indices, to_model_range,  # noqa: F401
+                                          write_mp4)
 
 VIDEO_SUFFIX = ".mp4"
 CAPTION_SUFFIX = ".json"
@@ -62,7 +58,7 @@ class ClipSize:
 # ----------------------------------------------------------------------------- files and URIs
 
 
-def _filesystem(path: str):
+def filesystem_of(path: str):
     """(pyarrow FileSystem, path inside it) for a local path or a URI such as s3://bucket/x."""
     import pyarrow.fs as pafs
 
@@ -73,7 +69,7 @@ def _filesystem(path: str):
 
 def read_bytes(path: str) -> bytes:
     """The whole file at a local path or URI."""
-    fs, inner = _filesystem(path)
+    fs, inner = filesystem_of(path)
     with fs.open_input_stream(inner) as stream:
         return stream.read()
 
@@ -87,7 +83,7 @@ def _list_folder(folder: str) -> list[str]:
     """Sorted file names directly inside a local folder or URI."""
     import pyarrow.fs as pafs
 
-    fs, inner = _filesystem(folder)
+    fs, inner = filesystem_of(folder)
     infos = fs.get_file_info(pafs.FileSelector(inner, recursive=False))
     return sorted(PurePosixPath(info.path).name for info in infos if info.type == pafs.FileType.File)
 
@@ -95,7 +91,7 @@ def _list_folder(folder: str) -> list[str]:
 def _is_folder(path: str) -> bool:
     import pyarrow.fs as pafs
 
-    fs, inner = _filesystem(path)
+    fs, inner = filesystem_of(path)
     return fs.get_file_info(inner).type == pafs.FileType.Directory
 
 
@@ -180,12 +176,17 @@ def caption_from_json(text: bytes | str, key: str, source: str) -> str:
 
 @dataclass
 class RawClip:
-    """One clip before decoding: its key, where it came from, the mp4 bytes and the caption."""
+    """One clip before decoding: its key, where it came from, its video and the caption. The video is
+    ``video`` (bytes) when given, else the file ``path`` (local or a URI), else the ``size`` bytes at
+    ``offset`` of ``path`` (a tar member): nothing is read before it is decoded."""
 
     key: str
     source: str
     video: bytes
     caption: str
+    path: str = ""
+    offset: int = -1
+    size: int = 0
 
 
 def _file_clip(item: dict) -> RawClip:
@@ -197,142 +198,76 @@ def _file_clip(item: dict) -> RawClip:
         except (OSError, FileNotFoundError):
             raise ClipError(key, source, "missing caption") from None
         caption = caption_from_json(meta, key, item["meta"])
-    try:
-        video = read_bytes(source)
-    except OSError as err:
-        raise ClipError(key, source, f"unreadable ({err.__class__.__name__})") from err
-    return RawClip(key, source, video, caption)
+    fs, inner = filesystem_of(source)
+    import pyarrow.fs as pafs
+
+    if fs.get_file_info(inner).type != pafs.FileType.File:
+        raise ClipError(key, source, "unreadable (no such file)")
+    return RawClip(key, source, b"", caption, path=source)
 
 
-def _tar_clips(path: str, skip_keys: frozenset[str]) -> Iterator[RawClip | ClipError]:
-    """Clips of a tar shard, grouped by key (members ``<key>.mp4`` and ``<key>.json``)."""
-    members: dict[str, dict[str, bytes]] = {}
+def _read_range(path: str, offset: int, size: int) -> bytes:
+    fs, inner = filesystem_of(path)
+    with fs.open_input_file(inner) as file:
+        file.seek(offset)
+        return file.read(size)
+
+
+def index_tar(path: str) -> list[dict | ClipError]:
+    """The clips of a tar shard as work items (``kind: member``, sorted by key): each ``<key>.mp4`` and
+    ``<key>.json`` member's byte range, from the headers alone (the file is seeked over, not read), or the
+    ClipError of a clip that lacks one of them (or of the shard when it cannot be read)."""
+    members: dict[str, dict[str, tuple[int, int]]] = {}
     try:
-        with tarfile.open(fileobj=io.BytesIO(read_bytes(path))) as tar:
-            for member in tar.getmembers():
-                stem, dot, suffix = PurePosixPath(member.name).name.partition(".")
-                if member.isfile() and stem not in skip_keys:
-                    members.setdefault(stem, {})["." + suffix] = tar.extractfile(member).read()
+        fs, inner = filesystem_of(path)
+        with fs.open_input_file(inner) as file, tarfile.open(fileobj=file, mode="r:") as tar:
+            for member in tar:
+                stem, _, suffix = PurePosixPath(member.name).name.partition(".")
+                if member.isfile():
+                    members.setdefault(stem, {})["." + suffix] = (member.offset_data, member.size)
     except (OSError, tarfile.TarError) as err:
-        yield ClipError("", path, f"unreadable tar shard ({err})")
-        return
+        return [ClipError("", path, f"unreadable tar shard ({err})")]
+    items: list[dict | ClipError] = []
     for key, files in sorted(members.items()):
         source = f"{path}#{key}"
         if VIDEO_SUFFIX not in files:
-            yield ClipError(key, source, "no video in the tar shard")
+            items.append(ClipError(key, source, "no video in the tar shard"))
         elif CAPTION_SUFFIX not in files:
-            yield ClipError(key, source, "missing caption")
+            items.append(ClipError(key, source, "missing caption"))
         else:
-            try:
-                yield RawClip(key, source, files[VIDEO_SUFFIX], caption_from_json(files[CAPTION_SUFFIX], key, source))
-            except ClipError as err:
-                yield err
+            (offset, size), (meta_offset, meta_size) = files[VIDEO_SUFFIX], files[CAPTION_SUFFIX]
+            items.append({"kind": "member", "key": key, "video": path, "meta": "", "caption": "", "offset": offset,
+                          "size": size, "meta_offset": meta_offset, "meta_size": meta_size})
+    return items
+
+
+def _member_clip(item: dict) -> RawClip:
+    key, source = item["key"], f"{item['video']}#{item['key']}"
+    try:
+        meta = _read_range(item["video"], item["meta_offset"], item["meta_size"])
+    except OSError as err:
+        raise ClipError(key, source, f"unreadable ({err.__class__.__name__})") from err
+    return RawClip(key, source, b"", caption_from_json(meta, key, source), path=item["video"],
+                   offset=item["offset"], size=item["size"])
 
 
 def iter_clips(item: dict, skip_keys: frozenset[str] = frozenset()) -> Iterator[RawClip | ClipError]:
-    """The raw clips of one work item, or the ClipError of each that cannot be read; keys in
-    ``skip_keys`` (already prepared) are left out."""
+    """The raw clips of one work item (a file, a tar member, or a whole tar shard: its members in key
+    order), or the ClipError of each that cannot be read; keys in ``skip_keys`` (already prepared) are
+    left out. Nothing of a video is read here."""
     if item["kind"] == "tar":
-        yield from _tar_clips(item["video"], skip_keys)
-    elif item["key"] not in skip_keys:
-        try:
-            yield _file_clip(item)
-        except ClipError as err:
-            yield err
+        for member in index_tar(item["video"]):
+            if isinstance(member, ClipError):
+                if member.key not in skip_keys:
+                    yield member
+            else:
+                yield from iter_clips(member, skip_keys)
+        return
+    if item["key"] in skip_keys:
+        return
+    try:
+        yield _member_clip(item) if item["kind"] == "member" else _file_clip(item)
+    except ClipError as err:
+        yield err
 
 
-# ----------------------------------------------------------------------------- decoding
-
-
-def _first_line(err: Exception) -> str:
-    lines = str(err).strip().splitlines()
-    return lines[0][:120] if lines else err.__class__.__name__
-
-
-def _decode(clip: RawClip, size: ClipSize) -> tuple[np.ndarray, float]:
-    """The source frames ``size`` samples, uint8 (F, h, w, 3), and the source fps.
-
-    The source fps is read from the container's metadata (ffmpeg's header) before any frame, so
-    decoding stops at the last frame needed.
-    """
-    import imageio_ffmpeg
-
-    with tempfile.NamedTemporaryFile(suffix=VIDEO_SUFFIX) as file:
-        file.write(clip.video)
-        file.flush()
-        reader = imageio_ffmpeg.read_frames(file.name)
-        frames: list[np.ndarray] = []
-        try:
-            meta = next(reader)
-            width, height = meta["size"]
-            fps = float(meta.get("fps") or 0)
-            if not math.isfinite(fps) or fps <= 0:
-                raise ClipError(clip.key, clip.source, "unreadable (no frame rate in the metadata)")
-            indices = source_indices(size.frames, size.fps, fps)
-            for raw in reader:
-                frames.append(np.frombuffer(raw, dtype=np.uint8).reshape(height, width, 3))
-                if len(frames) > indices[-1]:
-                    break
-        except (RuntimeError, OSError, StopIteration, KeyError, ValueError) as err:
-            if isinstance(err, ClipError):
-                raise
-            raise ClipError(clip.key, clip.source, f"unreadable ({_first_line(err)})") from err
-        finally:
-            reader.close()
-    if not frames:
-        raise ClipError(clip.key, clip.source, "unreadable (no frames)")
-    if len(frames) <= indices[-1]:
-        available = int(np.sum(source_indices(len(frames) * size.frames + 1, size.fps, fps) < len(frames)))
-        raise ClipError(clip.key, clip.source,
-                        f"too short: {available} frames at {size.fps:g} fps, need {size.frames}")
-    return np.stack([frames[i] for i in indices]), fps
-
-
-def source_indices(frames: int, fps: float, source_fps: float) -> np.ndarray:
-    """Which source frames make ``frames`` frames at ``fps``: frame i shows time i / fps."""
-    return np.floor(np.arange(frames) * (source_fps / fps) + 1e-6).astype(np.int64)
-
-
-def resize_and_crop(video: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """(T, C, h, w) -> (T, C, height, width): scale so the frame covers the target (shorter side
-    first), antialiased, then cut out the centre."""
-    h, w = video.shape[-2:]
-    scale = max(height / h, width / w)
-    size = (max(height, round(h * scale)), max(width, round(w * scale)))
-    if size != (h, w):
-        video = F.interpolate(video, size=size, mode="bilinear", antialias=True, align_corners=False)
-    top, left = (size[0] - height) // 2, (size[1] - width) // 2
-    return video[..., top:top + height, left:left + width]
-
-
-def decode_clip(clip: RawClip, size: ClipSize) -> tuple[np.ndarray, float]:
-    """uint8 (3, frames, height, width) of ``clip`` and its source fps; ClipError when it is unreadable
-    or too short. uint8 rather than float: a quarter of the bytes between the decode tasks and the VAE."""
-    frames, fps = _decode(clip, size)
-    chosen = torch.from_numpy(frames).permute(0, 3, 1, 2).float()  # (F, 3, h, w) in [0, 255]
-    resized = resize_and_crop(chosen, size.height, size.width)
-    pixels = resized.round().clamp(0, 255).to(torch.uint8).permute(1, 0, 2, 3)  # (3, F, H, W)
-    return pixels.contiguous().numpy(), fps
-
-
-def to_model_range(pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """uint8 pixels (any shape) -> float32 in [-1, 1], the models' pixel range."""
-    return torch.as_tensor(pixels).float() / 127.5 - 1.0
-
-
-def load_clip(clip: RawClip, size: ClipSize) -> torch.Tensor:
-    """float32 (3, frames, height, width) in [-1, 1]: decoded, resampled to ``size.fps``, cropped."""
-    return to_model_range(decode_clip(clip, size)[0])
-
-
-def write_mp4(path: str | os.PathLike, video: np.ndarray, fps: float) -> None:
-    """Write a (3, F, H, W) clip in [-1, 1] as an H.264 mp4 (sides that are multiples of 16 stay exact)."""
-    import imageio_ffmpeg
-
-    frames = np.clip((np.asarray(video).transpose(1, 2, 3, 0) + 1) * 127.5 + 0.5, 0, 255).astype(np.uint8)
-    writer = imageio_ffmpeg.write_frames(str(path), (frames.shape[2], frames.shape[1]), fps=fps, quality=8,
-                                         macro_block_size=1, ffmpeg_log_level="error")
-    writer.send(None)
-    for frame in frames:
-        writer.send(np.ascontiguousarray(frame))
-    writer.close()

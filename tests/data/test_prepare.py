@@ -116,7 +116,8 @@ def test_latents_are_the_vae_posterior_mean_and_decode_to_the_clip_shape(run):
     pixels = load_clip(clip, ClipSize(5, 8.0, 64, 64))
     assert pixels.shape == (3, 5, 64, 64) and -1 <= float(pixels.min()) and float(pixels.max()) <= 1
     latents = encode_video(vae, pixels[None])
-    torch.testing.assert_close(latents[0], read_shards(cfg.prepare.output).videos[0], rtol=1e-4, atol=1e-4)
+    # stored in bf16 (shard format 2): within bf16's rounding (2**-9 relative) of the fp32 latents
+    torch.testing.assert_close(latents[0], read_shards(cfg.prepare.output).videos[0], rtol=2 ** -8, atol=1e-4)
     assert decode_latents(vae, latents).shape == (1, 3, 5, 64, 64)
     z = torch.randn(2, Z_DIM, 2, 8, 8)
     torch.testing.assert_close(denormalize_latents(normalize_latents(z, vae), vae), z)
