@@ -1,7 +1,8 @@
 """`anyflow-ray data`: render synthetic text-to-video clips, encode their prompts, write Parquet shards.
 
-Writes ``<data.root>/train`` and ``<data.root>/heldout`` (disjoint seeds). Prompts are encoded with
-the text encoder of ``model.base`` so that training never needs the encoder in the loop.
+Writes ``<data.root>/train`` and ``<data.root>/heldout`` (disjoint seeds) and ``<data.root>/c_null.safetensors``
+(the negative prompt's embedding, ``data/uncond.py``). Prompts are encoded with the text encoder of
+``model.base`` so that training never needs the encoder.
 ``data.format=mp4`` writes the same clips as mp4 + json files instead, for ``anyflow-ray prepare``.
 """
 
@@ -16,6 +17,7 @@ from tqdm.auto import tqdm
 from anyflow_ray.run.config import ConfigError
 from anyflow_ray.data.shard_writer import write_shards
 from anyflow_ray.data.synthetic import render_video, sample_specs, write_clip_files
+from anyflow_ray.data.uncond import encoder_fingerprint, write_uncond
 from anyflow_ray.jobs.common import heldout_root, log, prepare, train_root
 from anyflow_ray.models.loading import load_text_encoder, text_max_length
 from anyflow_ray.models.text import encode_prompts
@@ -56,8 +58,11 @@ def run(cfg: DictConfig) -> Path:
         videos, prompts, seeds = render_split(cfg, num, seed, name)
         embeddings = encode_prompts(tokenizer, encoder, prompts, max_length)
         shards = write_shards(out, videos, prompts, embeddings.numpy(), seeds, shard_size=cfg.data.shard_size,
-                              row_group_size=cfg.data.row_group_size)
+                              row_group_size=cfg.data.row_group_size, format_version=int(cfg.data.shard_format))
         log.info("%s: %d clips %s in %d shard(s) under %s", name, num, tuple(videos.shape[1:]), len(shards), out)
+    prompt = str(cfg.model.negative_prompt)
+    write_uncond(str(cfg.data.root), encode_prompts(tokenizer, encoder, [prompt], max_length), prompt, max_length,
+                 encoder_fingerprint(cfg.model.base))
     return root
 
 
