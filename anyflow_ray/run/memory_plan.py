@@ -23,6 +23,7 @@ Not counted: CUDA context and allocator fragmentation (keep a few GB of headroom
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 from dataclasses import dataclass, field
 
 import torch
@@ -173,48 +174,80 @@ def _activation_items(cfg: DictConfig, forwards: int, per_pass: int, what: str) 
             Item("activations: one block's backward (est.)", recompute, f"{per_pass} clip(s)")]
 
 
-def row_bytes(cfg: DictConfig, videos: bool = True) -> int:
-    """One data-set row in a reader's memory: fp32 Wan latents (16 channels, 4x temporal and 8x spatial
-    compression) and the fp32 UMT5 prompt embedding padded to its 512 x 4096."""
+WAN_TEXT = (512, 4096)  # UMT5-XXL: the padded prompt length and the embedding width of a Wan row
+
+
+def row_bytes(cfg: DictConfig, videos: bool = True, stored: bool = True) -> int:
+    """One Wan row in a reader's memory: 16-channel latents (4x temporal and 8x spatial compression) and a
+    512 x 4096 UMT5 prompt embedding. ``stored``: as a stream's window holds it, in the shard format the
+    data set is written in (``data.shard_format``; format 2: bf16 latents and bf16 states of the prompt's
+    tokens only, at most ``dataset_tokens``; format 1: fp32, padded); else as rows are handed out (and
+    ``read_shards`` holds them): fp32, padded to 512 tokens."""
     from anyflow_ray.run.config import latent_frames
 
     latent = 16 * latent_frames(cfg) * (cfg.data.height // 8) * (cfg.data.width // 8)
-    return FP32 * (latent * videos + 512 * 4096)
+    tokens, width = WAN_TEXT
+    if not stored or int(cfg.data.shard_format) == 1:
+        return FP32 * (latent * videos + tokens * width)
+    return BF16 * (latent * videos + dataset_tokens(cfg)[0] * width)
 
 
-def dataset_rows(cfg: DictConfig) -> tuple[int, str]:
-    """Rows of the training set: its manifest's when it is prepared, else ``data.num_train``."""
+def _manifest(cfg: DictConfig) -> dict | None:
+    """The training set's manifest when it is prepared on this machine, else None."""
     import json
     from pathlib import Path
 
     manifest = Path(str(cfg.data.root)) / "train" / "manifest.json"
     if "://" not in str(cfg.data.root) and manifest.is_file():
-        return int(json.loads(manifest.read_text())["num_rows"]), str(manifest)
+        return json.loads(manifest.read_text())
+    return None
+
+
+def dataset_rows(cfg: DictConfig) -> tuple[int, str]:
+    """Rows of the training set: its manifest's when it is prepared, else ``data.num_train``."""
+    manifest = _manifest(cfg)
+    if manifest is not None:
+        return int(manifest["num_rows"]), f"{cfg.data.root}/train/manifest.json"
     return int(cfg.data.num_train), "data.num_train"
+
+
+def dataset_tokens(cfg: DictConfig) -> tuple[int, str]:
+    """Prompt tokens a stored row holds at most: the manifest's ``max_embedding_length`` when the data set is
+    prepared (format 2), else all 512 (the bound: a window may hold only the longest prompts)."""
+    manifest = _manifest(cfg)
+    if manifest is not None and "max_embedding_length" in manifest:
+        return min(int(manifest["max_embedding_length"]), WAN_TEXT[0]), "the manifest's longest prompt"
+    return WAN_TEXT[0], "prompts of up to 512 tokens"
 
 
 def data_items(cfg: DictConfig, videos: bool = True) -> list[Item]:
     """What one reader holds of the data set: a stream's windows (``data.rank_shards``: the window it
-    reads, the next one read ahead and that one's shuffled copy while it is made) or, otherwise, the
-    whole data set (twice at load)."""
+    reads, the next one read ahead and that one's shuffled copy while it is made; rows as stored) or,
+    otherwise, the whole data set as float32 (plus, while it loads, each shard as stored)."""
     rows, where = dataset_rows(cfg)
-    row = row_bytes(cfg, videos)
+    stored, handed = row_bytes(cfg, videos), row_bytes(cfg, videos, stored=False)
     what = "latents + prompt embedding" if videos else "prompt embeddings only"
+    fmt = int(cfg.data.shard_format)
+    form = (f"shard format 2: bf16, {dataset_tokens(cfg)[0]} tokens ({dataset_tokens(cfg)[1]})" if fmt == 2
+            else "shard format 1: fp32")
     if cfg.data.rank_shards:
         held = cfg.data.window_row_groups * cfg.data.row_group_size
-        return [Item("data stream windows (x3: +read-ahead, shuffle)", 3 * held * row,
-                     f"{held} rows of {row / 2**20:.1f} MiB ({what}), whatever the data set's size "
-                     f"({rows:,} rows, {where})")]
-    return [Item("data set in memory (x2 at load)", 2 * rows * row,
-                 f"{rows:,} rows ({where}) of {row / 2**20:.1f} MiB ({what}) on every reader: set "
-                 f"data.rank_shards=true to stream")]
+        return [Item("data stream windows (x3: +read-ahead, shuffle)", 3 * held * stored,
+                     f"{held} rows of {stored / 2**20:.1f} MiB ({what}, {form}; {handed / 2**20:.1f} MiB as "
+                     f"fp32), whatever the data set's size ({rows:,} rows, {where})")]
+    return [Item("data set in memory (+ shards as stored at load)", rows * (handed + stored),
+                 f"{rows:,} rows ({where}) of {handed / 2**20:.1f} MiB fp32 ({what}; {stored / 2**20:.1f} MiB as "
+                 f"stored, {form}) on every reader: set data.rank_shards=true to stream")]
 
 
 def _host_items(cfg: DictConfig, job: str = "") -> dict[str, list[Item]]:
     n = text_encoder_parameters()
-    items = {HOST_RANK: [
-        Item("text encoder UMT5-XXL (encodes c_null once)", FP32 * n, f"{n / 1e9:.2f} B params, fp32, CPU"),
-        *data_items(cfg)]}
+    stored = "://" not in str(cfg.data.root) and (Path(str(cfg.data.root)) / "c_null.safetensors").is_file()
+    encoder = (Item("text encoder UMT5-XXL: not loaded", 0.0, "c_null is stored beside the data (data/uncond.py)")
+               if stored else Item("text encoder UMT5-XXL (encodes c_null once)", FP32 * n,
+                                   f"{n / 1e9:.2f} B params, fp32, CPU; none once `prepare` has written "
+                                   f"{cfg.data.root}/c_null.safetensors"))
+    items = {HOST_RANK: [encoder, *data_items(cfg)]}
     if job == "distill":
         items["host RAM per rollout actor (not GPU)"] = data_items(cfg, videos=False)
     return items

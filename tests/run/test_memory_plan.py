@@ -134,3 +134,41 @@ def test_the_generator_graph_holds_the_jumps_the_grad_scope_names():
     (all_, clips, real), (last, _, _), (jump, _, _) = generator("all"), generator("last"), generator("jump")
     seq = all_ // (3 * clips + real)
     assert (all_, last, jump) == ((3 * clips + real) * seq, (2 * clips + real) * seq, (clips + real) * seq)
+
+
+def test_wan_data_rows_are_counted_in_the_shard_format_a_reader_holds(tmp_path):
+    """A stream's windows hold rows as stored: shard format 2 is bf16 latents (16 x 21 x 60 x 104) and bf16
+    states of the prompt's tokens (512 at most without a manifest; the manifest's longest prompt when the
+    data set is prepared), format 1 fp32 padded to 512 tokens; read_shards holds fp32 rows (and each shard as
+    stored while it loads)."""
+    from anyflow_ray.run.memory_plan import data_items
+
+    latent = 16 * 21 * 60 * 104
+    cfg = load_config("configs/wan2.1-t2v-1.3b.yaml", ["data.rank_shards=true"])
+    held = cfg.data.window_row_groups * cfg.data.row_group_size
+    (window,) = data_items(cfg)
+    assert window.bytes == 3 * held * 2 * (latent + 512 * 4096)
+    (v1,) = data_items(load_config("configs/wan2.1-t2v-1.3b.yaml", ["data.rank_shards=true", "data.shard_format=1"]))
+    assert v1.bytes == 3 * held * 4 * (latent + 512 * 4096) == 2 * window.bytes
+    (embeddings,) = data_items(cfg, videos=False)
+    assert embeddings.bytes == 3 * held * 2 * 512 * 4096
+    (tmp_path / "train").mkdir()
+    (tmp_path / "train" / "manifest.json").write_text('{"num_rows": 50000, "max_embedding_length": 120}')
+    prepared = load_config("configs/wan2.1-t2v-1.3b.yaml", ["data.rank_shards=true", f"data.root={tmp_path}"])
+    (window,) = data_items(prepared)
+    assert window.bytes == 3 * held * 2 * (latent + 120 * 4096) and "120 tokens" in window.note
+    whole = load_config("configs/wan2.1-t2v-1.3b.yaml", ["data.rank_shards=false", f"data.root={tmp_path}"])
+    (memory,) = data_items(whole)
+    assert memory.bytes == 50_000 * (4 * (latent + 512 * 4096) + 2 * (latent + 120 * 4096))
+
+
+def test_learner_ranks_hold_no_text_encoder_once_c_null_is_stored(tmp_path):
+    from anyflow_ray.run.memory_plan import HOST_RANK
+
+    def encoder_bytes():
+        plan = memory_plan(load_config("configs/wan2.1-t2v-1.3b.yaml", [f"data.root={tmp_path}"]), "pretrain")
+        return next(item.bytes for item in plan.other[HOST_RANK] if item.name.startswith("text encoder"))
+
+    assert encoder_bytes() > 20 * GiB  # UMT5-XXL in fp32: encoding c_null on every rank
+    (tmp_path / "c_null.safetensors").write_bytes(b"")
+    assert encoder_bytes() == 0
