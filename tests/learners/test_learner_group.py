@@ -265,3 +265,32 @@ def test_a_long_setup_reports_every_ranks_progress_and_a_stuck_one_names_what_it
     reports = [r.getMessage() for r in caplog.records if "set-up" in r.getMessage()]
     assert any("rank 0: indexing 12 row groups" in m and "rank 1: indexing 12 row groups" in m for m in reports)
     assert any("rank 1: loading the teacher model" in m for m in reports)
+
+
+def test_a_format_2_checkpoint_with_its_pipeline_inside_still_resumes(ray_local, prepared_run, tmp_path):
+    """What the previous version wrote: the same engine files, no config in meta.json, the EMA model
+    exported into the checkpoint folder itself."""
+    cfg = run_cfg(prepared_run, "learner.num_ranks=1", "learner.zero_stage=1")
+    out = tmp_path / "old"
+    group = LearnerGroup(cfg, "teacher")
+    try:
+        _train(group, [0])
+        ckpt = Path(group.call("save", str(out), 1)[0])
+        group.call("export_pipeline", str(ckpt), 1)  # the pipeline format 2 kept in every checkpoint
+        (ckpt / "export.json").unlink()
+        meta_path = ckpt / "training_state" / "meta.json"
+        meta = json.loads(meta_path.read_text())
+        meta["format"] = 2
+        del meta["config"]
+        meta_path.write_text(json.dumps(meta))
+        assert group.call("load_latest", str(out))[0] == 1
+        next_loss = _train(group, [1])[0]
+        assert math.isfinite(next_loss)
+        # a format-2 checkpoint rebuilds its model from the run folder's config.yaml, and says so when it is gone
+        with pytest.raises(CheckpointError, match=r"holds no config and .*config\.yaml is missing"):
+            export_checkpoint(ckpt, tmp_path / "export")
+        (ckpt / "transformer" / "diffusion_pytorch_model.safetensors").unlink()
+        with pytest.raises(LearnerGroupError, match="no transformer/\\*.safetensors"):
+            group.call("load_latest", str(out))
+    finally:
+        group.shutdown()
