@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from omegaconf import DictConfig, OmegaConf
 
-from anyflow_ray.run.memory_plan import (ADAM, BF16, FP32, GiB, Item, ModelCounts, _no_lora, text_encoder_parameters,
+from anyflow_ray.run.memory_plan import (ADAM, BF16, FP32, GiB, Item, ModelCounts, no_lora, text_encoder_parameters,
                                          transformer_counts)
 
 VAE_PARAMETERS = 126_892_531  # diffusers' AutoencoderKLWan (Wan2.1 VAE) default config, counted on the meta device
@@ -26,7 +26,7 @@ def engines(cfg: DictConfig, job: str) -> list[tuple[str, ModelCounts]]:
     student = transformer_counts(size, True, lora)
     if job == "pretrain":
         return [("student", student)]
-    critic = transformer_counts(size, False, lora if lora.enabled else _no_lora())
+    critic = transformer_counts(size, False, lora if lora.enabled else no_lora())
     if not lora.enabled:  # a full copy of the teacher: every parameter trainable
         critic = ModelCounts(critic.total, critic.total)
     return [("student G", student), ("critic F", critic)]

@@ -4,6 +4,8 @@ Each error is a ``ConfigError`` that starts with the offending ``key=value``."""
 
 from __future__ import annotations
 
+import math
+
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -23,7 +25,7 @@ def validate(cfg: DictConfig, inherits: dict[str, str] | None = None) -> None:
     """Range checks; each error names its key. ``inherits``: the keys that kept their interpolated default
     (``config.INHERITED``), each with the key it follows (an error then names the key the user set)."""
     inherits = inherits or {}
-    for key in ("schedule.shift", "data.fps", "teacher.lr", "run.gpu_memory_gb", "learner.cpus_per_rank",
+    for key in ("schedule.shift", "data.fps", "run.gpu_memory_gb", "learner.cpus_per_rank",
                 "pretrain.fd_delta", "distill.sync_timeout_s", *(f"learner.timeouts.{phase}" for phase in PHASES)):
         _require(OmegaConf.select(cfg, key) > 0, key, OmegaConf.select(cfg, key), "must be > 0")
     limits = cfg.learner.timeouts
@@ -63,10 +65,21 @@ def validate(cfg: DictConfig, inherits: dict[str, str] | None = None) -> None:
     _require(cfg.data.format in ("parquet", "mp4"), "data.format", cfg.data.format, "must be parquet or mp4")
     for key in ("steps", "batch_size", "warmup", "log_every"):
         _require(cfg.teacher[key] >= (0 if key == "warmup" else 1), f"teacher.{key}", cfg.teacher[key], "out of range")
-    _require(0.0 <= cfg.teacher.uncond_prob < 1.0, "teacher.uncond_prob", cfg.teacher.uncond_prob, "must be in [0, 1)")
-    _require(0.0 <= cfg.teacher.ema < 1.0, "teacher.ema", cfg.teacher.ema, "must be in [0, 1)")
-    _require(len(cfg.teacher.betas) == 2 and all(0 <= b < 1 for b in cfg.teacher.betas), "teacher.betas",
-             list(cfg.teacher.betas), "must be two numbers in [0, 1)")
+    for stage in ("teacher", "pretrain", "distill"):  # the optimizer keys every stage has, checked alike
+        section = cfg[stage]
+        for key in ("lr", *(("critic_lr",) if stage == "distill" else ())):
+            value = float(section[key])
+            _require(math.isfinite(value) and value > 0, f"{stage}.{key}", section[key], "must be a finite number > 0")
+        _require(0.0 <= section.ema < 1.0, f"{stage}.ema", section.ema, "must be in [0, 1)")
+        for key in ("grad_clip", "weight_decay"):
+            value = float(section[key])
+            _require(math.isfinite(value) and value >= 0, f"{stage}.{key}", section[key], "must be a finite number >= 0")
+        _require(len(section.betas) == 2 and all(0 <= b < 1 for b in section.betas), f"{stage}.betas",
+                 list(section.betas), "must be two numbers in [0, 1)")
+        if "uncond_prob" in section:
+            _require(0.0 <= section.uncond_prob < 1.0, f"{stage}.uncond_prob", section.uncond_prob, "must be in [0, 1)")
+        if "warmup" in section:
+            _require(section.warmup >= 0, f"{stage}.warmup", section.warmup, "must be >= 0")
     for key, steps in (("sample.steps", cfg.sample.steps), ("eval.steps", cfg.eval.steps)):
         _require(len(steps) > 0 and all(int(n) >= 1 for n in steps), key, list(steps), "must be a non-empty list of ints >= 1")
     _require(cfg.eval.reference_steps >= max(cfg.eval.steps), "eval.reference_steps", cfg.eval.reference_steps,
@@ -86,8 +99,6 @@ def validate(cfg: DictConfig, inherits: dict[str, str] | None = None) -> None:
              f"must be divisible by learner.num_ranks={cfg.learner.num_ranks}")
     _require(pc.derivative in ("fd", "jvp"), "pretrain.derivative", pc.derivative, "must be fd or jvp")
     _require(pc.target in ("data", "teacher"), "pretrain.target", pc.target, "must be data or teacher")
-    _require(len(pc.betas) == 2 and all(0 <= b < 1 for b in pc.betas), "pretrain.betas", list(pc.betas),
-             "must be two numbers in [0, 1)")
     _require(pc.guidance >= 1.0, "pretrain.guidance", pc.guidance, "must be >= 1")
     for key in ("steps", "save_every", "log_every"):
         _require(pc[key] >= 1, f"pretrain.{key}", pc[key], "must be >= 1")

@@ -282,7 +282,7 @@ def plan_pretrain(cfg: DictConfig) -> MemoryPlan:
     plan.items += engine_items("student", transformer_counts(cfg.model.full_size, True, cfg.model.lora), zero, ranks,
                                ema=True)
     if cfg.pretrain.target == "teacher":  # a frozen teacher outside the engine: whole on every rank
-        frozen = transformer_counts(cfg.model.full_size, False, _no_lora())
+        frozen = transformer_counts(cfg.model.full_size, False, no_lora())
         plan.items.append(Item("teacher weights (frozen)", BF16 * frozen.total, "pretrain.target=teacher"))
     micro, seq = cfg.pretrain.global_batch // ranks, student_sequence(cfg)
     what = f"{micro} clip(s) x 1 forward with grad (+3 without)"
@@ -324,7 +324,7 @@ def plan_distill(cfg: DictConfig) -> MemoryPlan:
     name = "critic F = teacher R + LoRA" if shared else "critic F (copy of the teacher)"
     plan.items += engine_items(name, critic, zero, ranks, ema=False)
     if not shared:
-        frozen = transformer_counts(cfg.model.full_size, False, _no_lora())
+        frozen = transformer_counts(cfg.model.full_size, False, no_lora())
         plan.items.append(Item("teacher R weights (frozen)", BF16 * frozen.total, "outside any engine: whole"))
     forwards, per_pass = distill_forwards(cfg)
     plan.items += _activation_items(cfg, forwards, per_pass, f"{forwards} clip-forward(s) with grad at the peak "
@@ -357,13 +357,13 @@ def _rollout_items(cfg: DictConfig, student: ModelCounts) -> list[Item]:
     return items
 
 
-def _no_lora():
+def no_lora():
     return OmegaConf.create({"enabled": False})
 
 
 def _all_trainable():
     """A marker for a fully trainable model (``transformer_counts`` then counts every parameter)."""
-    return _no_lora()
+    return no_lora()
 
 
 PLANS = {"teacher": plan_teacher, "pretrain": plan_pretrain, "distill": plan_distill}

@@ -67,6 +67,14 @@ def test_overrides_apply_and_interpolations_resolve():
     ("distill.grad_scope=jump", "grad_scope=jump is now experiments.grad_jump_only=true"),
     ("experiments.rollout_weights=average", "experiments.rollout_weights"),
     ("distill.sync_backend=mpi", "distill.sync_backend"),
+    # every stage's optimizer keys, checked alike (Stage 1 and 2 used to take these and fail far later)
+    ("pretrain.lr=-1", "pretrain.lr"), ("distill.lr=nan", "distill.lr"), ("distill.critic_lr=inf", "distill.critic_lr"),
+    ("pretrain.ema=1.5", "pretrain.ema"), ("distill.ema=-0.1", "distill.ema"), ("distill.grad_clip=-1", "distill.grad_clip"),
+    ("pretrain.uncond_prob=2", "pretrain.uncond_prob"), ("teacher.weight_decay=-0.1", "teacher.weight_decay"),
+    ("distill.betas=[0.9]", "distill.betas"),
+    ("learner.timeout_s=60", "learner.timeout_s is now one limit per phase: learner.timeouts"),
+    ("learner.timeouts.collective=60", "learner.timeouts.collective"), ("learner.timeouts.save=0", "learner.timeouts.save"),
+    ("run.export_dtype=fp16", "run.export_dtype"),
 ])
 def test_bad_keys_and_values_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
