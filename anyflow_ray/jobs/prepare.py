@@ -171,6 +171,21 @@ def work_items(inputs: list[str], index) -> tuple[list[dict], list[dict]]:
     return items, skipped
 
 
+def _index_tars(index, tars: list[str]) -> list[list]:
+    """Each tar shard's work items from the Ray task ``index``, in the order of ``tars``, with a progress bar."""
+    import ray
+    from tqdm.auto import tqdm
+
+    pending, results = {index.remote(tar): i for i, tar in enumerate(tars)}, [[] for _ in tars]
+    with tqdm(total=len(tars), desc="indexing tar shards", disable=not tars) as bar:
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            for ref in done:
+                results[pending.pop(ref)] = ray.get(ref)
+                bar.update()
+    return results
+
+
 def heldout_keys(keys: list[str], fraction: float) -> set[str]:
     """The ``round(fraction * len(keys))`` keys of the lowest stable hashes: the same set on every run over
     the same clips, whatever their order."""
@@ -242,7 +257,7 @@ def run(cfg: DictConfig) -> dict:
     kept_skips = [] if cfg.prepare.retry_skipped else previous_skips(fs, out)
     leave_out = done | {record["key"] for record in kept_skips}
     index = ray.remote(num_cpus=min(1.0, cfg.prepare.decode_cpus))(index_task)
-    all_items, tar_skips = work_items(inputs, lambda tars: ray.get([index.remote(t) for t in tars]))
+    all_items, tar_skips = work_items(inputs, lambda tars: _index_tars(index, tars))
     held = heldout_keys([item["key"] for item in all_items], cfg.prepare.heldout_fraction)
     todo = shuffled([item for item in all_items if item["key"] not in leave_out], int(cfg.data.seed))
     by_split = {"train": [i for i in todo if i["key"] not in held], "heldout": [i for i in todo if i["key"] in held]}
