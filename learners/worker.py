@@ -13,6 +13,7 @@ weight version and the driver's state; DeepSpeed's pickles are read with ``restr
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import pickle
 import socket
@@ -36,6 +37,8 @@ from anyflow_ray.training.export import export_dtype, export_files, final_model,
 from anyflow_ray.training.optim import EMA, warmup_lambda
 from learners.partitions import gather_parts, gather_to_cpu, local_part
 from learners.ranks import every_rank, rank_zero
+
+log = logging.getLogger("anyflow_ray")
 
 
 def job_settings(cfg: DictConfig, job: str) -> DictConfig:
@@ -244,11 +247,9 @@ class LearnerWorker:
             tensors.update(self.ema.state_dict())
         ckpt_io.save_rank_state(ckpt, self.rank, tensors)
         self._barrier()
-        files = ckpt_io.manifest(ckpt)  # every rank's files on a shared disk, this rank's own otherwise
+        files = ckpt_io.manifest(ckpt, self.rank)  # the files this rank wrote: fsynced, sized and hashed
         if self.world_size > 1:
-            gathered = [None] * self.world_size
-            dist.all_gather_object(gathered, files)
-            files = {name: size for part in gathered for name, size in part.items()}
+            files = {name: record for part in self._all_gather(files) for name, record in part.items()}
         if self.rank == 0:
             ckpt_io.save_meta(ckpt, {"format": ckpt_io.FORMAT, "step": step, "job": self.job,
                                      "world_size": self.world_size, "zero_stage": self.zero_stage,
@@ -280,14 +281,28 @@ class LearnerWorker:
 
     @every_rank
     def load_latest(self, root: str) -> int:
-        """Resume from ``root``'s latest checkpoint; returns the next step (0 when there is none)."""
-        storage = Storage.of(self.cfg)  # with run.storage: the marker from storage, then what it names
-        if storage.fetch(Path(root) / "checkpoints" / ckpt_io.LATEST, refresh=True):
-            storage.fetch(Path(root) / "checkpoints" / (Path(root) / "checkpoints" / ckpt_io.LATEST).read_text().strip())
-        ckpt = ckpt_io.find_latest(root)
+        """Resume from ``root``'s newest intact checkpoint; returns the next step (0 when there is none).
+        Each rank verifies the files it wrote (sizes, SHA-256) and the ranks agree on the checkpoint: the one
+        ``latest`` names, or, when it is damaged or ``latest`` is gone, the newest intact one (rank 0 then sets
+        the damaged folders aside, points ``latest`` at it and keeps the warning for ``resume_warning``)."""
+        storage = Storage.of(self.cfg)  # with run.storage: the marker from storage, then each candidate tried
+        checkpoints = Path(root) / "checkpoints"
+        listed = None
+        if storage.enabled:
+            storage.fetch(checkpoints / ckpt_io.LATEST, refresh=True)
+            listed = storage.list_names(checkpoints)
+        agree = self._all_gather if self.world_size > 1 else None
+        ckpt, meta, damaged, warning = ckpt_io.choose_resume(root, self.world_size, self.rank, agree,
+                                                             fetch=storage.fetch if storage.enabled else None,
+                                                             listed=listed)
+        self.resume_warning = warning
         if ckpt is None:
             return 0
-        meta = ckpt_io.validate_checkpoint(ckpt, self.world_size)
+        if warning and self.rank == 0:
+            log.warning("%s: %s", self.job, warning)
+            ckpt_io.settle_resume(root, ckpt, damaged)
+            if storage.enabled:
+                storage.upload(checkpoints / ckpt_io.LATEST)
         engines = self.checkpoint_engines()
         if sorted(engines) != meta.get("engines"):
             raise ckpt_io.CheckpointError(f"checkpoint {ckpt} holds engines {meta.get('engines')}, this "
@@ -307,6 +322,16 @@ class LearnerWorker:
             torch.get_device_module(self.device).set_rng_state(tensors["rng.device"], self.device)
         self._barrier()
         return int(meta["step"])
+
+    @rank_zero
+    def resume_report(self) -> str | None:
+        """The warning of the last ``load_latest`` that did not resume the checkpoint ``latest`` named."""
+        return getattr(self, "resume_warning", None)
+
+    def _all_gather(self, value) -> list:
+        gathered = [None] * self.world_size
+        dist.all_gather_object(gathered, value)
+        return gathered
 
     @rank_zero
     def checkpoint_meta(self, root: str) -> dict | None:

@@ -37,9 +37,9 @@ def export_finished_run(cfg: DictConfig, job: str, out: Path) -> Path:
     recorded."""
     storage = Storage.of(cfg)
     marker = out / "checkpoints" / ckpt_io.LATEST
-    if storage.enabled:
+    if storage.enabled and marker.is_file():
         storage.fetch(marker.parent / marker.read_text().strip())
-    ckpt = ckpt_io.find_latest(out)
+    ckpt = resolve_checkpoint(out)  # run.records found it intact and at the budget (latest names it)
     export_checkpoint(ckpt, out)
     for name in export_files(out) if storage.enabled else []:
         storage.upload(out / name)

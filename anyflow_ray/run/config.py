@@ -9,6 +9,7 @@ interpolation (``"${learner.zero_stage}"``, ``INHERITED``)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -144,3 +145,29 @@ def save_config(cfg: DictConfig, out_dir: str | Path) -> Path:
     path = out / "config.yaml"
     path.write_text(OmegaConf.to_yaml(cfg, resolve=True))
     return path
+
+
+def relocate_run(tree: dict, section: str, actual_out: str | Path) -> dict:
+    """A run's resolved config (``tree``, e.g. a checkpoint's) with the folders under its ``run.output_dir``
+    moved to where the run folder is now: ``actual_out`` is where ``<section>.output`` lies today (a copied
+    or moved run). Unchanged when nothing moved or the folder is not laid out under ``run.output_dir``."""
+    old_out = os.path.abspath(str(tree.get(section, {}).get("output", "")))
+    old_root = os.path.abspath(str(tree.get("run", {}).get("output_dir", "")))
+    new_out = os.path.abspath(str(actual_out))
+    if old_out == new_out or not old_out.startswith(old_root + os.sep):
+        return tree
+    rel = os.path.relpath(old_out, old_root)
+    if not new_out.endswith(os.sep + rel):
+        return tree
+    new_root = new_out[: -len(rel) - 1]
+
+    def move(value):
+        if isinstance(value, dict):
+            return {k: move(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [move(v) for v in value]
+        if isinstance(value, str) and (value == old_root or value.startswith(old_root + os.sep)):
+            return new_root + value[len(old_root):]
+        return value
+
+    return move(tree)

@@ -28,7 +28,7 @@ from pathlib import Path
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from anyflow_ray.training.checkpoint import LATEST, state_dir
+from anyflow_ray.training.checkpoint import LATEST, choose_resume, resume_candidates, settle_resume, state_dir
 from anyflow_ray.training.export import MARKER as EXPORT_MARKER, export_complete
 from anyflow_ray.run.config import INHERITED, MOVED, ConfigError
 from anyflow_ray.run.storage import Storage
@@ -51,7 +51,8 @@ HARMLESS = frozenset({
     "learner.master_port", "distill.sync_timeout_s", "run.export_dtype",
     *(f"learner.timeouts.{phase}" for phase in ("placement", "setup", "step", "save", "collective")),
 })
-# folders compared as absolute paths (a run started with a relative path resumes with an absolute one)
+# folders compared by their place in run.output_dir when inside it (a copied or moved run folder resumes),
+# else as absolute paths (a run started with a relative path resumes with an absolute one)
 PATH_KEYS = frozenset({"model.base", "data.root", "teacher.output", "pretrain.output", "pretrain.init",
                        "distill.output", "distill.init", "distill.teacher"})
 
@@ -80,14 +81,18 @@ def open_run(cfg: DictConfig, job: str) -> RunRecord:
         fresh_out = next_free(out)
         print(f"{job}: {out} holds an earlier run; run.new_run=true: this run writes to {fresh_out}", flush=True)
         return RunRecord(_with_output(cfg, section, fresh_out), fresh_out, 0, fresh=True, done=False)
+    storage = Storage.of(cfg)
+    meta = resume_meta(out, storage)
     recorded = out / "config.yaml"
-    if recorded.is_file():
+    if recorded.is_file() and meta is None:  # nothing of it would be resumed: its record binds nothing
+        print(f"{job}: {out} holds the config of an earlier run that saved no checkpoint; this run starts "
+              f"afresh there with its own config", flush=True)
+    elif recorded.is_file():
         changes = config_changes(_read_yaml(recorded), OmegaConf.to_container(cfg, resolve=True), job)
         if changes:
             raise RunRefused(f"{out} holds a run whose config differs in {'; '.join(changes)}: resuming it "
                              f"would change its record. Set run.new_run=true to start a fresh folder "
                              f"({next_free(out)}), or restore those values")
-    meta = latest_meta(out, Storage.of(cfg))
     if meta is None:
         return RunRecord(cfg, out, 0, fresh=True, done=False)
     step = int(meta.get("step", 0))
@@ -101,9 +106,16 @@ def open_run(cfg: DictConfig, job: str) -> RunRecord:
                          f"{key} asks for {ranks}: resume with {key}={meta['world_size']}, or set "
                          f"run.new_run=true to start a fresh folder")
     if step >= steps:
-        if not export_complete(out, step, check_files=not Storage.of(cfg).enabled):
+        if not export_complete(out, step, check_files=not storage.enabled):
+            if not storage.enabled:  # the export is rebuilt from this checkpoint: it must be intact
+                ckpt, meta, damaged, warning = choose_resume(out, ranks)
+                if warning:
+                    print(f"{job}: {warning}", flush=True)
+                    settle_resume(out, ckpt, damaged)
+                if ckpt is None or int(meta["step"]) < steps:
+                    return RunRecord(cfg, out, int(meta["step"]) if meta else 0, fresh=ckpt is None, done=False)
             print(f"{job}: {out} trained to step {step} of {section}.steps={steps} but its export is missing or "
-                  f"incomplete: exporting it from checkpoints/{_latest_name(out)}", flush=True)
+                  f"incomplete: exporting it from its checkpoint at step {step}", flush=True)
             return RunRecord(cfg, out, step, fresh=False, done=False, export_only=True)
         print(f"{job}: nothing to train: {out} is at step {step} of {section}.steps={steps} (raise "
               f"{section}.steps to train on); its files are left as they are", flush=True)
@@ -131,11 +143,24 @@ def config_changes(old: dict, new: dict, job: str) -> list[str]:
         if key in HARMLESS:
             continue
         before, after = flat_old[key], flat_new[key]
-        if key in PATH_KEYS and isinstance(before, str) and isinstance(after, str) and "://" not in before + after:
-            before, after = os.path.abspath(before), os.path.abspath(after)
+        if key in PATH_KEYS:  # a folder inside the run's root counts by its place in it: a moved root resumes
+            before = _in_root(before, flat_old.get("run.output_dir"))
+            after = _in_root(after, flat_new.get("run.output_dir"))
         if before != after:
             changes.append(f"{key}: {flat_old[key]!r} -> {flat_new[key]!r}")
     return changes
+
+
+def _in_root(path, root):
+    """A local folder as ``<run.output_dir>/relative`` when it lies under ``root``, else absolute."""
+    if not isinstance(path, str) or "://" in path:
+        return path
+    path = os.path.abspath(path)
+    if isinstance(root, str) and "://" not in root:
+        root = os.path.abspath(root)
+        if path == root or path.startswith(root + os.sep):
+            return os.path.join("<run.output_dir>", os.path.relpath(path, root))
+    return path
 
 
 def holds_run(out: Path) -> bool:
@@ -151,24 +176,22 @@ def next_free(out: Path) -> Path:
     return candidate
 
 
-def latest_meta(out: Path, storage: Storage | None = None) -> dict | None:
-    """meta.json of the checkpoint ``latest`` names (None: no checkpoint; {} when it is unreadable: the
-    learner's own checks then name the bad file). A checkpoint this node lacks is read from ``storage``
-    without fetching it: the learners fetch whole checkpoint folders, and a folder that exists with only
-    its meta.json in it would look fetched to them."""
-    marker = out / "checkpoints" / LATEST
-    if not marker.is_file():
+def resume_meta(out: Path, storage: Storage | None = None) -> dict | None:
+    """meta.json of the checkpoint a resume starts from, read without verifying its files: the one
+    ``latest`` names, or the newest step folder's when ``latest`` is gone (None: no checkpoint; {} when it
+    is unreadable: the learners' checks then name the bad file and fall back). A checkpoint this node
+    lacks is read from ``storage`` without fetching it: the learners fetch whole checkpoint folders, and
+    a folder that exists with only its meta.json in it would look fetched to them."""
+    stored = storage is not None and storage.enabled
+    candidates, _ = resume_candidates(out, storage.list_names(out / "checkpoints") if stored else None)
+    if not candidates:
         return None
-    meta = state_dir(marker.parent / marker.read_text().strip()) / "meta.json"
+    meta = state_dir(candidates[0]) / "meta.json"
     try:
-        text = meta.read_text() if meta.is_file() or storage is None else storage.read_text(meta)
+        text = meta.read_text() if meta.is_file() or not stored else storage.read_text(meta)
         return json.loads(text) if text is not None else {}
     except (OSError, ValueError):
         return {}
-
-
-def _latest_name(out: Path) -> str:
-    return (out / "checkpoints" / LATEST).read_text().strip()
 
 
 def _fetch_record(cfg: DictConfig, out: Path) -> None:

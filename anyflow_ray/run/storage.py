@@ -117,6 +117,15 @@ class Storage:
         """Fetch each of ``paths`` this node lacks (inputs of a job: models, data); the ones fetched."""
         return [str(p) for p in paths if p and self.fetch(p)]
 
+    def list_names(self, local: str | Path) -> list[str]:
+        """The names of the entries of the stored copy of folder ``local`` ([] when there is none)."""
+        import pyarrow.fs as pafs
+
+        remote = self.remote_of(local)
+        if remote is None or self.fs.get_file_info(remote).type != pafs.FileType.Directory:
+            return []
+        return sorted(info.base_name for info in self.fs.get_file_info(pafs.FileSelector(remote)))
+
     def delete(self, local: str | Path) -> None:
         """Remove the storage copy of a folder under ``run.output_dir`` (checkpoint rotation)."""
         import pyarrow.fs as pafs

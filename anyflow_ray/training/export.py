@@ -19,6 +19,7 @@ not complete is exported again from its last checkpoint (``run.records``).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -28,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from anyflow_ray.training import checkpoint as ckpt_io
 
+log = logging.getLogger("anyflow_ray")
 MARKER = "export.json"
 PARTIAL = ".export-partial"
 COMPONENTS_LINKED = ("text_encoder", "vae")  # large and frozen: the base's files as they are
@@ -79,25 +81,32 @@ def final_model(model: torch.nn.Module, cfg: DictConfig) -> torch.nn.Module:
 
 
 # -- a checkpoint's model ------------------------------------------------------------------------------
-def resolve_checkpoint(path: str | Path) -> Path:
+def resolve_checkpoint(path: str | Path, verify: bool = False) -> Path:
     """A checkpoint folder (``.../checkpoints/step-000500``), or a run's ``checkpoints/`` folder or run
-    folder, meaning the checkpoint its ``latest`` names."""
+    folder, meaning its newest checkpoint (the one ``latest`` names; with ``verify``, the newest intact
+    one, with a warning when that is not the one ``latest`` names or ``latest`` is gone)."""
     path = Path(path)
-    for candidate in (path, path / "checkpoints"):
-        if (candidate / ckpt_io.LATEST).is_file():
-            found = ckpt_io.find_latest(candidate.parent if candidate.name == "checkpoints" else candidate)
+    for root in (path.parent, path) if path.name == "checkpoints" else (path,):
+        if (root / "checkpoints").is_dir() and not (ckpt_io.state_dir(path) / "meta.json").is_file():
+            if not verify and (root / "checkpoints" / ckpt_io.LATEST).is_file():
+                return ckpt_io.find_latest(root)
+            found, _, _, warning = ckpt_io.choose_resume(root, None)
+            if warning:
+                log.warning("%s", warning)
             if found is not None:
                 return found
     if not (ckpt_io.state_dir(path) / "meta.json").is_file():
         raise ckpt_io.CheckpointError(f"{path} is not a checkpoint (no training_state/meta.json) nor a run "
-                                      f"folder with checkpoints/latest")
+                                      f"folder with checkpoints")
     return path
 
 
 def checkpoint_config(ckpt: Path, meta: dict) -> DictConfig:
     """The run's resolved config: meta.json's (format 3), else the run folder's config.yaml (format 2)."""
-    if meta.get("config"):
-        return OmegaConf.create(meta["config"])
+    if meta.get("config"):  # its folders where the run folder is now (a copied or moved run)
+        from anyflow_ray.run.config import relocate_run
+
+        return OmegaConf.create(relocate_run(meta["config"], str(meta.get("job", "")), ckpt.parent.parent))
     recorded = ckpt.parent.parent / "config.yaml"
     if not recorded.is_file():
         raise ckpt_io.CheckpointError(f"checkpoint {ckpt} (format {meta.get('format')}) holds no config and "
@@ -107,9 +116,12 @@ def checkpoint_config(ckpt: Path, meta: dict) -> DictConfig:
 
 def ema_model(ckpt: str | Path) -> tuple[torch.nn.Module, DictConfig, dict]:
     """(the EMA model of checkpoint ``ckpt`` on the CPU in fp32, LoRA fused; its run's config; meta.json)."""
-    ckpt = resolve_checkpoint(ckpt)
+    given = Path(ckpt)
+    ckpt = resolve_checkpoint(given, verify=True)  # a run folder: its newest intact checkpoint, verified
     meta = ckpt_io.read_meta(ckpt)
-    meta = ckpt_io.validate_checkpoint(ckpt, int(meta.get("world_size", 1)))
+    if ckpt == given:  # a checkpoint folder named: its files verified here
+        meta = ckpt_io.validate_checkpoint(ckpt, int(meta.get("world_size", 1)))
+    meta["path"] = str(ckpt)
     cfg = checkpoint_config(ckpt, meta)
     model = job_model(cfg, meta["job"], torch.float32)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -175,7 +187,7 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, dtype: str | None = Non
     model, cfg, meta = ema_model(ckpt)
     trained = torch.bfloat16 if meta.get("dtype") == "torch.bfloat16" else torch.float32
     chosen = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype] if dtype else export_dtype(cfg, trained)
-    return write_pipeline(model, cfg, out, chosen, step=int(meta["step"]), source=str(resolve_checkpoint(ckpt)))
+    return write_pipeline(model, cfg, out, chosen, step=int(meta["step"]), source=meta["path"])
 
 
 # -- writing an export ---------------------------------------------------------------------------------

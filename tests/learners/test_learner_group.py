@@ -139,6 +139,43 @@ def test_corrupt_or_incomplete_checkpoints_are_refused(ray_local, prepared_run, 
         group.shutdown()
 
 
+def _flip(path, offset, size=4096):
+    """A same-size overwrite in the middle of a file (what a size check cannot see)."""
+    data = bytearray(path.read_bytes())
+    offset = min(offset, len(data) // 2)
+    data[offset:offset + size] = bytes(b ^ 0x5A for b in data[offset:offset + size])
+    path.write_bytes(bytes(data))
+
+
+def test_a_same_size_overwrite_of_the_ema_or_optimizer_falls_back_to_the_previous_checkpoint(
+        ray_local, prepared_run, tmp_path):
+    """2 ranks, ZeRO-2: rank 0's EMA file and rank 1's optimizer partition of the newest checkpoint are
+    overwritten in place; every rank resumes the step before, bit-equal to a clean resume of it."""
+    cfg = run_cfg(prepared_run, "learner.num_ranks=2", "learner.zero_stage=2", "run.keep_checkpoints=3")
+    out = tmp_path / "run"
+    group = LearnerGroup(cfg, "pretrain")
+    try:
+        for step in range(3):
+            _train(group, [step])
+            group.call("save", str(out), step + 1)
+        clean = _train(group, [3])
+        state = out / "checkpoints" / "step-000003" / "training_state"
+        _flip(state / "rank-00000.safetensors", 4096)
+        _flip(state / "model" / "zero_pp_rank_1_mp_rank_00_optim_states.pt", 2048)
+        assert group.call("load_latest", str(out)) == [2, 2]
+        warning = group.call("resume_report")
+        assert "step-000003 is damaged" in warning and "rank-00000.safetensors does not match the SHA-256" in warning
+        assert "resuming from step-000002" in warning
+        assert (out / "checkpoints" / "latest").read_text().strip() == "step-000002"
+        assert (out / "checkpoints" / "step-000003.damaged").is_dir()  # kept for a look, never resumed
+        again = _train(group, [2, 3])
+        group.call("save", str(out), 4)  # saved into a clean folder
+        assert group.call("load_latest", str(out)) == [4, 4] and group.call("resume_report") is None
+    finally:
+        group.shutdown()
+    assert again[1] == clean[0]  # the steps after the fallback are the ones a clean run takes
+
+
 def test_a_rank_that_dies_fails_the_group_with_its_rank_named(ray_local, prepared_run):
     import ray
 
