@@ -33,7 +33,7 @@ class Driver:
     progress bar over the steps (the job's: ``progress(range(start, steps), initial=, total=, desc=)``)."""
 
     def __init__(self, cfg: DictConfig, group, fleet: RolloutFleet, buffer, sync, out: Path, logger, start: int,
-                 version: int, progress):
+                 version: int, progress, on_step=None):
         self.cfg, self.dc, self.group, self.fleet, self.buffer, self.sync = cfg, cfg.distill, group, fleet, buffer, sync
         self.out, self.logger, self.start, self.version = out, logger, start, version
         self.overlap = self.dc.max_policy_lag > 0 and sync.overlaps_learner
@@ -43,10 +43,13 @@ class Driver:
         self.queued = None  # overlap: the next step's refs, queued on the ranks behind this one
         self.deferred = None  # the previous step's books, written while this one trains
         self.gathered_at = time.perf_counter()
+        self.on_step = on_step  # called before each step (the job's: its run lease is still held)
 
     def run(self) -> None:
         step_once = self.overlapped_step if self.overlap else self.lockstep_step
         for step in self.bar:
+            if self.on_step is not None:
+                self.on_step()
             self.fleet.seeds = itertools.count(step_seed(self.cfg.run.seed, step, "rollouts"))  # exact resume
             step_once(step)
         self.sync.finish()

@@ -28,20 +28,25 @@ from anyflow_ray.jobs.common import log, prepare, progress, record_config
 from anyflow_ray.jobs.pipeline_metrics import PipelineMetrics
 from anyflow_ray.jobs.ray_runtime import init_ray
 from anyflow_ray.run.logger import MetricsLogger
-from anyflow_ray.run.records import open_run
+from anyflow_ray.run.records import hold_run
 from anyflow_ray.run.storage import Storage
 
 
 def run(cfg: DictConfig, worker_cls: type | None = None, actor_cls: type | None = None) -> Path:
     """Stage 2 as a job. ``worker_cls`` / ``actor_cls`` replace the learner rank and the rollout actor
     (the control-plane benchmark runs this very loop with calibrated sleeps in their place)."""
+    run_record, lease = hold_run(cfg, "distill")  # one writer per folder; refuses a resume whose config differs
+    with lease:
+        return _run(run_record, lease, worker_cls, actor_cls)
+
+
+def _run(run_record, lease, worker_cls, actor_cls) -> Path:
     from actors.buffer import TrajectoryBuffer, auto_capacity
     from actors.weights import WeightRegistry, make_weight_sync
     from learners.distill import DistillWorker
     from learners.group import LearnerGroup
     from learners.placement import plan
 
-    run_record = open_run(cfg, "distill")  # refuses a resume whose config differs; None left to train: no writes
     if run_record.done:
         return run_record.out
     if run_record.export_only:  # trained to the budget, killed before its export was complete
@@ -62,16 +67,21 @@ def run(cfg: DictConfig, worker_cls: type | None = None, actor_cls: type | None 
     fleet = logger = None
     try:
         start = 0 if run_record.fresh else group.call("load_latest", str(out))[0]
+        if not run_record.fresh and (warning := group.call("resume_report")):
+            print(f"distill: warning: {warning}", flush=True)
         version, driver_state = resumed_version(group, out) if start else (0, {})
+        if start:
+            log.info("distill: resumed from %s at step %d (weight version %d, buffer books %s)",
+                     out / "checkpoints", start, version, driver_state.get("buffer", {}))
         if driver_state.get("buffer"):  # the buffer's counters continue the resumed run's
             ray.get(buffer.restore_stats.remote(driver_state["buffer"]))
         sync = make_weight_sync(cfg, group, registry, placement)
         fleet = sync.start(version, lambda: RolloutFleet(cfg, names["buffer"], names["registry"], start, placement,
                                                               group, actor_cls))
         metrics = PipelineMetrics()
-        logger = MetricsLogger(out, "distill", cfg)
+        logger = MetricsLogger(out, "distill", cfg, start=start)
         logger.add_sink(metrics.record)
-        driver = Driver(cfg, group, fleet, buffer, sync, out, logger, start, version, progress)
+        driver = Driver(cfg, group, fleet, buffer, sync, out, logger, start, version, progress, on_step=lease.check)
         loop_start = time.perf_counter()
         driver.run()
         summary = driver.wind_down(registry, time.perf_counter() - loop_start)

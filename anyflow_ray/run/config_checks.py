@@ -34,6 +34,8 @@ def validate(cfg: DictConfig, inherits: dict[str, str] | None = None) -> None:
              f"collective while another trains or saves")
     _require(cfg.run.export_dtype in ("auto", "fp32", "bf16"), "run.export_dtype", cfg.run.export_dtype,
              "must be auto, fp32 or bf16")
+    _require(math.isfinite(cfg.run.lease_expiry_s) and cfg.run.lease_expiry_s >= 1, "run.lease_expiry_s",
+             cfg.run.lease_expiry_s, "must be >= 1 (seconds; the heartbeat renews it every tenth of it)")
     _require(0.0 <= cfg.model.gate <= 1.0, "model.gate", cfg.model.gate, "must be in [0, 1]")
     _require(cfg.model.full_size in ("", "1.3b", "14b"), "model.full_size", cfg.model.full_size, "must be '', '1.3b' or '14b'")
     _require(cfg.run.device in ("auto", "cpu", "cuda"), "run.device", cfg.run.device, "must be auto, cpu or cuda")

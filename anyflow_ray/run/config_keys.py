@@ -26,6 +26,7 @@ KEYS: dict[str, str] = {
     "run.gpu_memory_gb": "per-GPU memory the --dry-run memory plan must fit in",
     "run.new_run": "a training job whose output folder holds an earlier run starts a fresh <output>-2 (-3, ...) instead of resuming",
     "run.export_dtype": "dtype of exported pipelines: auto (the training precision: bf16 on GPUs), fp32 or bf16",
+    "run.lease_expiry_s": "one writer per run folder: a crashed driver's lease (<output>/.lease.json) lets go this long after its last heartbeat (at once for a dead process of the same host)",
     # model: the base model and how the flow map wraps it
     "model.base": "the base model: a diffusers folder (make-tiny writes one; or Wan2.1-*-Diffusers)",
     "model.tiny.num_layers": "tiny model: transformer blocks",

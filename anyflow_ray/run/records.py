@@ -31,6 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 from anyflow_ray.training.checkpoint import LATEST, choose_resume, resume_candidates, settle_resume, state_dir
 from anyflow_ray.training.export import MARKER as EXPORT_MARKER, export_complete
 from anyflow_ray.run.config import INHERITED, MOVED, ConfigError
+from anyflow_ray.run.lease import Lease
 from anyflow_ray.run.storage import Storage
 
 # job -> (its config section, the sections that shape its model, data and training)
@@ -46,7 +47,7 @@ HARMLESS = frozenset({
     "teacher.log_every", "pretrain.log_every", "distill.log_every",
     "teacher.save_every", "pretrain.save_every", "distill.save_every",
     "pretrain.resume", "distill.resume",
-    "run.output_dir", "run.new_run", "run.wandb_mode", "run.wandb_project", "run.keep_checkpoints",
+    "run.output_dir", "run.new_run", "run.lease_expiry_s", "run.wandb_mode", "run.wandb_project", "run.keep_checkpoints",
     "run.autoscaling", "run.gpu_memory_gb", "run.threads",
     "learner.master_port", "distill.sync_timeout_s", "run.export_dtype",
     *(f"learner.timeouts.{phase}" for phase in ("placement", "setup", "step", "save", "collective")),
@@ -115,12 +116,30 @@ def open_run(cfg: DictConfig, job: str) -> RunRecord:
                 if ckpt is None or int(meta["step"]) < steps:
                     return RunRecord(cfg, out, int(meta["step"]) if meta else 0, fresh=ckpt is None, done=False)
             print(f"{job}: {out} trained to step {step} of {section}.steps={steps} but its export is missing or "
-                  f"incomplete: exporting it from its checkpoint at step {step}", flush=True)
+                  f"incomplete: exporting it from checkpoints/{_latest_name(out, step)}", flush=True)
             return RunRecord(cfg, out, step, fresh=False, done=False, export_only=True)
         print(f"{job}: nothing to train: {out} is at step {step} of {section}.steps={steps} (raise "
               f"{section}.steps to train on); its files are left as they are", flush=True)
         return RunRecord(cfg, out, step, fresh=False, done=True)
     return RunRecord(cfg, out, step, fresh=False, done=False)
+
+
+def hold_run(cfg: DictConfig, job: str) -> tuple[RunRecord, Lease]:
+    """``open_run`` under the lease of the folder it decides on (``run.lease``): refused in one line while
+    another live run writes it. The caller releases the lease (``with lease:``) when the job ends."""
+    section, _ = JOB_SECTIONS[job]
+    out, storage = Path(cfg[section].output), Storage.of(cfg)
+    lease = Lease(out, job, float(cfg.run.lease_expiry_s), storage).acquire()
+    try:
+        record = open_run(cfg, job)
+        if record.out != out:  # run.new_run picked a fresh folder: that one is held instead
+            fresh = Lease(record.out, job, float(cfg.run.lease_expiry_s), storage).acquire()
+            lease.release()
+            lease = fresh
+    except BaseException:
+        lease.release()
+        raise
+    return record, lease
 
 
 def config_changes(old: dict, new: dict, job: str) -> list[str]:
@@ -192,6 +211,11 @@ def resume_meta(out: Path, storage: Storage | None = None) -> dict | None:
         return json.loads(text) if text is not None else {}
     except (OSError, ValueError):
         return {}
+
+
+def _latest_name(out: Path, step: int) -> str:
+    marker = out / "checkpoints" / LATEST
+    return marker.read_text().strip() if marker.is_file() else f"step-{step:06d}"
 
 
 def _fetch_record(cfg: DictConfig, out: Path) -> None:

@@ -269,6 +269,7 @@ class RunConfig:
     gpu_memory_gb: float = 80.0  # per-GPU memory the --dry-run memory plan must fit in
     new_run: bool = False  # start a fresh <output>-2 (-3, ...) instead of resuming an earlier run (records.py)
     export_dtype: str = "auto"  # dtype of the exported pipelines: auto (the training precision) | fp32 | bf16
+    lease_expiry_s: float = 300.0  # a crashed run's lease on its folder lets go this long after its last heartbeat
 
 
 @dataclass

@@ -126,6 +126,14 @@ class Storage:
             return []
         return sorted(info.base_name for info in self.fs.get_file_info(pafs.FileSelector(remote)))
 
+    def delete_file(self, local: str | Path) -> None:
+        """Remove the storage copy of a file under ``run.output_dir`` (nothing when there is none)."""
+        import pyarrow.fs as pafs
+
+        remote = self.remote_of(local)
+        if remote is not None and self.fs.get_file_info(remote).type == pafs.FileType.File:
+            self.fs.delete_file(remote)
+
     def delete(self, local: str | Path) -> None:
         """Remove the storage copy of a folder under ``run.output_dir`` (checkpoint rotation)."""
         import pyarrow.fs as pafs
