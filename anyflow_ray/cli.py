@@ -7,8 +7,11 @@ unknown key or a bad value fails at once with a message naming the key.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
+import os
 import sys
+from pathlib import Path
 
 from anyflow_ray.run.config import ConfigError, load_config
 
@@ -98,22 +101,74 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+EXIT_INPUT, EXIT_RUNTIME = 2, 1  # a bad config, input or record (the user's to fix) | a failure while running
+LINE_LIMIT = 600  # characters of a one-line error (a Ray actor's death notice runs to dozens of lines)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run a command; an anticipated error (bad config or input, refused resume, a cluster too small, a
-    damaged checkpoint or shard) is one line on stderr and exit status 2 (``--debug``: the traceback)."""
+    """Run a command. A failure is one line on stderr naming the stage, rank or file and the cause: an
+    anticipated error (bad config or input, refused resume, a cluster too small, a damaged checkpoint or
+    shard) exits 2; any other (a dead or hung rank, a non-finite loss, a full disk, an unwritable folder, a
+    bug) exits 1 and its traceback goes to a file the line names. ``--debug``: the traceback instead."""
     args = parse_args(argv)
     try:
         return _run_command(args)
     except Exception as err:
-        cause = err if _anticipated(err) else getattr(err, "cause", None)  # a learner rank's own error
-        if args.debug or not _anticipated(cause):
+        if args.debug:
             raise
-        print(f"anyflow-ray {args.command}: {_one_line(cause)}", file=sys.stderr)
-        return 2
+        os.environ["RAY_IGNORE_UNHANDLED_ERRORS"] = "1"  # the failure is reported here: no dump of it at exit
+        cause = err if _anticipated(err) else getattr(err, "cause", None)  # a learner rank's own error
+        if _anticipated(cause):
+            print(f"anyflow-ray {args.command}: {_one_line(cause)}", file=sys.stderr)
+            return EXIT_INPUT
+        trace = _save_traceback(args, err)
+        line = _one_line(describe_failure(err))
+        line = line if len(line) <= LINE_LIMIT else line[:LINE_LIMIT - 3] + "..."
+        print(f"anyflow-ray {args.command}: {line} (traceback: {trace}; --debug prints it)", file=sys.stderr)
+        return EXIT_RUNTIME
+
+
+def describe_failure(err: BaseException) -> str:
+    """A runtime failure in words: the group's message (it names the rank and the call) with the rank's
+    own error, an OS error with what it means for the run, else the error's type and message."""
+    if isinstance(err, OSError) and err.errno in _OS_HINTS:
+        return f"{err} ({_OS_HINTS[err.errno]})"
+    text = str(err).strip() or "(no message)"
+    if type(err).__name__ in ("LearnerGroupError", "RolloutFleetError", "LeaseLost") or text.startswith("stage 2 stopped"):
+        return text
+    return f"{type(err).__name__}: {text}"
+
+
+_OS_HINTS = {errno.ENOSPC: "the disk is full: free space, or point run.output_dir at a larger volume; the last "
+             "checkpoint is intact and the run resumes from it",
+             errno.EDQUOT: "the disk quota is used up; the last checkpoint is intact and the run resumes from it",
+             errno.EACCES: "the folder is not writable by this user: choose another run.output_dir",
+             errno.EROFS: "the file system is read-only: choose another run.output_dir",
+             errno.ENOTDIR: "a path component is a file, not a folder: choose another run.output_dir"}
+
+
+def _save_traceback(args: argparse.Namespace, err: BaseException) -> str:
+    """The traceback in ``<run.output_dir>/logs/<command>-<time>.traceback`` (or the temp folder when the
+    run's folder is not writable); returns its path."""
+    import tempfile
+    import time
+    import traceback
+
+    text = "".join(traceback.format_exception(err))
+    name = f"{args.command}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.traceback"
+    for folder in (Path(getattr(args, "output_dir", "") or ".") / "logs", Path(tempfile.gettempdir())):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / name).write_text(text)
+            return str(folder / name)
+        except OSError:
+            continue
+    return "(not written: no writable folder)"
 
 
 def _run_command(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
+    args.output_dir = cfg.run.output_dir  # where a failure's traceback is kept
     if args.command == "config":
         from anyflow_ray.run.config_keys import describe
 
@@ -179,8 +234,8 @@ def _anticipated(err: BaseException | None) -> bool:
     return err is not None and isinstance(err, tuple(kinds))
 
 
-def _one_line(err: BaseException) -> str:
-    return "; ".join(line.strip() for line in str(err).splitlines() if line.strip())
+def _one_line(err: BaseException | str) -> str:
+    return "; ".join(part.strip() for part in str(err).splitlines() if part.strip())
 
 
 def _positive_ints(text: str) -> tuple[int, ...]:

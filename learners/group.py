@@ -131,8 +131,9 @@ class LearnerGroup:
                 except RayActorError as err:
                     raise LearnerGroupError(f"learner rank {rank_of[ref]} died during {what!r}: {err}") from err
                 except RayTaskError as err:
+                    cause = err.cause
                     raise LearnerGroupError(f"learner rank {rank_of[ref]} failed in {what!r}: "
-                                            f"{err.cause!r}", cause=err.cause) from err
+                                            f"{type(cause).__name__}: {cause}", cause=cause) from err
         return ray.get(refs)
 
     def _last_posts(self, ranks, phase: str) -> str:

@@ -57,7 +57,7 @@ def run(cfg: DictConfig, steps: tuple[int, ...] = (8, 16, 50), num_layers: int |
         allow_cpu: bool = False) -> dict:
     size = cfg.model.full_size
     if size not in WAN_CONFIGS:
-        raise ValueError(f"bench-scale needs model.full_size in {sorted(WAN_CONFIGS)}, got {size!r} "
+        raise ConfigError(f"bench-scale needs model.full_size in {sorted(WAN_CONFIGS)}, got {size!r} "
                          f"(use configs/wan2.1-t2v-1.3b.yaml or configs/wan2.1-t2v-14b.yaml)")
     if num_layers is None and not allow_cpu and resolve_device(cfg.run.device).type == "cpu":
         raise ConfigError(f"run.device={cfg.run.device} resolves to the CPU here: the full Wan2.1-{size} "

@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 from anyflow_ray.jobs import dry_run
 from anyflow_ray.jobs.train_loop import run_job
 from anyflow_ray.models.architectures import count_parameters, memory_per_gpu, meta_transformer
+from anyflow_ray.run.config import ConfigError
 
 
 def run(cfg: DictConfig, dry_run: bool = False) -> Path | dict:
@@ -31,7 +32,7 @@ def dry_run_report(cfg: DictConfig) -> dict:
     from learners.worker import deepspeed_config
 
     if not cfg.model.full_size:
-        raise ValueError("pretrain --dry-run needs model.full_size (1.3b or 14b), e.g. --config "
+        raise ConfigError("pretrain --dry-run needs model.full_size (1.3b or 14b), e.g. --config "
                          "configs/wan2.1-t2v-1.3b.yaml")
     model = meta_transformer(cfg.model.full_size, flow_map=True, gate=cfg.model.gate)
     if cfg.model.lora.enabled:

@@ -32,6 +32,28 @@ def _require_folder(path: str | Path, what: str) -> Path:
     return path
 
 
+def verify_recorded(folder: str | Path) -> None:
+    """The files of a pipeline component (``<export>/transformer``) against the SHA-256 its export recorded
+    in ``<export>/export.json``; a folder without one (diffusers', NVIDIA's, a base model) is taken as it is.
+    A mismatch or a missing file is refused naming the file."""
+    from anyflow_ray.training.checkpoint import CheckpointError, sha256_of
+
+    folder = Path(folder)
+    try:
+        files = json.loads((folder.parent / "export.json").read_text()).get("files", {})
+    except (OSError, ValueError):
+        return
+    for rel, record in sorted(files.items()):
+        path = folder.parent / rel
+        if not isinstance(record, dict) or "sha256" not in record or Path(rel).parts[0] != folder.name:
+            continue
+        if not path.is_file():
+            raise CheckpointError(f"{path} is missing: {folder.parent / 'export.json'} lists it")
+        if sha256_of(path) != record["sha256"]:
+            raise CheckpointError(f"{path} does not match the SHA-256 {folder.parent / 'export.json'} recorded "
+                                  f"(overwritten or torn since it was exported: export it again, `anyflow-ray export`)")
+
+
 def load_transformer(folder: str | Path, flow_map: bool = False, gate: float = 0.25,
                      dtype: torch.dtype = torch.float32, causal_chunks: list[int] | None = None) -> torch.nn.Module:
     """A transformer from ``folder`` (a ``transformer/`` subfolder or a model root).
@@ -45,6 +67,7 @@ def load_transformer(folder: str | Path, flow_map: bool = False, gate: float = 0
     if (folder / "transformer").is_dir():
         folder = folder / "transformer"
     _require_folder(folder, "transformer")
+    verify_recorded(folder)
     class_name = json.loads((folder / "config.json").read_text()).get("_class_name")
     classes = {cls.__name__: cls for cls in (WanFlowMapTransformer3DModel, WanCausalFlowMapTransformer3DModel)}
     if class_name in classes:

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from anyflow_ray.run.config import grad_scope
+from anyflow_ray.run.config import ConfigError, grad_scope
 
 GiB = 2 ** 30
 BF16, FP32, ADAM = 2, 4, 12  # bytes per parameter: weights/grads, EMA, master + two moments
@@ -374,6 +374,6 @@ def memory_plan(cfg: DictConfig, job: str) -> MemoryPlan:
     if job not in PLANS:
         raise ValueError(f"no memory plan for job {job!r}; expected one of {sorted(PLANS)}")
     if not cfg.model.full_size:
-        raise ValueError(f"{job} --dry-run needs model.full_size (1.3b or 14b), e.g. --config "
+        raise ConfigError(f"{job} --dry-run needs model.full_size (1.3b or 14b), e.g. --config "
                          f"configs/wan2.1-t2v-1.3b.yaml")
     return PLANS[job](cfg)

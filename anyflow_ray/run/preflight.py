@@ -36,6 +36,7 @@ def _training(cfg: DictConfig, command: str) -> None:
     starts = {"teacher": [], "pretrain": ["pretrain.init"], "distill": ["distill.init", "distill.teacher"]}[command]
     transformer = model_folder(cfg, "model.base", text=True)
     for key in starts:
+        finished_stage(cfg, key)
         model_folder(cfg, key)
     if transformer is not None:
         check_data(cfg, "data.root", Path(cfg.data.root) / "train", transformer)
@@ -91,6 +92,37 @@ def model_folder(cfg: DictConfig, key: str, text: bool = False) -> dict | None:
         return json.loads(config.read_text())
     except ValueError as err:
         raise PreflightError(f"{key}={path}: {config} is not valid JSON ({err})") from err
+
+
+def finished_stage(cfg: DictConfig, key: str) -> None:
+    """A folder ``key`` names that holds a training run (its config.yaml or checkpoints) must hold that
+    run's complete export (``export.json`` of its last checkpoint's step, every file there): a run killed
+    before its export, or still training, is refused naming the command that completes it."""
+    from anyflow_ray.run.records import JOB_SECTIONS, resume_meta
+    from anyflow_ray.training.export import MARKER, export_complete
+
+    path = Path(OmegaConf.select(cfg, key))
+    if _staged_later(cfg, path) or not ((path / "config.yaml").is_file() or (path / "checkpoints").is_dir()):
+        return
+    meta = resume_meta(path) or {}
+    step = meta.get("step")
+    if step is not None and export_complete(path, int(step)):
+        return
+    if step is None and (path / MARKER).is_file():
+        return  # exported, its checkpoints gone (rotated out or removed): the export stands alone
+    job = next((j for j in JOB_SECTIONS if Path(str(cfg[j].output)).absolute() == path.absolute()), None)
+    if job is None:  # the run's own config names its job
+        try:
+            job = next(j for j in JOB_SECTIONS if str(OmegaConf.load(path / "config.yaml")[j].output) == str(path))
+        except Exception:  # unreadable or foreign: the export command works for any run folder
+            job = None
+    redo = (f"`anyflow-ray {job} --config <its config>` with that run's values (it trains on from its last "
+            f"checkpoint, or only exports it when training is done)" if job else "")
+    export = f"`anyflow-ray export {path} --out {path}` (its last checkpoint as it is)"
+    where = f"trained to step {step}" if step is not None else "with no checkpoint yet"
+    raise PreflightError(f"{key}={path}: holds a {job or 'training'} run {where} whose export is missing or "
+                         f"incomplete (no complete {MARKER}: killed before it, or still running): finish it "
+                         f"with {redo + ', or ' if redo else ''}{export}")
 
 
 def _pipeline_folder(cfg: DictConfig, key: str, path: str) -> None:

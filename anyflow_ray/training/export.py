@@ -11,8 +11,9 @@ An export (``write_pipeline``) is an AnyFlowPipeline folder in ``run.export_dtyp
 the base folder's text encoder and VAE hard-linked (copied where the file system does not allow a link)
 and its tokenizer saved, so it is self-contained at the price of one copy per stage, not per checkpoint.
 It is built under ``<out>/.export-partial/`` and moved into place component by component; ``export.json``
-(the step, the dtype and every file's size) is written last and removed first, so its presence is the
-proof an export is complete (``export_complete``). A run whose training finished but whose export is
+(the step, the dtype, every file's size and SHA-256) is written last and removed first, so its presence
+is the proof an export is complete (``export_complete``); loading the transformer verifies its hashes
+(``models.loading.verify_recorded``; a folder without export.json, diffusers' or NVIDIA's, is loaded as is). A run whose training finished but whose export is
 not complete is exported again from its last checkpoint (``run.records``).
 """
 
@@ -167,6 +168,9 @@ def open_pipeline(path: str | Path, dtype: torch.dtype = torch.float32):
 
     path = Path(path)
     if (path / "model_index.json").is_file():
+        from anyflow_ray.models.loading import verify_recorded
+
+        verify_recorded(path / "transformer")  # against export.json's SHA-256, where the folder has one
         return AnyFlowPipeline.from_pretrained(path, dtype=dtype)
     model, cfg, _ = ema_model(path)
     return pipeline_of(model, cfg, dtype)
@@ -224,13 +228,15 @@ def write_pipeline(transformer: torch.nn.Module, cfg: DictConfig, out: str | Pat
         os.replace(partial / name, out / name)
     os.replace(partial / "model_index.json", out / "model_index.json")
     partial.rmdir()
-    files = {str(p.relative_to(out)): p.stat().st_size for name in components for p in sorted((out / name).rglob("*"))
-             if p.is_file()}
-    files["model_index.json"] = (out / "model_index.json").stat().st_size
+    files = {str(p.relative_to(out)): ckpt_io.file_record(p) for name in components
+             for p in sorted((out / name).rglob("*")) if p.is_file()}  # fsynced, sized and hashed
+    files["model_index.json"] = ckpt_io.file_record(out / "model_index.json")
     tmp = out / f"{MARKER}.tmp"
     tmp.write_text(json.dumps({"step": step, "dtype": str(dtype).removeprefix("torch."), "source": source,
                                "components": components, "files": files}, indent=2) + "\n")
+    ckpt_io.fsync_path(tmp)
     os.replace(tmp, out / MARKER)
+    ckpt_io.fsync_path(out)
     return out
 
 
@@ -250,8 +256,9 @@ def export_complete(out: str | Path, step: int, check_files: bool = True) -> boo
         return False
     if record.get("step") != step:
         return False
+    sizes = {rel: r["bytes"] if isinstance(r, dict) else r for rel, r in record.get("files", {}).items()}
     return not check_files or all((Path(out) / rel).is_file() and (Path(out) / rel).stat().st_size == size
-                                  for rel, size in record.get("files", {}).items())
+                                  for rel, size in sizes.items())
 
 
 def _link_tree(src: Path, dst: Path) -> None:

@@ -98,9 +98,10 @@ def test_cli_dry_run_exit_codes(capsys):
     assert err.startswith("anyflow-ray teacher: teacher needs") and len(err.strip().splitlines()) == 1
 
 
-def test_dry_run_needs_a_full_size_model():
-    with pytest.raises(ValueError, match="model.full_size"):
-        main(["distill", "--config", "configs/tiny.yaml", "--dry-run"])
+def test_dry_run_needs_a_full_size_model(capsys):
+    assert main(["distill", "--config", "configs/tiny.yaml", "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "distill --dry-run needs model.full_size" in err[0]
 
 
 @pytest.mark.parametrize("size", ["1.3b", "14b"])

@@ -123,3 +123,35 @@ def test_prepare_names_a_missing_video_input_before_ray_starts(tmp_path, tiny_mo
     line = one_line(capsys, "prepare", [f"run.output_dir={tmp_path}", f"model.base={tmp_path}/nope",
                                         f"prepare.input=[{tmp_path}/videos]"])
     assert f"model.base={tmp_path}/nope: no such folder" in line
+
+
+def test_a_stage_folder_killed_before_its_export_is_refused_naming_the_command_that_completes_it(
+        tmp_path, tiny_model_dir, inputs, capsys):
+    import json
+
+    import torch
+
+    from anyflow_ray.pipeline import save_as_pipeline
+    from anyflow_ray.models.loading import load_transformer
+    from anyflow_ray.training import checkpoint as ckpt_io
+
+    teacher = tmp_path / "teacher"
+    (teacher / "config.yaml").parent.mkdir(parents=True)
+    (teacher / "config.yaml").write_text(f"teacher:\n  output: {teacher}\n")
+    ckpt = ckpt_io.step_dir(teacher, 4)
+    ckpt_io.save_rank_state(ckpt, 0, {"rng.torch": torch.get_rng_state()})
+    ckpt_io.save_meta(ckpt, {"format": 3, "step": 4, "world_size": 1, "files": ckpt_io.manifest(ckpt)})
+    ckpt_io.write_latest(teacher, ckpt)
+    err = one_line(capsys, "pretrain", inputs)
+    assert f"pretrain.init={teacher}: holds a teacher run trained to step 4 whose export is missing" in err
+    assert "`anyflow-ray teacher --config <its config>`" in err and f"`anyflow-ray export {teacher} --out {teacher}`" in err
+    # a torn export (marker of another step) is refused alike; a complete one passes this check
+    save_as_pipeline(load_transformer(tiny_model_dir), tiny_model_dir, teacher)
+    capsys.readouterr()
+    (teacher / "export.json").write_text(json.dumps({"step": 2, "files": {}}))
+    assert "trained to step 4 whose export is missing" in one_line(capsys, "pretrain", inputs)
+    (teacher / "export.json").write_text(json.dumps({"step": 4, "files": {}}))
+    from anyflow_ray.run.preflight import finished_stage
+    from anyflow_ray.run.config import load_config
+
+    finished_stage(load_config("configs/tiny.yaml", inputs), "pretrain.init")  # no error
