@@ -15,6 +15,7 @@ long set-up is visibly alive and a stuck one names the rank and what it was doin
 from __future__ import annotations
 
 import logging
+import re
 import time
 
 import ray
@@ -51,6 +52,15 @@ class LearnerGroupError(RuntimeError):
     def __init__(self, message: str, cause: BaseException | None = None):
         super().__init__(message)
         self.cause = cause
+
+
+def death_notice(err: Exception) -> str:
+    """Ray's dozens of lines about a dead actor as its pid, node and exit detail."""
+    text = " ".join(str(err).split())
+    pid, ip = re.search(r"\bpid: (\d+)", text), re.search(r"\bip: (\S+?);?\s", text)
+    detail = re.search(r"Worker exit detail: (.*?)(?: Some common causes|$)", text)
+    where = f"pid {pid.group(1)} on {ip.group(1)}" if pid and ip else "its process"
+    return f"{where}: {detail.group(1).rstrip('. ') if detail else text[:200]}; killed, out of memory or crashed"
 
 
 class LearnerGroup:
@@ -129,7 +139,8 @@ class LearnerGroup:
                 try:
                     ray.get(ref)
                 except RayActorError as err:
-                    raise LearnerGroupError(f"learner rank {rank_of[ref]} died during {what!r}: {err}") from err
+                    raise LearnerGroupError(f"learner rank {rank_of[ref]} died during {what!r} ({death_notice(err)}); "
+                                            f"the same command resumes from the last checkpoint") from err
                 except RayTaskError as err:
                     cause = err.cause
                     raise LearnerGroupError(f"learner rank {rank_of[ref]} failed in {what!r}: "

@@ -111,7 +111,7 @@ class Lease:
                     aside.unlink(missing_ok=True)
                 continue
             aside.unlink(missing_ok=True)
-            print(f"{self.job}: taking over the run folder {self.path.parent}: the lease of {owner(held)} "
+            print(f"{self.job}: taking over the run folder {self.path.parent}: the lease of the {owner(held)} "
                   f"{reason}", flush=True)
         raise LeaseHeld(f"could not take the lease of {self.path.parent} (other runs keep taking it)")
 
@@ -184,7 +184,7 @@ def stale_reason(held: dict, local_host_check: bool = True) -> str | None:
     """Why a lease no longer holds (None: it does): its owner is a dead process of this host, or its
     heartbeat is older than its expiry."""
     if local_host_check and held.get("host") == socket.gethostname() and not _alive(held.get("pid")):
-        return f"(pid {held.get('pid')} on this host) is gone: its process no longer exists"
+        return "is gone: its process on this host no longer exists"
     age = time.time() - float(held.get("heartbeat", 0))
     if age > float(held.get("expiry_s", 0)):
         return f"expired: its last heartbeat was {age:.0f} s ago (run.lease_expiry_s={float(held.get('expiry_s', 0)):g})"

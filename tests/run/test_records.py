@@ -74,7 +74,7 @@ def test_a_killed_owner_on_this_host_lets_go_at_once(tmp_path, capsys):
         owner.kill()
         owner.wait()
     Lease(out, "teacher", 600).acquire().release()  # a 600 s expiry, yet no wait: its process is gone
-    assert "its process no longer exists" in capsys.readouterr().out
+    assert "its process on this host no longer exists" in capsys.readouterr().out
 
 
 def test_hold_run_refuses_a_live_folder_in_one_line_and_leases_the_new_run_folder(tmp_path):
