@@ -15,9 +15,12 @@ def test_real_scale_dry_run_prints_counts_config_and_memory(capsys):
     assert "ZeRO-3" in out and "<- learner.zero_stage" in out.split("ZeRO-3")[1].splitlines()[0]
 
 
-def test_dry_run_needs_a_full_size_model():
-    with pytest.raises(ValueError, match="model.full_size"):  # in-process: a subprocess costs ~8 s of imports
-        main(["pretrain", "--config", "configs/tiny.yaml", "--dry-run"])
+def test_dry_run_needs_a_full_size_model(capsys):
+    """A config error: one line naming the key and a config that has it, exit 2 (in-process: a subprocess
+    costs ~8 s of imports)."""
+    assert main(["pretrain", "--config", "configs/tiny.yaml", "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "model.full_size" in err[0] and "configs/wan2.1-t2v-1.3b.yaml" in err[0]
 
 
 @pytest.mark.parametrize("config, job, limit_gib", [("wan2.1-t2v-1.3b", "pretrain", 5), ("wan2.1-t2v-14b", "distill", 25)])
