@@ -7,8 +7,8 @@ from anyflow_ray.run.config import load_config
 from anyflow_ray.models.text import WAN_NEGATIVE_PROMPT
 
 SELF_ATTN_FFN = ["attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "ffn.net.0.proj", "ffn.net.2"]
-TIME_EMBEDDERS = ["time_embedder.linear_1", "time_embedder.linear_2", "time_embedder_r.linear_1",
-                  "time_embedder_r.linear_2"]
+TIME_EMBEDDERS = ["time_embedder.linear_1", "time_embedder.linear_2", "delta_embedder.linear_1",
+                  "delta_embedder.linear_2"]
 COMMON = {
     "model.negative_prompt": WAN_NEGATIVE_PROMPT,
     "model.lora.enabled": True, "model.lora.rank": 256, "model.lora.alpha": 256,

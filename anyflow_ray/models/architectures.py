@@ -35,7 +35,7 @@ def meta_transformer(size: str, flow_map: bool = True, gate: float = 0.25) -> to
         raise ValueError(f"unknown Wan2.1 size {size!r}; expected one of {sorted(WAN_CONFIGS)}")
     with torch.device("meta"):
         if flow_map:
-            return WanFlowMapTransformer3DModel(**WAN_CONFIGS[size], flow_map_gate=gate)
+            return WanFlowMapTransformer3DModel(**WAN_CONFIGS[size], gate_value=gate)
         return WanTransformer3DModel(**WAN_CONFIGS[size])
 
 

@@ -48,14 +48,15 @@ class WanCausalFlowMapTransformer3DModel(WanFlowMapTransformer3DModel):
     def __init__(self, patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=16,
                  out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40, cross_attn_norm=True,
                  qk_norm="rms_norm_across_heads", eps=1e-6, image_dim=None, added_kv_proj_dim=None,
-                 rope_max_seq_len=1024, pos_embed_seq_len=None, flow_map_gate: float = 0.25,
-                 causal_chunks: list[int] | None = None):
+                 rope_max_seq_len=1024, pos_embed_seq_len=None, gate_value: float = 0.25,
+                 deltatime_type: str = "r", causal_chunks: list[int] | None = None):
         super().__init__(patch_size=patch_size, num_attention_heads=num_attention_heads,
                          attention_head_dim=attention_head_dim, in_channels=in_channels, out_channels=out_channels,
                          text_dim=text_dim, freq_dim=freq_dim, ffn_dim=ffn_dim, num_layers=num_layers,
                          cross_attn_norm=cross_attn_norm, qk_norm=qk_norm, eps=eps, image_dim=image_dim,
                          added_kv_proj_dim=added_kv_proj_dim, rope_max_seq_len=rope_max_seq_len,
-                         pos_embed_seq_len=pos_embed_seq_len, flow_map_gate=flow_map_gate)
+                         pos_embed_seq_len=pos_embed_seq_len, gate_value=gate_value,
+                         deltatime_type=deltatime_type)
         chunks = list(causal_chunks or [])
         if not chunks or any(int(c) < 1 or int(c) % patch_size[0] for c in chunks):
             raise ConfigError(f"model.causal.chunks={chunks}: needs latent frames per chunk, each >= 1 and a "

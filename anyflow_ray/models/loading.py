@@ -18,7 +18,8 @@ from transformers import AutoTokenizer, UMT5EncoderModel
 
 from anyflow_ray.models.architectures import tiny_transformer_config
 from anyflow_ray.models.causal import WanCausalFlowMapTransformer3DModel
-from anyflow_ray.models.flowmap import WanFlowMapTransformer3DModel
+from anyflow_ray.models.flowmap import (DELTA_EMBEDDER, DIFFUSERS_CLASS, LEGACY_PREFIX, WanFlowMapTransformer3DModel,
+                                        is_flow_map)
 from anyflow_ray.models.text import build_word_tokenizer, tiny_text_encoder
 
 LOCAL_ONLY = dict(local_files_only=True)
@@ -54,28 +55,113 @@ def verify_recorded(folder: str | Path) -> None:
                                   f"(overwritten or torn since it was exported: export it again, `anyflow-ray export`)")
 
 
+# transformer/config.json ``_class_name`` -> what the folder holds
+FLOW_MAP_CLASSES = (WanFlowMapTransformer3DModel.__name__, DIFFUSERS_CLASS)
+REFERENCE_CLASS = "FAR_Wan_Transformer3DModel"  # NVlabs/AnyFlow's own class (older NVIDIA snapshots)
+FAR_CLASS = "AnyFlowFARTransformer3DModel"
+
+
+class ModelFormatError(ValueError):
+    """A model folder of a kind anyflow-ray does not load, or one whose weights do not fit its config."""
+
+
+def transformer_kind(config: dict, folder: Path) -> str:
+    """"wan" (single-time), "flow_map" or "causal" for a transformer ``config.json``; other kinds refused
+    in one line naming what was found."""
+    name = config.get("_class_name")
+    if name == "WanTransformer3DModel":
+        return "wan"
+    if name in FLOW_MAP_CLASSES:
+        return "flow_map"
+    if name == WanCausalFlowMapTransformer3DModel.__name__:
+        return "causal"
+    if name == REFERENCE_CLASS and not config.get("init_far_model"):
+        return "flow_map" if config.get("init_flowmap_model") else "wan"
+    if name in (FAR_CLASS, REFERENCE_CLASS):
+        raise ModelFormatError(f"{folder}: a FAR (causal) AnyFlow model ({name}); its compressed context for "
+                               f"chunks older than full_chunk_limit is not built in anyflow-ray yet (docs/method.md "
+                               f"§6): start from a bidirectional AnyFlow or Wan2.1 folder")
+    raise ModelFormatError(f"{folder}: transformer class {name!r} is not a Wan2.1 or AnyFlow transformer (expected "
+                           f"WanTransformer3DModel, {DIFFUSERS_CLASS}, {REFERENCE_CLASS} or anyflow-ray's own)")
+
+
+def weight_keys(folder: Path) -> list[str] | None:
+    """The tensor names of a diffusers model folder, read from its safetensors headers (None: not safetensors)."""
+    from safetensors import safe_open
+
+    index = folder / "diffusion_pytorch_model.safetensors.index.json"
+    if index.is_file():
+        return sorted(json.loads(index.read_text())["weight_map"])
+    single = folder / "diffusion_pytorch_model.safetensors"
+    if not single.is_file():
+        return None
+    with safe_open(str(single), framework="pt") as f:
+        return sorted(f.keys())
+
+
+def _check_weights(cls, kwargs: dict, folder: Path) -> None:
+    """Refuse a folder whose tensors are not exactly the ones ``cls(**kwargs)`` has (diffusers would
+    initialise the missing ones at random with only a warning): one line naming them."""
+    keys = weight_keys(folder)
+    if keys is None:
+        return
+    if any(k.startswith(LEGACY_PREFIX) for k in keys) and (folder / "diffusion_pytorch_model.safetensors.index.json").is_file():
+        raise ModelFormatError(f"{folder}: a sharded flow map written by an earlier anyflow-ray "
+                               f"(condition_embedder.time_embedder_r.*); export it again with this version")
+    keys = {DELTA_EMBEDDER + k[len(LEGACY_PREFIX):] if k.startswith(LEGACY_PREFIX) else k for k in keys}
+    with torch.device("meta"):
+        expected = set(cls(**kwargs).state_dict())
+    missing, unexpected = sorted(expected - keys), sorted(keys - expected)
+    if missing or unexpected:
+        def few(names):
+            return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        raise ModelFormatError(f"{folder}: its weights do not fit {config_name(folder)} as {cls.__name__}"
+                               + (f"; missing {few(missing)}" if missing else "")
+                               + (f"; unexpected {few(unexpected)}" if unexpected else ""))
+
+
+def config_name(folder: Path) -> str:
+    return repr(json.loads((folder / "config.json").read_text()).get("_class_name"))
+
+
+def _init_kwargs(cls, config: dict) -> dict:
+    """``config`` as ``cls``'s init arguments: a legacy ``flow_map_gate`` read as ``gate_value``, keys the
+    class does not take (the reference's ``chunk_partition``, ``init_far_model``...) dropped."""
+    import inspect
+
+    config = dict(config)
+    if "flow_map_gate" in config:
+        config.setdefault("gate_value", config.pop("flow_map_gate"))
+    accepted = inspect.signature(cls.__init__).parameters
+    return {k: tuple(v) if k == "patch_size" else v for k, v in config.items() if k in accepted and k != "self"}
+
+
 def load_transformer(folder: str | Path, flow_map: bool = False, gate: float = 0.25,
                      dtype: torch.dtype = torch.float32, causal_chunks: list[int] | None = None) -> torch.nn.Module:
-    """A transformer from ``folder`` (a ``transformer/`` subfolder or a model root).
+    """A transformer from ``folder`` (a pipeline root with ``transformer/``, or the transformer folder).
 
+    Reads Wan2.1 (``WanTransformer3DModel``), diffusers' and NVIDIA's AnyFlow students
+    (``AnyFlowTransformer3DModel``), the reference's ``FAR_Wan_Transformer3DModel`` layout and the project's
+    own folders, also those of earlier versions; other kinds are refused naming what was found, and so is a
+    folder whose weights do not fit its config (never a silently re-initialised module).
     ``flow_map=True`` returns a two-time model: loaded as is when the folder holds one (causal or not),
     otherwise the single-time weights are wrapped (E_r := copy of E_t). ``causal_chunks`` (non-empty,
     with ``flow_map=True``) returns the causal flow map on those chunks (docs/method.md §6), wrapping a
-    bidirectional folder or re-chunking a causal one. ``flow_map=False`` returns the folder's class.
+    bidirectional folder or re-chunking a causal one. ``flow_map=False`` returns the folder's kind.
     """
     folder = Path(folder)
     if (folder / "transformer").is_dir():
         folder = folder / "transformer"
     _require_folder(folder, "transformer")
     verify_recorded(folder)
-    class_name = json.loads((folder / "config.json").read_text()).get("_class_name")
-    classes = {cls.__name__: cls for cls in (WanFlowMapTransformer3DModel, WanCausalFlowMapTransformer3DModel)}
-    if class_name in classes:
-        model = classes[class_name].from_pretrained(folder, dtype=dtype, **LOCAL_ONLY)
-    else:
-        model = WanTransformer3DModel.from_pretrained(folder, dtype=dtype, **LOCAL_ONLY)
-        if flow_map:
-            model = WanFlowMapTransformer3DModel.from_base(model, gate)
+    config = json.loads((folder / "config.json").read_text())
+    cls = {"wan": WanTransformer3DModel, "flow_map": WanFlowMapTransformer3DModel,
+           "causal": WanCausalFlowMapTransformer3DModel}[transformer_kind(config, folder)]
+    kwargs = _init_kwargs(cls, {k: v for k, v in config.items() if not k.startswith("_")})
+    _check_weights(cls, kwargs, folder)
+    model = cls.from_pretrained(folder, dtype=dtype, **kwargs, **LOCAL_ONLY)
+    if flow_map and not is_flow_map(model):
+        model = WanFlowMapTransformer3DModel.from_base(model, gate)
     chunks = [int(c) for c in causal_chunks or []]
     if flow_map and chunks and list(getattr(model.config, "causal_chunks", None) or []) != chunks:
         model = WanCausalFlowMapTransformer3DModel.from_base(model, chunks, gate)

@@ -30,7 +30,7 @@ def apply_lora(model: torch.nn.Module, lora) -> None:
 
 
 def _r_embedder(model: torch.nn.Module) -> torch.nn.Module | None:
-    return getattr(getattr(model, "condition_embedder", None), "time_embedder_r", None)
+    return getattr(getattr(model, "condition_embedder", None), "delta_embedder", None)
 
 
 class AdaptersOff(torch.nn.Module):

@@ -56,10 +56,10 @@ def test_diagonal_equals_base_model_with_two_frame_patches(tmp_path):
 
 def test_r_embedder_is_a_copy_with_its_own_storage(tiny_model_dir):
     flow = WanFlowMapTransformer3DModel.from_base(_perturbed_base(tiny_model_dir))
-    e_t, e_r = flow.condition_embedder.time_embedder, flow.condition_embedder.time_embedder_r
+    e_t, e_r = flow.condition_embedder.time_embedder, flow.condition_embedder.delta_embedder
     for (n1, p1), (n2, p2) in zip(e_t.named_parameters(), e_r.named_parameters()):
         assert n1 == n2 and torch.equal(p1, p2) and p1.data_ptr() != p2.data_ptr()
-    assert flow.config.flow_map_gate == 0.25
+    assert flow.config.gate_value == 0.25
 
 
 def test_a_bf16_base_keeps_its_fp32_modules_in_the_flow_map(tiny_model_dir):
@@ -69,7 +69,7 @@ def test_a_bf16_base_keeps_its_fp32_modules_in_the_flow_map(tiny_model_dir):
     assert {torch.float32, torch.bfloat16} <= set(dtypes.values())
     flow = WanFlowMapTransformer3DModel.from_base(base)
     for name, p in flow.named_parameters():
-        expected = dtypes[name.replace("time_embedder_r.", "time_embedder.")]
+        expected = dtypes[name.replace("delta_embedder.", "time_embedder.")]
         assert p.dtype == expected, name
 
 
@@ -85,7 +85,7 @@ def test_call_model_dispatches_on_model_kind(tiny_model_dir):
 def test_flow_map_save_and_load_round_trip(tiny_model_dir, tmp_path):
     flow = WanFlowMapTransformer3DModel.from_base(_perturbed_base(tiny_model_dir))
     with torch.no_grad():
-        flow.condition_embedder.time_embedder_r.linear_1.weight.mul_(1.5)  # make E_r differ from E_t
+        flow.condition_embedder.delta_embedder.linear_1.weight.mul_(1.5)  # make E_r differ from E_t
     flow.save_pretrained(tmp_path / "transformer")
     assert (tmp_path / "transformer" / "diffusion_pytorch_model.safetensors").is_file()
     loaded = load_transformer(tmp_path, flow_map=True)

@@ -9,7 +9,7 @@ from anyflow_ray.models.flowmap import WanFlowMapTransformer3DModel, call_model
 from anyflow_ray.models.lora import AdaptersOff, apply_lora
 
 SELF_ATTN_FFN = ["attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "ffn.net.0.proj", "ffn.net.2"]
-TIME = ["time_embedder.linear_1", "time_embedder.linear_2", "time_embedder_r.linear_1", "time_embedder_r.linear_2"]
+TIME = ["time_embedder.linear_1", "time_embedder.linear_2", "delta_embedder.linear_1", "delta_embedder.linear_2"]
 
 
 def tiny(flow_map: bool):
@@ -34,7 +34,7 @@ def test_student_gets_time_embedder_adapters_and_only_adapters_train():
     apply_lora(student, lora_cfg(TIME))
     names = trainable(student)
     assert names and all("lora_" in n for n in names)  # E_r itself frozen: it has adapters of its own
-    assert any("time_embedder_r.linear_1.lora_A" in n for n in names)
+    assert any("delta_embedder.linear_1.lora_A" in n for n in names)
     assert any("condition_embedder.time_embedder.linear_2.lora_B" in n for n in names)
     assert not any("attn2" in n for n in names)  # no cross-attention adapters
 
@@ -42,7 +42,7 @@ def test_student_gets_time_embedder_adapters_and_only_adapters_train():
 def test_without_flow_map_targets_er_stays_fully_trainable_as_before():
     student = tiny(flow_map=True)
     apply_lora(student, lora_cfg())
-    assert "condition_embedder.time_embedder_r.linear_1.weight" in trainable(student)
+    assert "condition_embedder.delta_embedder.linear_1.weight" in trainable(student)
 
 
 def test_teacher_and_critic_ignore_the_flow_map_targets():
