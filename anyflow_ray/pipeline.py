@@ -1,6 +1,6 @@
-"""``AnyFlowPipeline``: a diffusers ``DiffusionPipeline`` sampling a flow map (or a teacher) in N steps.
+"""``AnyFlowRayPipeline``: a diffusers ``DiffusionPipeline`` sampling a flow map (or a teacher) in N steps.
 
-    pipe = AnyFlowPipeline.from_pretrained("outputs/tiny/teacher")
+    pipe = AnyFlowRayPipeline.from_pretrained("outputs/tiny/teacher")
     frames = pipe("a red circle moving left", num_inference_steps=4,
                   generator=torch.Generator().manual_seed(0)).frames   # (B, F, H, W, 3) in [0, 1]
 
@@ -15,6 +15,10 @@ fixed) and video-to-video continuation (the clip's latent frames are fixed). The
 resized to the call's size; pixel-space models take it as their latents, latent models encode it with
 the Wan VAE. Chunks are decoded as they are finished and handed to ``callback_on_chunk_end``, so a
 caller can write the video while it is made, also past the training length.
+
+It is named apart from diffusers' own ``AnyFlowPipeline``, which the project's latent exports are
+(``formats``): ``from_pretrained`` reads those, diffusers' and NVIDIA's AnyFlow folders, Wan2.1 and the
+project's own folders, component by component (``formats.open_folder``).
 """
 
 from __future__ import annotations
@@ -39,13 +43,13 @@ OUTPUT_TYPES = ("np", "pt", "pil", "latent")
 
 
 @dataclass
-class AnyFlowPipelineOutput(BaseOutput):
+class AnyFlowRayPipelineOutput(BaseOutput):
     # "np": (B, F, H, W, 3) float32 in [0, 1]; "pt": (B, F, 3, H, W) in [0, 1]; "pil": B lists of F images;
     # "latent": the raw latents (B, C, F', H', W'), as diffusers' WanPipeline returns them
     frames: np.ndarray | torch.Tensor | list
 
 
-class AnyFlowPipeline(DiffusionPipeline):
+class AnyFlowRayPipeline(DiffusionPipeline):
     model_cpu_offload_seq = "text_encoder->transformer->vae"
     _optional_components = ["vae", "scheduler"]
     _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
@@ -60,6 +64,18 @@ class AnyFlowPipeline(DiffusionPipeline):
         # sample_size: (frames, height, width) of the videos the model was trained on, the call's defaults
         self.register_to_config(text_max_length=text_max_length, shift=shift, negative_prompt=negative_prompt,
                                 sample_size=list(sample_size) if sample_size else None)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, dtype: torch.dtype = torch.float32, **kwargs):
+        """A local pipeline folder of any kind ``formats.open_folder`` reads, its components in ``dtype``
+        (the VAE in fp32). Nothing is downloaded; other ``from_pretrained`` options are refused."""
+        from anyflow_ray.formats import open_folder
+
+        dtype = kwargs.pop("torch_dtype", dtype)
+        kwargs.pop("local_files_only", None)
+        if kwargs:
+            raise TypeError(f"AnyFlowRayPipeline.from_pretrained takes a local folder and dtype, not {sorted(kwargs)}")
+        return open_folder(pretrained_model_name_or_path, dtype)
 
     # -- shapes -------------------------------------------------------------------------------
     @property
@@ -235,7 +251,7 @@ class AnyFlowPipeline(DiffusionPipeline):
         self.maybe_free_model_hooks()
         if not return_dict:
             return (frames,)
-        return AnyFlowPipelineOutput(frames=frames)
+        return AnyFlowRayPipelineOutput(frames=frames)
 
     def _negative_embeds(self, negative_prompt, negative_prompt_embeds, batch: int) -> torch.Tensor:
         """c_null: (1, L, D) for one negative prompt (broadcast over the batch) or (B, L, D) for a list of B."""
@@ -259,23 +275,15 @@ class AnyFlowPipeline(DiffusionPipeline):
         return on_step
 
 
-def save_as_pipeline(transformer: torch.nn.Module, base: str, out: str, negative_prompt: str = UNCONDITIONAL_PROMPT) -> str:
-    """Save ``transformer`` as an AnyFlowPipeline folder with the base folder's text encoder, tokenizer and
-    VAE (when it has one), the run's negative prompt (the c_null sampling with CFG uses by default) and the
-    base's video size (a tiny model's ``anyflow.json``; none for Wan, whose pipelines default to 81x480x832)."""
-    from anyflow_ray.models.loading import load_text_encoder, sample_size, text_max_length
+def save_as_pipeline(transformer: torch.nn.Module, base: str, out: str, negative_prompt: str = UNCONDITIONAL_PROMPT,
+                     shift: float = 5.0) -> str:
+    """Save ``transformer`` as a pipeline folder with the base folder's text encoder, tokenizer and VAE
+    (when it has one), the run's negative prompt (the c_null sampling with CFG uses by default) and the
+    base's video size (a tiny model's ``anyflow.json``; none for Wan, whose pipelines default to 81x480x832):
+    diffusers' ``AnyFlowPipeline`` / ``WanPipeline`` for latent models, this class otherwise (``formats``)."""
+    from anyflow_ray.formats import write_folder
 
-    tokenizer, encoder = load_text_encoder(base)
-    vae = None
-    if (Path(base) / "vae" / "config.json").is_file():
-        from anyflow_ray.data.encode import load_vae
-
-        vae = load_vae(base)
-    pipe = AnyFlowPipeline(transformer=transformer, text_encoder=encoder, tokenizer=tokenizer, vae=vae,
-                           text_max_length=text_max_length(base), negative_prompt=negative_prompt,
-                           sample_size=sample_size(base))
-    pipe.save_pretrained(str(out), safe_serialization=True)
-    return str(out)
+    return str(write_folder(transformer, base, out, negative_prompt, shift))
 
 
 def pipeline_files(folder: str | Path) -> list[str]:

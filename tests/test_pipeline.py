@@ -7,7 +7,7 @@ from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipe
 from anyflow_ray.data.encode import load_vae, make_tiny_vae
 from anyflow_ray.models.loading import (load_text_encoder, load_transformer, make_tiny, text_max_length,
                                         tiny_transformer_config)
-from anyflow_ray.pipeline import WAN_SAMPLE_SIZE, AnyFlowPipeline, save_as_pipeline
+from anyflow_ray.pipeline import WAN_SAMPLE_SIZE, AnyFlowRayPipeline, save_as_pipeline
 
 PROMPT = "a red circle moving left"
 
@@ -15,7 +15,7 @@ PROMPT = "a red circle moving left"
 @pytest.fixture(scope="module")
 def pipe(tiny_model_dir):
     tokenizer, encoder = load_text_encoder(tiny_model_dir)
-    return AnyFlowPipeline(transformer=load_transformer(tiny_model_dir, flow_map=True), text_encoder=encoder,
+    return AnyFlowRayPipeline(transformer=load_transformer(tiny_model_dir, flow_map=True), text_encoder=encoder,
                            tokenizer=tokenizer, text_max_length=text_max_length(tiny_model_dir),
                            sample_size=[8, 16, 16])
 
@@ -32,7 +32,7 @@ def test_call_returns_frames_and_is_seeded(pipe, steps):
 
 def test_save_and_from_pretrained_round_trip(pipe, tmp_path):
     pipe.save_pretrained(tmp_path / "p")
-    loaded = AnyFlowPipeline.from_pretrained(tmp_path / "p")
+    loaded = AnyFlowRayPipeline.from_pretrained(tmp_path / "p")
     assert type(loaded.transformer).__name__ == "WanFlowMapTransformer3DModel"
     assert loaded.config.text_max_length == pipe.config.text_max_length
     kw = dict(num_inference_steps=2, guidance_scale=2.0)
@@ -59,11 +59,11 @@ def test_prompt_embeds_of_the_wrong_width_name_both_widths(pipe):
 def test_frames_height_width_default_to_the_model_size(tiny_cfg, tmp_path):
     base = make_tiny(tmp_path / "base", tiny_cfg.model.tiny, sample_size=(4, 32, 16))
     save_as_pipeline(load_transformer(base, flow_map=True), str(base), str(tmp_path / "p"))
-    loaded = AnyFlowPipeline.from_pretrained(tmp_path / "p")
+    loaded = AnyFlowRayPipeline.from_pretrained(tmp_path / "p")
     assert loaded.default_sample_size == (4, 32, 16)
     assert loaded(PROMPT, num_inference_steps=1).frames.shape == (1, 4, 32, 16, 3)
     # a pixel-space folder without a size of its own has no sensible default (Wan's would not finish): refused
-    sizeless = AnyFlowPipeline(transformer=loaded.transformer, text_encoder=loaded.text_encoder,
+    sizeless = AnyFlowRayPipeline(transformer=loaded.transformer, text_encoder=loaded.text_encoder,
                                tokenizer=loaded.tokenizer)
     with pytest.raises(ValueError, match="pass num_frames, height and width"):
         sizeless(PROMPT, num_inference_steps=1)
@@ -74,11 +74,11 @@ def test_a_latent_model_pipeline_carries_its_vae_and_returns_pixels(tiny_cfg, tm
     base = make_tiny(tmp_path / "base", tiny_cfg.model.tiny, channels=4, pixel_space=False, sample_size=(5, 32, 32))
     save_as_pipeline(load_transformer(base, flow_map=True), str(base), str(tmp_path / "p"))
     assert (tmp_path / "p" / "vae" / "config.json").is_file()
-    loaded = AnyFlowPipeline.from_pretrained(tmp_path / "p")
+    loaded = AnyFlowRayPipeline.from_pretrained(tmp_path / "p")
     out = loaded(PROMPT, num_inference_steps=1, generator=torch.Generator().manual_seed(0))
     assert out.frames.shape == (1, 5, 32, 32, 3)  # decoded by the VAE, not the latents (1, 4, 2, 4, 4)
     # a VAE pipeline without a size of its own (Wan's folders) defaults to WanPipeline's 81 x 480 x 832
-    wan_like = AnyFlowPipeline(transformer=loaded.transformer, text_encoder=loaded.text_encoder,
+    wan_like = AnyFlowRayPipeline(transformer=loaded.transformer, text_encoder=loaded.text_encoder,
                                tokenizer=loaded.tokenizer, vae=loaded.vae)
     assert wan_like.default_sample_size == WAN_SAMPLE_SIZE == (81, 480, 832)
 
@@ -106,7 +106,7 @@ def test_negative_prompt_is_used_only_with_guidance(pipe):
     assert not torch.allclose(default, other)
     no_cfg = [pipe(PROMPT, guidance_scale=1.0, latents=noise, negative_prompt=n, **kw).frames for n in ("", "a blue square")]
     torch.testing.assert_close(*no_cfg)
-    stored = AnyFlowPipeline(transformer=pipe.transformer, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
+    stored = AnyFlowRayPipeline(transformer=pipe.transformer, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
                              text_max_length=pipe.config.text_max_length, negative_prompt="a blue square moving up",
                              sample_size=[8, 16, 16])
     torch.testing.assert_close(stored(PROMPT, guidance_scale=3.0, latents=noise, **kw).frames, other)
@@ -115,7 +115,7 @@ def test_negative_prompt_is_used_only_with_guidance(pipe):
 def test_wan_vae_decodes_latents_to_video_shapes(pipe):
     vae = AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
                            latents_mean=[0.0] * 4, latents_std=[1.0] * 4).eval()
-    latent_pipe = AnyFlowPipeline(transformer=pipe.transformer, text_encoder=pipe.text_encoder,
+    latent_pipe = AnyFlowRayPipeline(transformer=pipe.transformer, text_encoder=pipe.text_encoder,
                                   tokenizer=pipe.tokenizer, vae=vae, text_max_length=pipe.config.text_max_length)
     assert latent_pipe.temporal_factor == vae.config.scale_factor_temporal
     shape = latent_pipe.latent_shape(1, 5, 32, 32)
@@ -131,14 +131,14 @@ def test_wan_vae_decodes_latents_to_video_shapes(pipe):
 
 @pytest.fixture(scope="module")
 def both(tiny_model_dir, tiny_cfg, tmp_path_factory):
-    """(AnyFlowPipeline, WanPipeline) sharing one tiny teacher transformer, text encoder and tiny Wan VAE."""
+    """(AnyFlowRayPipeline, WanPipeline) sharing one tiny teacher transformer, text encoder and tiny Wan VAE."""
     root = tmp_path_factory.mktemp("latent")
     make_tiny_vae(root, z_dim=4)
     vae = load_vae(root)
     torch.manual_seed(0)
     transformer = WanTransformer3DModel(**tiny_transformer_config(tiny_cfg.model.tiny, 4)).eval()
     tokenizer, encoder = load_text_encoder(tiny_model_dir)
-    ours = AnyFlowPipeline(transformer=transformer, text_encoder=encoder, tokenizer=tokenizer, vae=vae,
+    ours = AnyFlowRayPipeline(transformer=transformer, text_encoder=encoder, tokenizer=tokenizer, vae=vae,
                            text_max_length=text_max_length(tiny_model_dir))
     theirs = WanPipeline(tokenizer=tokenizer, text_encoder=encoder, vae=vae, transformer=transformer,
                          scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0))

@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from anyflow_ray.run.config import load_config  # noqa: E402
 from anyflow_ray.data.shards import read_shards  # noqa: E402
 from anyflow_ray.models.flowmap import call_model  # noqa: E402
-from anyflow_ray.pipeline import AnyFlowPipeline  # noqa: E402
+from anyflow_ray.pipeline import AnyFlowRayPipeline  # noqa: E402
 from anyflow_ray.sampling.schedule import as_batch_time, jump, sampling_grid  # noqa: E402
 
 
@@ -40,7 +40,7 @@ def main() -> None:
     ctx = held.embeddings[:n].float()
     noise = torch.randn((n, *held.videos.shape[1:]), generator=torch.Generator().manual_seed(7))
     grid = sampling_grid(steps, shift)
-    teacher = AnyFlowPipeline.from_pretrained(cfg.teacher.output).transformer.eval()
+    teacher = AnyFlowRayPipeline.from_pretrained(cfg.teacher.output).transformer.eval()
     print(f"held-out data: {clip_stats(held.videos.float())}")
     marks = sorted({1, steps // 4, steps // 2, 3 * steps // 4, steps - 4, steps - 1, steps} - {0})
     with torch.no_grad():
@@ -52,7 +52,7 @@ def main() -> None:
                 z = z + (b - a) / 1000 * call_model(teacher, z, as_batch_time(a, n), ctx)
             ref.append(z)
         for path in args.models:
-            model = AnyFlowPipeline.from_pretrained(path).transformer.eval()
+            model = AnyFlowRayPipeline.from_pretrained(path).transformer.eval()
             z, drift = noise, []
             for i in range(steps):
                 T, R = as_batch_time(float(grid[i]), n), as_batch_time(float(grid[i + 1]), n)

@@ -74,6 +74,7 @@ def scaffold_untrained_run(cfg: DictConfig) -> Path:
 
     make_tiny(cfg.model.base, cfg.model.tiny)
     run(cfg)
-    save_as_pipeline(load_transformer(cfg.model.base), cfg.model.base, cfg.teacher.output)
-    save_as_pipeline(load_transformer(cfg.model.base, flow_map=True), cfg.model.base, cfg.pretrain.output)
+    for model, out in ((load_transformer(cfg.model.base), cfg.teacher.output),
+                       (load_transformer(cfg.model.base, flow_map=True), cfg.pretrain.output)):
+        save_as_pipeline(model, cfg.model.base, out, cfg.model.negative_prompt, cfg.schedule.shift)
     return Path(cfg.run.output_dir)

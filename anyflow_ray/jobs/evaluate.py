@@ -24,7 +24,7 @@ from anyflow_ray.evaluation.quality import (FeatureScore, batched_sample, evalua
                                   format_table, is_flow_map, write_results)
 from anyflow_ray.models.causal import chunk_bounds, is_causal
 from anyflow_ray.jobs.common import heldout_root, log, prepare
-from anyflow_ray.pipeline import AnyFlowPipeline
+from anyflow_ray.pipeline import AnyFlowRayPipeline
 from anyflow_ray.training.export import is_model, open_pipeline
 from anyflow_ray.sampling.samplers import draw_noise
 from anyflow_ray.evaluation.plots import write_contact_sheet
@@ -38,7 +38,7 @@ def run(cfg: DictConfig) -> Path:
     prompts, contexts = heldout.prompts[:n], heldout.embeddings[:n].to(device, dtype)
     noise = draw_noise((n, *heldout.videos.shape[1:]), ec.seed, device, dtype)
     real = heldout.videos.to(device)
-    teacher = AnyFlowPipeline.from_pretrained(cfg.teacher.output, dtype=dtype).to(device)
+    teacher = AnyFlowRayPipeline.from_pretrained(cfg.teacher.output, dtype=dtype).to(device)
     uncond = teacher.encode_prompt([cfg.model.negative_prompt])  # c_null
     log.info("reference: teacher %d-step Euler, CFG %.1f, %d prompts", ec.reference_steps, ec.teacher_guidance, n)
     reference = batched_sample(teacher.transformer, noise, contexts, ec.reference_steps, cfg.schedule.shift,

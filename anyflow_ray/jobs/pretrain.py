@@ -1,7 +1,7 @@
 """`anyflow-ray pretrain`: Stage 1, forward flow-map training on the learner group (docs/method.md §4).
 
 The student wraps the teacher (``pretrain.init``) as a two-time flow map and trains on the real
-(synthetic) data; checkpoints are AnyFlowPipeline folders with safetensors plus training state.
+(synthetic) data; the final model is exported as a pipeline folder (``formats``).
 ``--dry-run`` builds the configured model on the meta device (no weights), applies LoRA, and prints
 parameter counts, the DeepSpeed config and the per-GPU memory plan (``anyflow_ray/run/memory_plan.py``).
 """

@@ -23,7 +23,7 @@ from anyflow_ray.run.config import ConfigError
 from anyflow_ray.evaluation.quality import is_flow_map
 from anyflow_ray.jobs.common import log, prepare
 from anyflow_ray.models.causal import is_causal
-from anyflow_ray.pipeline import AnyFlowPipeline
+from anyflow_ray.pipeline import AnyFlowRayPipeline
 from anyflow_ray.training.export import open_pipeline
 from anyflow_ray.pipeline import pixel_frames
 from anyflow_ray.evaluation.plots import save_video, to_uint8, write_contact_sheet
@@ -96,7 +96,7 @@ def sample_model(cfg: DictConfig, model_dir: str, out_dir: str | Path, image: np
     return out
 
 
-def causal_num_frames(pipe: AnyFlowPipeline, cfg: DictConfig) -> int:
+def causal_num_frames(pipe: AnyFlowRayPipeline, cfg: DictConfig) -> int:
     """Video frames of ``sample.max_chunks`` chunks (0: ``data.frames``, the training length)."""
     chunks = int(cfg.sample.max_chunks)
     if chunks <= 0:
@@ -106,7 +106,7 @@ def causal_num_frames(pipe: AnyFlowPipeline, cfg: DictConfig) -> int:
     return pixel_frames(pipe, latent_frames)
 
 
-def fitting_frames(pipe: AnyFlowPipeline, available: int, num_frames: int) -> int:
+def fitting_frames(pipe: AnyFlowRayPipeline, available: int, num_frames: int) -> int:
     """Leading frames of a conditioning clip to keep: fewer than the output's, 1 + 4k for the Wan VAE."""
     keep = min(available, num_frames - 1)
     ft = pipe.temporal_factor

@@ -1,7 +1,7 @@
 """`anyflow-ray teacher`: train the single-time flow-matching teacher from scratch (docs/method.md §3).
 
 Runs on the learner group (Ray actors, DeepSpeed ranks) like every training job: the transformer
-of ``model.base`` trained on the train shards; the EMA weights are saved as an ``AnyFlowPipeline`` in
+of ``model.base`` trained on the train shards; the EMA weights are saved as a pipeline folder (``formats``: diffusers' ``WanPipeline`` for latent models) in
 ``teacher.output``, with checkpoints, metrics JSONL and a wandb run (offline by default).
 """
 

@@ -130,12 +130,12 @@ def _pipeline_folder(cfg: DictConfig, key: str, path: str) -> None:
     if _staged_later(cfg, folder):
         return
     if not folder.is_dir():
-        raise PreflightError(f"{key}={path}: no such folder (expected an AnyFlowPipeline folder: a training "
+        raise PreflightError(f"{key}={path}: no such folder (expected a pipeline folder: a training "
                              f"job's output){_follows_output_dir(cfg, key, folder)}")
     from anyflow_ray.training.export import is_model
 
     if not is_model(folder):
-        raise PreflightError(f"{key}={path}: no model_index.json there and no checkpoint (expected an AnyFlowPipeline "
+        raise PreflightError(f"{key}={path}: no model_index.json there and no checkpoint (expected a pipeline "
                              f"folder: a training job's output, or a checkpoint: training_state/meta.json, or a run "
                              f"folder with checkpoints/latest)")
 

@@ -7,14 +7,16 @@ stage's init folder, LoRA when configured) with the EMA written into the trainab
 (``ema_model``), so a checkpoint is enough to sample (``open_pipeline``) or to export
 (``export_checkpoint``, the ``anyflow-ray export`` command) without a GPU, Ray or DeepSpeed.
 
-An export (``write_pipeline``) is an AnyFlowPipeline folder in ``run.export_dtype``: the transformer saved,
-the base folder's text encoder and VAE hard-linked (copied where the file system does not allow a link)
-and its tokenizer saved, so it is self-contained at the price of one copy per stage, not per checkpoint.
+An export (``write_pipeline``) is a pipeline folder in ``run.export_dtype`` (bf16 by default), in the format
+``formats.write_folder`` gives (diffusers' ``AnyFlowPipeline`` for a latent flow map): the transformer
+saved, the base folder's text encoder and VAE hard-linked (copied where the file system does not allow a
+link) and its tokenizer saved, so it is self-contained at the price of one copy per stage, not per checkpoint.
 It is built under ``<out>/.export-partial/`` and moved into place component by component; ``export.json``
 (the step, the dtype, every file's size and SHA-256) is written last and removed first, so its presence
 is the proof an export is complete (``export_complete``); loading the transformer verifies its hashes
-(``models.loading.verify_recorded``; a folder without export.json, diffusers' or NVIDIA's, is loaded as is). A run whose training finished but whose export is
-not complete is exported again from its last checkpoint (``run.records``).
+(``models.loading.verify_recorded``; a folder without export.json, diffusers' or NVIDIA's, is loaded as
+is). A run whose training finished but whose export is not complete is exported again from its last
+checkpoint (``run.records``).
 """
 
 from __future__ import annotations
@@ -28,12 +30,12 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from anyflow_ray.formats import SETTINGS
 from anyflow_ray.training import checkpoint as ckpt_io
 
 log = logging.getLogger("anyflow_ray")
 MARKER = "export.json"
 PARTIAL = ".export-partial"
-COMPONENTS_LINKED = ("text_encoder", "vae")  # large and frozen: the base's files as they are
 
 
 def job_model(cfg: DictConfig, job: str, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
@@ -146,32 +148,31 @@ def ema_model(ckpt: str | Path) -> tuple[torch.nn.Module, DictConfig, dict]:
 
 
 def pipeline_of(transformer: torch.nn.Module, cfg: DictConfig, dtype: torch.dtype = torch.float32):
-    """An AnyFlowPipeline in memory around ``transformer`` with ``model.base``'s text encoder and VAE."""
-    from anyflow_ray.models.loading import load_text_encoder, sample_size, text_max_length
-    from anyflow_ray.pipeline import AnyFlowPipeline
+    """An AnyFlowRayPipeline in memory around ``transformer`` with ``model.base``'s text encoder and VAE."""
+    from anyflow_ray.formats import folder_settings
+    from anyflow_ray.models.loading import load_text_encoder
+    from anyflow_ray.pipeline import AnyFlowRayPipeline
 
-    base = cfg.model.base
+    base = Path(cfg.model.base)
     tokenizer, encoder = load_text_encoder(base, dtype)
     vae = None
-    if (Path(base) / "vae" / "config.json").is_file():
+    if (base / "vae" / "config.json").is_file():
         from anyflow_ray.data.encode import load_vae
 
         vae = load_vae(base)
-    return AnyFlowPipeline(transformer=transformer.to(dtype), text_encoder=encoder, tokenizer=tokenizer, vae=vae,
-                           text_max_length=text_max_length(base), negative_prompt=cfg.model.negative_prompt,
-                           sample_size=sample_size(base))
+    settings = {**folder_settings(base), "negative_prompt": cfg.model.negative_prompt, "shift": cfg.schedule.shift}
+    return AnyFlowRayPipeline(transformer=transformer.to(dtype), text_encoder=encoder, tokenizer=tokenizer, vae=vae,
+                              **settings)
 
 
 def open_pipeline(path: str | Path, dtype: torch.dtype = torch.float32):
-    """An exported pipeline folder, or a checkpoint (its EMA model, see ``resolve_checkpoint``)."""
-    from anyflow_ray.pipeline import AnyFlowPipeline
+    """A pipeline folder of any kind ``formats.open_folder`` reads, or a checkpoint (its EMA model, see
+    ``resolve_checkpoint``)."""
+    from anyflow_ray.formats import open_folder
 
     path = Path(path)
     if (path / "model_index.json").is_file():
-        from anyflow_ray.models.loading import verify_recorded
-
-        verify_recorded(path / "transformer")  # against export.json's SHA-256, where the folder has one
-        return AnyFlowPipeline.from_pretrained(path, dtype=dtype)
+        return open_folder(path, dtype)  # the transformer verified against export.json, where there is one
     model, cfg, _ = ema_model(path)
     return pipeline_of(model, cfg, dtype)
 
@@ -197,40 +198,28 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, dtype: str | None = Non
 # -- writing an export ---------------------------------------------------------------------------------
 def write_pipeline(transformer: torch.nn.Module, cfg: DictConfig, out: str | Path, dtype: torch.dtype,
                    step: int | None = None, source: str = "learner") -> Path:
-    """``transformer`` as an AnyFlowPipeline folder ``out`` (see the module docstring); returns ``out``."""
-    from anyflow_ray.models.loading import sample_size, text_max_length
-    from anyflow_ray.pipeline import AnyFlowPipeline
-    from transformers import AutoTokenizer
+    """``transformer`` in ``dtype`` as a pipeline folder ``out`` (``formats.write_folder``: diffusers'
+    ``AnyFlowPipeline`` / ``WanPipeline`` for latent models), written so that it is never half there (the
+    module docstring); returns ``out``."""
+    from anyflow_ray.formats import write_folder
 
-    out, base = Path(out), Path(cfg.model.base)
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / MARKER).unlink(missing_ok=True)  # from here on the folder holds no complete export
     partial = out / PARTIAL
     shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir()
-    transformer.to(dtype).save_pretrained(partial / "transformer", safe_serialization=True)
-    tokenizer = AutoTokenizer.from_pretrained(base / "tokenizer", local_files_only=True)
-    tokenizer.save_pretrained(partial / "tokenizer")
-    pipe = AnyFlowPipeline(transformer=transformer, text_encoder=None, tokenizer=tokenizer, vae=None,
-                           text_max_length=text_max_length(base), negative_prompt=cfg.model.negative_prompt,
-                           sample_size=sample_size(base))
-    pipe.save_config(partial)  # model_index.json; the linked components' entries follow
-    index = json.loads((partial / "model_index.json").read_text())
-    index["text_encoder"] = ["transformers", "UMT5EncoderModel"]
-    _link_tree(base / "text_encoder", partial / "text_encoder")
-    if (base / "vae" / "config.json").is_file():
-        _link_tree(base / "vae", partial / "vae")
-        index["vae"] = ["diffusers", json.loads((base / "vae" / "config.json").read_text())["_class_name"]]
-    (partial / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    write_folder(transformer.to(dtype), cfg.model.base, partial, cfg.model.negative_prompt, cfg.schedule.shift)
     components = sorted(p.name for p in partial.iterdir() if p.is_dir())
     for name in components:  # each component replaced as a whole, model_index.json last
         shutil.rmtree(out / name, ignore_errors=True)
         os.replace(partial / name, out / name)
+    os.replace(partial / SETTINGS, out / SETTINGS)
     os.replace(partial / "model_index.json", out / "model_index.json")
     partial.rmdir()
     files = {str(p.relative_to(out)): ckpt_io.file_record(p) for name in components
              for p in sorted((out / name).rglob("*")) if p.is_file()}  # fsynced, sized and hashed
-    files["model_index.json"] = ckpt_io.file_record(out / "model_index.json")
+    for name in (SETTINGS, "model_index.json"):
+        files[name] = ckpt_io.file_record(out / name)
     tmp = out / f"{MARKER}.tmp"
     tmp.write_text(json.dumps({"step": step, "dtype": str(dtype).removeprefix("torch."), "source": source,
                                "components": components, "files": files}, indent=2) + "\n")
@@ -259,17 +248,3 @@ def export_complete(out: str | Path, step: int, check_files: bool = True) -> boo
     sizes = {rel: r["bytes"] if isinstance(r, dict) else r for rel, r in record.get("files", {}).items()}
     return not check_files or all((Path(out) / rel).is_file() and (Path(out) / rel).stat().st_size == size
                                   for rel, size in sizes.items())
-
-
-def _link_tree(src: Path, dst: Path) -> None:
-    """``src``'s files under ``dst``: hard links where the file system allows, copies elsewhere."""
-    for path in sorted(src.rglob("*")):
-        target = dst / path.relative_to(src)
-        if path.is_dir():
-            target.mkdir(parents=True, exist_ok=True)
-            continue
-        target.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.link(path, target)
-        except OSError:  # another file system, or links not allowed
-            shutil.copy2(path, target)

@@ -196,10 +196,10 @@ def test_data_shards_and_resolved_config(walk):
 
 
 def test_teacher_writes_pipeline_metrics_and_wandb(walk):
-    from anyflow_ray.pipeline import AnyFlowPipeline
+    from anyflow_ray.pipeline import AnyFlowRayPipeline
 
     teacher = walk[0] / DEMO / "teacher"
-    assert type(AnyFlowPipeline.from_pretrained(teacher).transformer).__name__ == "WanTransformer3DModel"
+    assert type(AnyFlowRayPipeline.from_pretrained(teacher).transformer).__name__ == "WanTransformer3DModel"
     assert all(r["teacher/loss"] > 0 for r in read_metrics(teacher / "metrics.jsonl"))
     assert list((teacher / "wandb").glob("offline-run-*"))
     assert (teacher / "config.yaml").is_file()
@@ -254,15 +254,15 @@ def test_corrupt_shard_is_refused_by_name(walk, tmp_path, capsys):
 
 
 def test_stage1_writes_a_loadable_flow_map_checkpoints_and_metrics(walk):
-    from anyflow_ray.pipeline import AnyFlowPipeline
+    from anyflow_ray.pipeline import AnyFlowRayPipeline
 
     out = walk[0] / DEMO / "stage1"
-    assert type(AnyFlowPipeline.from_pretrained(out).transformer).__name__ == "WanFlowMapTransformer3DModel"
+    assert type(AnyFlowRayPipeline.from_pretrained(out).transformer).__name__ == "WanFlowMapTransformer3DModel"
     assert json.loads((out / "model_index.json").read_text())["transformer"][1] == "WanFlowMapTransformer3DModel"
     assert (out / "checkpoints" / "latest").read_text().strip() == "step-000002"
     # a checkpoint holds the trainable state only; the model it rebuilds is the exported one
     assert sorted(p.name for p in (out / "checkpoints" / "step-000002").iterdir()) == ["training_state"]
-    exported = AnyFlowPipeline.from_pretrained(out).transformer.state_dict()
+    exported = AnyFlowRayPipeline.from_pretrained(out).transformer.state_dict()
     rebuilt = open_pipeline(out / "checkpoints" / "step-000002").transformer.state_dict()
     assert all(torch.equal(exported[n], rebuilt[n]) for n in exported)
     assert json.loads((out / "export.json").read_text())["step"] == 2
@@ -331,10 +331,10 @@ def test_a_cluster_too_small_for_the_config_stops_at_once_in_one_line(walk, caps
 
 # -- the causal variant, on the walk's `demo --config configs/tiny-causal.yaml` ---------------------------
 def test_causal_stage1_exports_a_causal_pipeline(walk):
-    from anyflow_ray.pipeline import AnyFlowPipeline
+    from anyflow_ray.pipeline import AnyFlowRayPipeline
 
     out = walk[0] / "tiny-causal" / "stage1"
-    transformer = AnyFlowPipeline.from_pretrained(out).transformer
+    transformer = AnyFlowRayPipeline.from_pretrained(out).transformer
     assert type(transformer).__name__ == "WanCausalFlowMapTransformer3DModel"
     assert list(transformer.config.causal_chunks) == [2, 2, 2, 2]
     assert (out / "checkpoints" / "latest").read_text().strip() == "step-000002"

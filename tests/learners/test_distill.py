@@ -10,7 +10,7 @@ import torch
 from pathlib import Path
 
 from actors.rollout import RolloutActor
-from anyflow_ray.pipeline import AnyFlowPipeline
+from anyflow_ray.pipeline import AnyFlowRayPipeline
 from anyflow_ray.training.export import open_pipeline
 from anyflow_ray.training.distill import Trajectory
 from learners.distill import DistillWorker
@@ -89,7 +89,7 @@ def test_distill_pipeline_runs_and_its_books_balance(ray_local, prepared_run, tm
     assert records[-1]["distill/version"] == 4
     meta = json.loads((out / "checkpoints" / "step-000004" / "training_state" / "meta.json").read_text())
     assert meta["weight_version"] == 4
-    assert type(AnyFlowPipeline.from_pretrained(out).transformer).__name__ == "WanFlowMapTransformer3DModel"
+    assert type(AnyFlowRayPipeline.from_pretrained(out).transformer).__name__ == "WanFlowMapTransformer3DModel"
 
 
 def test_a_killed_rollout_actor_is_restarted_and_the_run_finishes(ray_local, prepared_run, tmp_path, monkeypatch):
@@ -315,8 +315,8 @@ def test_distill_runs_at_zero3_on_two_ranks(ray_local, prepared_run, tmp_path):
     assert 1 <= summary["loaded_versions"]["rollout-0"] <= 3  # loaded published versions, not only v0
     meta = json.loads((out / "checkpoints" / "step-000003" / "training_state" / "meta.json").read_text())
     assert meta["zero_stage"] == 3 and meta["world_size"] == 2 and meta["weight_version"] == 3
-    initial = AnyFlowPipeline.from_pretrained(cfg.distill.init).transformer.state_dict()
-    final = AnyFlowPipeline.from_pretrained(out).transformer.state_dict()
+    initial = AnyFlowRayPipeline.from_pretrained(cfg.distill.init).transformer.state_dict()
+    final = AnyFlowRayPipeline.from_pretrained(out).transformer.state_dict()
     # the checkpoint's own EMA partitions put together without DeepSpeed (training/export.py)
     saved = open_pipeline(out / "checkpoints" / "step-000003").transformer.state_dict()
     assert sorted(final) == sorted(initial)

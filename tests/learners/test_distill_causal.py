@@ -13,7 +13,7 @@ import torch
 
 from actors.rollout import RolloutActor
 from anyflow_ray.models.causal import WanCausalFlowMapTransformer3DModel
-from anyflow_ray.pipeline import AnyFlowPipeline
+from anyflow_ray.pipeline import AnyFlowRayPipeline
 from learners.distill import DistillWorker
 from tests.probes import run_cfg, summary_balances
 
@@ -94,5 +94,5 @@ def test_causal_stage2_reruns_the_actors_chunks_and_survives_an_actor_dying_mid_
     gaps = [r[f"distill/rerun_gap_{scope}"] for r in records for scope in ("all", "last")]
     assert all(math.isfinite(g) and g < 1e-4 for g in gaps), gaps
     assert all(math.isfinite(r["distill/loss"]) and math.isfinite(r["distill/critic_loss"]) for r in records)
-    exported = AnyFlowPipeline.from_pretrained(out).transformer
+    exported = AnyFlowRayPipeline.from_pretrained(out).transformer
     assert isinstance(exported, WanCausalFlowMapTransformer3DModel) and exported.config.causal_chunks == CHUNKS

@@ -10,7 +10,7 @@ import pytest
 import ray
 import torch
 
-from anyflow_ray.pipeline import AnyFlowPipeline
+from anyflow_ray.pipeline import AnyFlowRayPipeline
 from anyflow_ray.training.export import open_pipeline
 from anyflow_ray.training.distill import Trajectory
 from learners.distill import DistillWorker
@@ -61,7 +61,7 @@ def test_zero3_publishes_whole_weights_and_exports_the_gathered_partition_wise_e
         assert any(not torch.equal(trained[1][n], before[n]) for n in before)
 
         group.call("export_pipeline", str(tmp_path / "export"))
-        exported = AnyFlowPipeline.from_pretrained(tmp_path / "export").transformer.state_dict()
+        exported = AnyFlowRayPipeline.from_pretrained(tmp_path / "export").transformer.state_dict()
         for name in trained[0]:
             ema = 0.81 * before[name] + 0.09 * trained[0][name] + 0.1 * trained[1][name]
             assert exported[name].shape == initial[name].shape and torch.isfinite(exported[name]).all()
@@ -85,7 +85,7 @@ def test_zero3_ranks_with_uneven_trajectories_stay_in_step_with_a_lora_critic(ra
         after, gathered = ray.get(wrapped[0]), group.call("gathered_trainable")[0]
         assert sorted(after) == sorted(gathered) and all(torch.equal(after[n], gathered[n]) for n in after)
         group.call("export_pipeline", str(tmp_path / "export"))
-        exported = AnyFlowPipeline.from_pretrained(tmp_path / "export").transformer.state_dict()
+        exported = AnyFlowRayPipeline.from_pretrained(tmp_path / "export").transformer.state_dict()
         assert all(torch.isfinite(t).all() and t.numel() > 0 for t in exported.values())
         # the checkpoint's EMA partitions of the adapters, put together and fused offline as the ranks fuse them
         ckpt = Path(group.call("save", str(tmp_path / "run"), 2)[0])

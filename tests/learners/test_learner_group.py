@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from anyflow_ray.training.checkpoint import CheckpointError, validate_checkpoint
-from anyflow_ray.pipeline import AnyFlowPipeline
+from anyflow_ray.pipeline import AnyFlowRayPipeline
 from anyflow_ray.training.export import export_checkpoint, export_complete
 from learners.group import LearnerGroup, LearnerGroupError
 from learners.ranks import every_rank, rank_zero
@@ -48,8 +48,8 @@ def test_one_and_two_ranks_take_the_same_stage1_step(ray_local, prepared_run, tm
         results[ranks] = [x for r in steps for x in (r[0]["loss"], r[0]["grad_norm"])]
     assert all(norm > 0 and math.isfinite(norm) for norm in results[1][1::2])
     assert results[1] == pytest.approx(results[2], rel=1e-4)
-    one = AnyFlowPipeline.from_pretrained(tmp_path / "r1").transformer.state_dict()
-    two = AnyFlowPipeline.from_pretrained(tmp_path / "r2").transformer.state_dict()
+    one = AnyFlowRayPipeline.from_pretrained(tmp_path / "r1").transformer.state_dict()
+    two = AnyFlowRayPipeline.from_pretrained(tmp_path / "r2").transformer.state_dict()
     for name in one:
         assert torch.allclose(one[name], two[name], rtol=1e-4, atol=1e-6), name
 
@@ -86,8 +86,8 @@ def test_resume_reproduces_the_next_losses(ray_local, prepared_run, tmp_path, pr
     assert sorted(p.name for p in ckpt.iterdir()) == ["training_state"]  # the trainable state, no pipeline
     # the checkpoint alone (no Ray, no DeepSpeed) rebuilds the model the learners exported, in their dtype
     export_checkpoint(ckpt, tmp_path / "offline")
-    live = AnyFlowPipeline.from_pretrained(tmp_path / "live").transformer.state_dict()
-    offline = AnyFlowPipeline.from_pretrained(tmp_path / "offline").transformer.state_dict()
+    live = AnyFlowRayPipeline.from_pretrained(tmp_path / "live").transformer.state_dict()
+    offline = AnyFlowRayPipeline.from_pretrained(tmp_path / "offline").transformer.state_dict()
     assert sorted(live) == sorted(offline) and all(torch.equal(live[n], offline[n]) for n in live)
     stored = load_file(tmp_path / "offline" / "transformer" / "diffusion_pytorch_model.safetensors")
     assert {t.dtype for t in stored.values()} == {{"fp32": torch.float32, "bf16": torch.bfloat16}[precision]}

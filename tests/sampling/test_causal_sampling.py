@@ -10,7 +10,7 @@ from anyflow_ray.sampling.samplers import causal_sample
 from anyflow_ray.cli import main
 from anyflow_ray.models.causal import WanCausalFlowMapTransformer3DModel
 from anyflow_ray.models.loading import load_transformer
-from anyflow_ray.pipeline import AnyFlowPipeline, save_as_pipeline
+from anyflow_ray.pipeline import AnyFlowRayPipeline, save_as_pipeline
 from anyflow_ray.sampling.samplers import sample
 
 CHUNKS = [2, 2, 2, 2]
@@ -101,7 +101,7 @@ def test_one_chunk_and_guidance_match_the_bidirectional_sampler(tiny_model_dir):
 
 
 def test_pipeline_samples_the_causal_folder_for_any_n_and_twice_the_length(causal_dir):
-    pipe = AnyFlowPipeline.from_pretrained(causal_dir)
+    pipe = AnyFlowRayPipeline.from_pretrained(causal_dir)
     assert type(pipe.transformer) is WanCausalFlowMapTransformer3DModel
     for steps in (1, 2, 4):
         frames = pipe(PROMPT, num_inference_steps=steps, num_frames=8, generator=torch.Generator().manual_seed(0),

@@ -1,0 +1,119 @@
+"""Exports diffusers loads, and diffusers' folders the project loads (tiny latent model, CPU).
+
+The project's sampler and diffusers' ``AnyFlowPipeline`` take the same shifted grid and the same jumps;
+in fp32 they differ only in the rounding of the time mix (measured below 1e-6 on the latents).
+"""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AnyFlowPipeline, DiffusionPipeline, WanPipeline
+
+from anyflow_ray.formats import FolderError, open_folder
+from anyflow_ray.models.loading import load_transformer, make_tiny, text_max_length
+from anyflow_ray.pipeline import AnyFlowRayPipeline
+from anyflow_ray.run.config import load_config
+from anyflow_ray.training.export import write_pipeline
+
+PROMPTS = ["a red circle moving left", "a blue square moving up"]
+SIZE = dict(num_frames=5, height=32, width=32)
+TOL = 1e-5  # fp32 latents after N flow-map jumps
+
+
+@pytest.fixture(scope="module")
+def latent(tmp_path_factory, tiny_cfg):
+    """(cfg, exported student folder, the student) on a tiny latent base (4 channels, a tiny Wan VAE)."""
+    root = tmp_path_factory.mktemp("formats")
+    base = make_tiny(root / "base", tiny_cfg.model.tiny, channels=4, pixel_space=False, sample_size=(5, 32, 32))
+    cfg = load_config(None, ["model.tiny.num_layers=2", "model.tiny.ffn_dim=64", f"model.base={base}"])
+    student = load_transformer(base, flow_map=True)
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    out = write_pipeline(student.eval(), cfg, root / "student", torch.float32, step=7)
+    return cfg, out, student
+
+
+def _noise(batch=2, seed=0):
+    return torch.randn(batch, 4, 2, 4, 4, generator=torch.Generator().manual_seed(seed))
+
+
+def _diffusers_latents(pipe, folder, steps, seed=0, **kw):
+    return pipe(PROMPTS, num_inference_steps=steps, latents=_noise(seed=seed), output_type="latent",
+                max_sequence_length=text_max_length(folder), **SIZE, **kw).frames
+
+
+def test_diffusers_own_pipeline_samples_an_export_as_the_project_does(latent):
+    cfg, out, _ = latent
+    index = json.loads((out / "model_index.json").read_text())
+    assert index["_class_name"] == "AnyFlowPipeline" and index["scheduler"][1] == "FlowMapEulerDiscreteScheduler"
+    theirs = DiffusionPipeline.from_pretrained(out)
+    assert type(theirs) is AnyFlowPipeline and theirs.scheduler.config.shift == cfg.schedule.shift
+    theirs.set_progress_bar_config(disable=True)
+    ours = AnyFlowRayPipeline.from_pretrained(out)
+    for steps in (1, 2, 4):
+        a = ours(PROMPTS, num_inference_steps=steps, latents=_noise(), output_type="latent", **SIZE).frames
+        b = _diffusers_latents(theirs, out, steps)
+        assert a.shape == b.shape and (a - b).abs().max() < TOL, steps
+    # decoded frames too: the same VAE, the same latent normalisation
+    a = ours(PROMPTS, num_inference_steps=2, latents=_noise(seed=1), **SIZE).frames
+    b = theirs(PROMPTS, num_inference_steps=2, latents=_noise(seed=1), max_sequence_length=text_max_length(out),
+               **SIZE).frames
+    np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+def test_a_folder_diffusers_saved_opens_as_the_same_model(latent, tmp_path):
+    _, out, _ = latent
+    theirs = AnyFlowPipeline.from_pretrained(out)
+    theirs.set_progress_bar_config(disable=True)
+    theirs.save_pretrained(tmp_path / "theirs")  # diffusers' writer: no anyflow.json, no export.json
+    assert not (tmp_path / "theirs" / "anyflow.json").exists()
+    ours = open_folder(tmp_path / "theirs")
+    a = ours(PROMPTS, num_inference_steps=3, latents=_noise(seed=2), output_type="latent", **SIZE).frames
+    assert ours.config.text_max_length == 512  # Wan's, as diffusers' default, when the folder does not say
+    b = theirs(PROMPTS, num_inference_steps=3, latents=_noise(seed=2), output_type="latent",
+               max_sequence_length=ours.config.text_max_length, **SIZE).frames
+    assert (a - b).abs().max() < TOL
+
+
+def test_real_configs_export_bf16_and_diffusers_loads_it(latent, tmp_path):
+    cfg, out, student = latent
+    from anyflow_ray.training.export import export_dtype
+
+    for name in ("wan2.1-t2v-1.3b", "wan2.1-t2v-14b"):
+        assert export_dtype(load_config(f"configs/{name}.yaml", [])) == torch.bfloat16
+    folder = write_pipeline(student, cfg, tmp_path / "bf16", torch.bfloat16, step=7)
+    size = (folder / "transformer" / "diffusion_pytorch_model.safetensors").stat().st_size
+    full = (out / "transformer" / "diffusion_pytorch_model.safetensors").stat().st_size
+    assert size < 0.6 * full
+    assert json.loads((folder / "export.json").read_text())["dtype"] == "bfloat16"
+    theirs = AnyFlowPipeline.from_pretrained(folder, torch_dtype=torch.bfloat16)
+    assert theirs.transformer.dtype == torch.bfloat16
+    theirs.set_progress_bar_config(disable=True)
+    b = _diffusers_latents(theirs, folder, 2).float()
+    a = AnyFlowRayPipeline.from_pretrained(out)(PROMPTS, num_inference_steps=2, latents=_noise(), output_type="latent",
+                                                **SIZE).frames
+    assert (a - b).abs().max() < 0.1 * a.abs().max()  # bf16 against fp32
+
+
+def test_a_teacher_is_written_as_diffusers_wan_pipeline(latent, tmp_path):
+    cfg, _, _ = latent
+    teacher = load_transformer(cfg.model.base).eval()
+    folder = write_pipeline(teacher, cfg, tmp_path / "teacher", torch.float32)
+    theirs = DiffusionPipeline.from_pretrained(folder)
+    assert type(theirs) is WanPipeline
+    theirs.set_progress_bar_config(disable=True)
+    ours = AnyFlowRayPipeline.from_pretrained(folder)
+    assert type(ours.transformer).__name__ == "WanTransformer3DModel"
+    a = ours(PROMPTS, num_inference_steps=1, latents=_noise(), output_type="latent", **SIZE).frames
+    b = theirs(PROMPTS, num_inference_steps=1, latents=_noise(), output_type="latent", guidance_scale=1.0,
+               max_sequence_length=text_max_length(folder), **SIZE).frames
+    assert (a - b).abs().max() < TOL
+
+
+def test_a_path_that_is_no_pipeline_is_refused_naming_it(tmp_path):
+    with pytest.raises(FolderError, match=str(tmp_path)):
+        AnyFlowRayPipeline.from_pretrained(tmp_path)
