@@ -89,9 +89,11 @@ def model_folder(cfg: DictConfig, key: str, text: bool = False) -> dict | None:
         if not (path / rel).exists():
             raise PreflightError(f"{key}={path}: no {rel} there (the {what} the jobs encode prompts with)")
     try:
-        return json.loads(config.read_text())
+        found = json.loads(config.read_text())
     except ValueError as err:
         raise PreflightError(f"{key}={path}: {config} is not valid JSON ({err})") from err
+    _model_kind(key, config.parent)
+    return found
 
 
 def finished_stage(cfg: DictConfig, key: str) -> None:
@@ -131,13 +133,26 @@ def _pipeline_folder(cfg: DictConfig, key: str, path: str) -> None:
         return
     if not folder.is_dir():
         raise PreflightError(f"{key}={path}: no such folder (expected a pipeline folder: a training "
-                             f"job's output){_follows_output_dir(cfg, key, folder)}")
+                             f"job's output, a diffusers AnyFlow or Wan2.1 folder){_follows_output_dir(cfg, key, folder)}")
     from anyflow_ray.training.export import is_model
 
     if not is_model(folder):
         raise PreflightError(f"{key}={path}: no model_index.json there and no checkpoint (expected a pipeline "
-                             f"folder: a training job's output, or a checkpoint: training_state/meta.json, or a run "
-                             f"folder with checkpoints/latest)")
+                             f"folder: a training job's output or a diffusers AnyFlow / Wan2.1 folder, or a "
+                             f"checkpoint: training_state/meta.json, or a run folder with checkpoints/latest)")
+    _model_kind(key, folder / "transformer")
+
+
+def _model_kind(key: str, transformer: Path) -> None:
+    """A pipeline folder's transformer of a kind the project does not load (another model, a FAR model)
+    refused before Ray starts, in the loader's words."""
+    from anyflow_ray.models.loading import ModelFormatError, transformer_kind
+
+    try:
+        transformer_kind(json.loads((transformer / "config.json").read_text()), transformer)
+    except (OSError, ValueError) as err:
+        if isinstance(err, ModelFormatError):
+            raise PreflightError(f"{key}: {err}") from err
 
 
 def _follows_output_dir(cfg: DictConfig, key: str, path: Path) -> str:
