@@ -63,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "<run>/exports/<step folder>)")
             cmd.add_argument("--dtype", choices=("fp32", "bf16"), default=None, help="default: the run's "
                              "run.export_dtype")
+            cmd.add_argument("--lora", action="store_true", help="the trained LoRA adapters alone, in diffusers' "
+                             "LoRA format (load_lora_weights on the stage's init pipeline), not the fused model")
         if name == "sample":
             media = cmd.add_mutually_exclusive_group()
             media.add_argument("--image", metavar="PATH", help="a .png/.jpg the video starts from (image-to-video; "
@@ -182,7 +184,7 @@ def _run_command(args: argparse.Namespace) -> int:
     module = importlib.import_module(f"anyflow_ray.jobs.{COMMANDS[args.command][0]}")
     extra = {"out": args.out} if args.command == "make-tiny" else {}
     if args.command == "export":
-        extra = {"checkpoint": args.checkpoint, "out": args.out, "dtype": args.dtype}
+        extra = {"checkpoint": args.checkpoint, "out": args.out, "dtype": args.dtype, "lora": args.lora}
     if args.command == "sample":
         extra = {"image": args.image, "video": args.video}
     if args.command == "bench":

@@ -146,3 +146,38 @@ def open_folder(path: str | Path, dtype: torch.dtype = torch.float32):
         vae = load_vae(root)
     return AnyFlowRayPipeline(transformer=transformer, text_encoder=encoder, tokenizer=tokenizer, vae=vae,
                               **folder_settings(root))
+
+
+# -- LoRA --------------------------------------------------------------------------------------------
+LORA_FILE = "pytorch_lora_weights.safetensors"  # what diffusers' load_lora_weights looks for by default
+
+
+def write_lora(model: torch.nn.Module, out: str | Path, base: str | Path, dtype: torch.dtype = torch.bfloat16,
+               about: dict | None = None) -> Path:
+    """The LoRA adapters of ``model`` (peft, not fused) in diffusers' LoRA format under ``out``, so
+    ``AnyFlowPipeline.from_pretrained(base).load_lora_weights(out)`` (``WanPipeline`` for a teacher) is the
+    fused model. ``base``: the folder the adapters apply to (the stage's init), kept in ``lora.json`` with
+    ``about``. A model trained partly outside its adapters (E_r trained in full when
+    ``model.lora.flow_map_targets`` is empty) is refused naming those parameters: the adapters alone would
+    not be the trained model."""
+    from diffusers import AnyFlowPipeline, WanPipeline
+    from peft.utils import get_peft_model_state_dict
+
+    inner = unwrap_model(model)
+    if not any("lora_" in name for name, _ in inner.named_parameters()):
+        raise ValueError("the model has no LoRA adapters (model.lora.enabled=false): export the fused model instead")
+    full = [name for name, p in inner.named_parameters() if p.requires_grad and "lora_" not in name]
+    if full:
+        shown = ", ".join(full[:3]) + (f" and {len(full) - 3} more" if len(full) > 3 else "")
+        raise ValueError(f"{shown} were trained in full, outside the LoRA adapters (model.lora.flow_map_targets="
+                         f"[] trains E_r in full): a LoRA export would lose them; export the fused model instead")
+    state = {k: v.detach().to(dtype).contiguous() for k, v in get_peft_model_state_dict(inner).items()}
+    config = inner.peft_config[next(iter(inner.peft_config))]
+    metadata = {"r": config.r, "lora_alpha": config.lora_alpha, "target_modules": sorted(config.target_modules)}
+    out = Path(out)
+    writer = AnyFlowPipeline if is_flow_map(inner) else WanPipeline
+    writer.save_lora_weights(out, transformer_lora_layers=state, weight_name=LORA_FILE,
+                             transformer_lora_adapter_metadata=metadata)
+    (out / "lora.json").write_text(json.dumps({"base": str(base), "pipeline": writer.__name__, **metadata,
+                                               **(about or {})}, indent=2) + "\n")
+    return out

@@ -117,3 +117,49 @@ def test_a_teacher_is_written_as_diffusers_wan_pipeline(latent, tmp_path):
 def test_a_path_that_is_no_pipeline_is_refused_naming_it(tmp_path):
     with pytest.raises(FolderError, match=str(tmp_path)):
         AnyFlowRayPipeline.from_pretrained(tmp_path)
+
+
+def test_a_lora_export_loads_with_load_lora_weights_and_is_the_fused_model(latent, tmp_path):
+    from omegaconf import OmegaConf
+
+    from anyflow_ray.formats import write_lora
+    from anyflow_ray.models.lora import apply_lora
+
+    cfg, out, _ = latent
+    lora = OmegaConf.create({"rank": 4, "alpha": 8, "target_modules": ["attn1.to_q", "attn1.to_v", "ffn.net.2"],
+                             "flow_map_targets": ["time_embedder.linear_1", "delta_embedder.linear_1"]})
+    model = load_transformer(out).eval()  # the stage's init: the exported student
+    apply_lora(model, lora)
+    torch.manual_seed(9)
+    with torch.no_grad():  # trained adapters (fresh ones are zero on one side)
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    folder = write_lora(model, tmp_path / "lora", out, torch.float32)
+    assert json.loads((folder / "lora.json").read_text())["base"] == str(out)
+    model.fuse_lora()
+    model.unload_lora()
+    fused = write_pipeline(model, cfg, tmp_path / "fused", torch.float32)
+
+    theirs = AnyFlowPipeline.from_pretrained(out)
+    theirs.load_lora_weights(folder)
+    theirs.set_progress_bar_config(disable=True)
+    reference = AnyFlowPipeline.from_pretrained(fused)
+    reference.set_progress_bar_config(disable=True)
+    a, b = (_diffusers_latents(p, out, 2) for p in (theirs, reference))
+    plain = _diffusers_latents(AnyFlowPipeline.from_pretrained(out), out, 2)
+    assert (a - b).abs().max() < TOL and (a - plain).abs().max() > 100 * TOL  # the adapters matter
+
+
+def test_a_lora_export_of_a_model_trained_partly_in_full_is_refused(latent, tmp_path):
+    from omegaconf import OmegaConf
+
+    from anyflow_ray.formats import write_lora
+    from anyflow_ray.models.lora import apply_lora
+
+    _, out, _ = latent
+    model = load_transformer(out)
+    apply_lora(model, OmegaConf.create({"rank": 4, "alpha": 4, "target_modules": ["attn1.to_q"]}))
+    with pytest.raises(ValueError, match="delta_embedder.linear_1.weight.*trained in full"):
+        write_lora(model, tmp_path / "lora", out)
+    assert not (tmp_path / "lora").exists()

@@ -16,15 +16,22 @@ from omegaconf import DictConfig
 from anyflow_ray.jobs.common import log, record_config
 from anyflow_ray.run.storage import Storage
 from anyflow_ray.training import checkpoint as ckpt_io
-from anyflow_ray.training.export import export_checkpoint, export_files, resolve_checkpoint
+from anyflow_ray.training.export import export_checkpoint, export_files, export_lora, resolve_checkpoint
 
 
-def run(cfg: DictConfig, checkpoint: str, out: str | None = None, dtype: str | None = None) -> Path:
+def run(cfg: DictConfig, checkpoint: str, out: str | None = None, dtype: str | None = None,
+        lora: bool = False) -> Path:
     """Export ``checkpoint`` (a checkpoint folder, or a run folder: its latest) to ``out`` (default
-    ``<run>/exports/<step folder>``); ``dtype``: fp32 | bf16 (default the run's ``run.export_dtype``)."""
+    ``<run>/exports/<step folder>``, ``-lora`` appended with ``lora``); ``dtype``: fp32 | bf16 (default the
+    run's ``run.export_dtype``). ``lora``: the trained adapters alone, in diffusers' LoRA format."""
     ckpt = resolve_checkpoint(checkpoint)
-    target = Path(out) if out else ckpt.parent.parent / "exports" / ckpt.name
-    log.info("export: %s -> %s", ckpt, target)
+    target = Path(out) if out else ckpt.parent.parent / "exports" / (ckpt.name + ("-lora" if lora else ""))
+    log.info("export%s: %s -> %s", " --lora" if lora else "", ckpt, target)
+    if lora:
+        export_lora(ckpt, target, dtype)
+        print(f"exported the LoRA adapters of {ckpt} to {target} (they apply to "
+              f"{json.loads((target / 'lora.json').read_text())['base']})", flush=True)
+        return target
     export_checkpoint(ckpt, target, dtype)
     print(f"exported {ckpt} to {target}", flush=True)
     return target

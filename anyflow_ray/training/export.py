@@ -117,8 +117,9 @@ def checkpoint_config(ckpt: Path, meta: dict) -> DictConfig:
     return OmegaConf.load(recorded)
 
 
-def ema_model(ckpt: str | Path) -> tuple[torch.nn.Module, DictConfig, dict]:
-    """(the EMA model of checkpoint ``ckpt`` on the CPU in fp32, LoRA fused; its run's config; meta.json)."""
+def ema_model(ckpt: str | Path, fuse: bool = True) -> tuple[torch.nn.Module, DictConfig, dict]:
+    """(the EMA model of checkpoint ``ckpt`` on the CPU in fp32, LoRA fused unless ``fuse=False``; its run's
+    config; meta.json)."""
     given = Path(ckpt)
     ckpt = resolve_checkpoint(given, verify=True)  # a run folder: its newest intact checkpoint, verified
     meta = ckpt_io.read_meta(ckpt)
@@ -144,7 +145,7 @@ def ema_model(ckpt: str | Path) -> tuple[torch.nn.Module, DictConfig, dict]:
                 raise ckpt_io.CheckpointError(f"{ckpt}: EMA tensor {i} has {flat.numel()} values, the model's "
                                               f"parameter has {p.numel()} (another model or config?)")
             p.copy_(flat.reshape(p.shape).to(p.dtype))
-    return final_model(model, cfg), cfg, meta
+    return (final_model(model, cfg) if fuse else model), cfg, meta
 
 
 def pipeline_of(transformer: torch.nn.Module, cfg: DictConfig, dtype: torch.dtype = torch.float32):
@@ -193,6 +194,21 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, dtype: str | None = Non
     trained = torch.bfloat16 if meta.get("dtype") == "torch.bfloat16" else torch.float32
     chosen = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype] if dtype else export_dtype(cfg, trained)
     return write_pipeline(model, cfg, out, chosen, step=int(meta["step"]), source=meta["path"])
+
+
+def export_lora(ckpt: str | Path, out: str | Path, dtype: str | None = None) -> Path:
+    """Checkpoint ``ckpt``'s EMA LoRA adapters in diffusers' LoRA format under ``out`` (``formats.write_lora``:
+    they apply to the stage's init folder, which ``lora.json`` names); ``dtype`` as ``export_checkpoint``."""
+    from anyflow_ray.formats import write_lora
+
+    model, cfg, meta = ema_model(ckpt, fuse=False)
+    base = {"teacher": cfg.model.base, "pretrain": cfg.pretrain.init, "distill": cfg.distill.init}[meta["job"]]
+    chosen = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype] if dtype else export_dtype(cfg)
+    try:
+        return write_lora(model, out, base, chosen, {"job": meta["job"], "step": int(meta["step"]),
+                                                     "source": meta["path"]})
+    except ValueError as err:
+        raise ckpt_io.CheckpointError(f"{meta['path']}: {err}") from err
 
 
 # -- writing an export ---------------------------------------------------------------------------------

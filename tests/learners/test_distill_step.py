@@ -9,9 +9,11 @@ from pathlib import Path
 import pytest
 import ray
 import torch
+from diffusers import AnyFlowTransformer3DModel
 
+from anyflow_ray.formats import LORA_FILE
 from anyflow_ray.pipeline import AnyFlowRayPipeline
-from anyflow_ray.training.export import open_pipeline
+from anyflow_ray.training.export import export_lora, open_pipeline
 from anyflow_ray.training.distill import Trajectory
 from learners.distill import DistillWorker
 from learners.group import LearnerGroup
@@ -75,7 +77,8 @@ def test_zero3_ranks_with_uneven_trajectories_stay_in_step_with_a_lora_critic(ra
     """Every ZeRO-3 model call gathers weights from all ranks: a rank with fewer trajectories (lost, rejected,
     or an uneven batch) runs zero-weight stand-ins, so the ranks never wait on different calls."""
     cfg = run_cfg(prepared_run, "distill.num_ranks=2", "distill.zero_stage=3", "model.lora.enabled=true",
-                  "model.lora.rank=4", "model.lora.alpha=4", "distill.critic=lora", "distill.lr=1e-2")
+                  "model.lora.rank=4", "model.lora.alpha=4", "distill.critic=lora", "distill.lr=1e-2",
+                  "model.lora.flow_map_targets=[delta_embedder.linear_1,delta_embedder.linear_2]")
     group = LearnerGroup(cfg, "distill", num_ranks=2, worker_cls=ZeRO3Probe)
     try:
         for step in range(2):  # rank 0 gets a generator trajectory, rank 1 none
@@ -91,6 +94,16 @@ def test_zero3_ranks_with_uneven_trajectories_stay_in_step_with_a_lora_critic(ra
         ckpt = Path(group.call("save", str(tmp_path / "run"), 2)[0])
         offline = open_pipeline(ckpt).transformer.state_dict()
         assert sorted(offline) == sorted(exported) and all(torch.equal(offline[n], exported[n]) for n in exported)
+        # `anyflow-ray export --lora`: the adapters alone, loaded by diffusers onto the stage's init
+        lora = export_lora(ckpt, tmp_path / "lora", "fp32")
+        base = AnyFlowTransformer3DModel.from_pretrained(Path(cfg.distill.init) / "transformer").eval()
+        base.load_lora_adapter(str(lora / LORA_FILE), prefix="transformer")
+        fused = AnyFlowTransformer3DModel.from_pretrained(tmp_path / "export" / "transformer").eval()
+        z, T = torch.randn(1, 4, 3, 16, 16), torch.tensor([[700.0] * 4])
+        context = torch.randn(1, 6, fused.config.text_dim)
+        with torch.no_grad():
+            a, b = (m(z, T, 0.4 * T, context, return_dict=False)[0] for m in (base, fused))
+        assert (a - b).abs().max() < 1e-5
     finally:
         group.shutdown()
 
