@@ -6,6 +6,9 @@ by reference: the worker processes import them from ``tests.probes``."""
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import ray
 import torch
 
@@ -103,3 +106,39 @@ class ExactStraightFlowMap(torch.nn.Module):
         self.calls += 1
         c = context.mean(dim=(1, 2)).reshape(-1, 1, 1, 1, 1)
         return ((z - c) / (T / 1000).reshape(-1, 1, 1, 1, 1),)
+
+
+def reference_layout(folder, out):
+    """``folder`` re-labelled as NVlabs/AnyFlow wrote its students: ``far.*`` classes in model_index.json,
+    ``FAR_Wan_Transformer3DModel`` (flow map on, FAR off) in the transformer's config; the same tensors."""
+    shutil.copytree(folder, out)
+    index = json.loads((out / "model_index.json").read_text())
+    index.update(_class_name="WanAnyFlowPipeline",
+                 transformer=["far.models.transformer_far_wan_model", "FAR_Wan_Transformer3DModel"],
+                 scheduler=["far.schedulers.scheduling_flowmap_euler_discrete", "FlowMapEulerDiscreteScheduler"])
+    (out / "model_index.json").write_text(json.dumps(index))
+    config = json.loads((out / "transformer" / "config.json").read_text())
+    config.update(_class_name="FAR_Wan_Transformer3DModel", init_flowmap_model=True, init_far_model=False,
+                  compressed_patch_size=[1, 4, 4], full_chunk_limit=3, chunk_partition=None,
+                  qk_norm="rms_norm_across_heads", added_kv_proj_dim=None)
+    (out / "transformer" / "config.json").write_text(json.dumps(config))
+    return out
+
+
+def diffusers_written(folder, out, layout: str = "diffusers"):
+    """Pipeline folder ``folder`` with its transformer saved by diffusers' own ``AnyFlowTransformer3DModel``
+    and no anyflow.json (as NVIDIA's releases), in diffusers' names or (``layout="reference"``) the
+    reference's ``far.*`` layout."""
+    from diffusers import AnyFlowTransformer3DModel
+
+    staged = out.parent / f"{out.name}.staged"
+    shutil.copytree(folder, staged)
+    shutil.rmtree(staged / "transformer")
+    AnyFlowTransformer3DModel.from_pretrained(folder / "transformer").save_pretrained(staged / "transformer")
+    (staged / "anyflow.json").unlink(missing_ok=True)
+    (staged / "export.json").unlink(missing_ok=True)
+    if layout == "diffusers":
+        return staged.rename(out)
+    reference_layout(staged, out)
+    shutil.rmtree(staged)
+    return out

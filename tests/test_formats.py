@@ -16,6 +16,7 @@ from anyflow_ray.models.loading import load_transformer, make_tiny, text_max_len
 from anyflow_ray.pipeline import AnyFlowRayPipeline
 from anyflow_ray.run.config import load_config
 from anyflow_ray.training.export import write_pipeline
+from tests.probes import reference_layout
 
 PROMPTS = ["a red circle moving left", "a blue square moving up"]
 SIZE = dict(num_frames=5, height=32, width=32)
@@ -163,3 +164,42 @@ def test_a_lora_export_of_a_model_trained_partly_in_full_is_refused(latent, tmp_
     with pytest.raises(ValueError, match="delta_embedder.linear_1.weight.*trained in full"):
         write_lora(model, tmp_path / "lora", out)
     assert not (tmp_path / "lora").exists()
+
+
+def test_diffusers_and_reference_folders_serve_as_teacher_stage_inits_and_evaluation_model(latent, tmp_path):
+    from omegaconf import OmegaConf
+
+    from anyflow_ray.models.flowmap import call_model
+    from anyflow_ray.training.export import job_model, open_pipeline
+
+    cfg, out, _ = latent
+    theirs = AnyFlowPipeline.from_pretrained(out)
+    theirs.set_progress_bar_config(disable=True)
+    theirs.save_pretrained(tmp_path / "diffusers")
+    folders = [tmp_path / "diffusers", reference_layout(tmp_path / "diffusers", tmp_path / "reference")]
+    expected = _diffusers_latents(theirs, out, 2, seed=3)
+    z, T = _noise(seed=4), torch.tensor([800.0, 300.0])
+    context = torch.randn(2, 6, theirs.transformer.config.text_dim)
+    with torch.no_grad():
+        velocity = _diffusers_call(theirs.transformer, z, T, T, context)
+    for folder in folders:
+        # evaluation / sample model: diffusers' frames
+        pipe = open_pipeline(folder)
+        pipe.register_to_config(text_max_length=text_max_length(out))  # the prompt length diffusers is given
+        got = pipe(PROMPTS, num_inference_steps=2, latents=_noise(seed=3), output_type="latent", **SIZE).frames
+        assert (got - expected).abs().max() < TOL, folder
+        # Stage-1 and Stage-2 init: the student the learner trains, with diffusers' weights
+        for job, key in (("pretrain", "pretrain.init"), ("distill", "distill.init")):
+            model = job_model(OmegaConf.merge(cfg, OmegaConf.from_dotlist([f"{key}={folder}"])), job)
+            assert all(torch.equal(model.state_dict()[k], v) for k, v in theirs.transformer.state_dict().items())
+        # teacher (distill.teacher, pretrain.target=teacher): a single-time call is the flow map at r = t
+        teacher = load_transformer(folder, flow_map=False).eval()
+        with torch.no_grad():
+            assert (call_model(teacher, z, T, context) - velocity).abs().max() < TOL
+
+
+def _diffusers_call(transformer, z, T, R, context):
+    frames = z.shape[2]
+    out = transformer(z.permute(0, 2, 1, 3, 4), T[:, None].repeat(1, frames), R[:, None].repeat(1, frames), context,
+                      return_dict=False)[0]
+    return out.permute(0, 2, 1, 3, 4)

@@ -15,7 +15,7 @@ from anyflow_ray.training.export import open_pipeline
 from anyflow_ray.training.distill import Trajectory
 from learners.distill import DistillWorker
 from learners.group import LearnerGroup
-from tests.probes import EmaProbe, kill_an_actor_at_submit, run_cfg, summary_balances
+from tests.probes import EmaProbe, diffusers_written, kill_an_actor_at_submit, run_cfg, summary_balances
 
 
 class RaisesTwice(RolloutActor):
@@ -65,14 +65,17 @@ class CriticRerunProbe(DistillWorker):
         return {**result, "critic_rerun_gap": getattr(self, "gap", float("nan"))}
 
 
-@pytest.mark.parametrize("lag, rollout", [(0, "consistency"), (1, "flowmap")])
-def test_distill_pipeline_runs_and_its_books_balance(ray_local, prepared_run, tmp_path, lag, rollout):
-    """Both rollouts through the same job; the consistency baseline's states are re-run exactly (lag 0)."""
+@pytest.mark.parametrize("lag, rollout, layout", [(0, "consistency", "diffusers"), (1, "flowmap", "reference")])
+def test_distill_pipeline_runs_and_its_books_balance(ray_local, prepared_run, tmp_path, lag, rollout, layout):
+    """Both rollouts through the same job; the consistency baseline's states are re-run exactly (lag 0).
+    Stage 2 starts from a folder diffusers' own class wrote (as NVIDIA's students), in diffusers' names and
+    in the reference's far.* layout."""
     from anyflow_ray.jobs import distill
 
+    init = diffusers_written(Path(run_cfg(prepared_run).distill.init), tmp_path / "init", layout)
     cfg = run_cfg(prepared_run, f"distill.output={tmp_path}/s2", "distill.steps=4", "distill.save_every=2",
                   "distill.log_every=1", "rollout.num_actors=2", f"distill.max_policy_lag={lag}",
-                  f"distill.rollout={rollout}")
+                  f"distill.rollout={rollout}", f"distill.init={init}")
     out = distill.run(cfg, worker_cls=CriticRerunProbe)
     summary = json.loads((out / "pipeline_summary.json").read_text())
     summary_balances(summary)
