@@ -176,7 +176,12 @@ def test_the_walk_did_what_each_command_says(walk):
     assert list((latent / "data" / "videos" / "train").glob("*.mp4"))
     assert read_shards(latent / "data" / "train").videos.shape[1] == 4  # Wan-VAE-style latents, not pixels
     assert (latent / "data" / "heldout" / "manifest.json").is_file()
-    assert (latent / "stage2" / "model_index.json").is_file()
+    assert json.loads((latent / "stage2" / "model_index.json").read_text())["_class_name"] == "AnyFlowPipeline"
+    # the README's python block as written: diffusers' own AnyFlowPipeline samples the latent Stage 2
+    snippet = re.search(r"```python\n(.*?)```", README.read_text(), re.S).group(1)
+    scope = {}
+    exec(snippet.replace('"outputs/', f'"{root}/'), scope)
+    assert type(scope["pipe"]).__module__.startswith("diffusers") and scope["frames"].shape == (1, 9, 32, 32, 3)
     stage1 = read_metrics(latent / "stage1" / "metrics.jsonl")  # Stage 1 trained on the prepared latents
     assert [r["step"] for r in stage1] == [1, 2] and all(0 < r["pretrain/loss"] < float("inf") for r in stage1)
 
