@@ -5,8 +5,9 @@
 with the run's shift), a latent-space single-time teacher as diffusers' ``WanPipeline`` (scheduler
 ``FlowMatchEulerDiscreteScheduler``), so ``DiffusionPipeline.from_pretrained(folder)`` samples either.
 diffusers' pipelines need a VAE and have no chunk-by-chunk sampler, so pixel-space models (the tiny
-default) and the causal flow map are written as the project's ``AnyFlowRayPipeline`` (its transformer
-folder is still diffusers-readable where diffusers has the class). What only the project reads (the
+default) and the causal flow map without FAR's compressed context are written as the project's
+``AnyFlowRayPipeline`` (its transformer folder is still diffusers-readable where diffusers has the class);
+a latent causal one with it (``model.causal.full_chunk_limit``) as diffusers' ``AnyFlowFARPipeline``. What only the project reads (the
 prompt length and negative prompt the model was trained with, its video size) is kept in ``anyflow.json``
 beside ``model_index.json``, which diffusers ignores.
 
@@ -32,7 +33,7 @@ from anyflow_ray.models.text import UNCONDITIONAL_PROMPT
 SETTINGS = "anyflow.json"
 OWN_PIPELINE = "AnyFlowRayPipeline"
 SETTING_KEYS = ("text_max_length", "negative_prompt", "sample_size", "shift")
-DIFFUSERS_TRANSFORMERS = ("WanTransformer3DModel", "AnyFlowTransformer3DModel")
+DIFFUSERS_TRANSFORMERS = ("WanTransformer3DModel", "AnyFlowTransformer3DModel", "AnyFlowFARTransformer3DModel")
 
 
 class FolderError(ValueError):
@@ -42,8 +43,10 @@ class FolderError(ValueError):
 def pipeline_class(transformer: torch.nn.Module, latent: bool) -> str:
     """The ``model_index.json`` class a folder of ``transformer`` is written as (module docstring)."""
     model = unwrap_model(transformer)
-    if not latent or is_causal(model):
+    if not latent or (is_causal(model) and model.diffusers_config() is None):
         return OWN_PIPELINE
+    if is_causal(model):
+        return "AnyFlowFARPipeline"
     if is_flow_map(model):
         return "AnyFlowPipeline" if model.diffusers_config() is not None else OWN_PIPELINE
     return "WanPipeline"

@@ -20,7 +20,13 @@ appended to the cache, so re-encoding the model's own output costs no extra call
 absolute (``cache.frames``), also after ``cache.trim``.
 
 With one chunk covering all frames the model is the bidirectional flow map: same weights, same output.
-The reference's compressed patch embedding for old chunks is not built (off on the tiny configs).
+
+``full_chunk_limit`` (None: off, the tiny configs) turns on FAR's compressed context
+(``models.far_context``): chunks older than the limit enter through ``far_patch_embedding`` at a quarter
+of the tokens. A teacher-forced call over n > limit chunks takes the oldest n - limit as compressed clean
+context (their times must be 0; their output is zeros), and a call on a KV cache encodes the cache again
+from the clean latents it keeps (``KVCache.history``), the oldest compressed, in its first call of every
+chunk, as diffusers' ``AnyFlowFARTransformer3DModel`` and its pipeline do.
 """
 
 from __future__ import annotations
@@ -33,10 +39,12 @@ from diffusers.models.transformers.transformer_wan import WanTransformer3DModel
 
 from anyflow_ray.run.config import ConfigError
 from anyflow_ray.models.causal_attention import CausalWanAttnProcessor, KVCache, LayerPlan, Segment, attention_groups
-from anyflow_ray.models.flowmap import WanFlowMapTransformer3DModel, unwrap_model
+from anyflow_ray.models.far_context import compressed_count, far_patch_weights, pooled_rope
+from anyflow_ray.models.flowmap import WAN_ONLY, WanFlowMapTransformer3DModel, init_kwargs, unwrap_model
 
-# (latents (B, C, F, H, W), clean?, absolute first latent frame) of one part of a call's token sequence
-Part = tuple[torch.Tensor, bool, int]
+# (latents (B, C, F, H, W), clean?, absolute first latent frame, compressed?) of one part of a call's tokens
+Part = tuple[torch.Tensor, bool, int, bool]
+FAR_DIFFUSERS_CLASS = "AnyFlowFARTransformer3DModel"  # diffusers >= 0.39, NVIDIA's AnyFlow-FAR-Wan2.1-*
 
 
 class WanCausalFlowMapTransformer3DModel(WanFlowMapTransformer3DModel):
@@ -49,7 +57,8 @@ class WanCausalFlowMapTransformer3DModel(WanFlowMapTransformer3DModel):
                  out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40, cross_attn_norm=True,
                  qk_norm="rms_norm_across_heads", eps=1e-6, image_dim=None, added_kv_proj_dim=None,
                  rope_max_seq_len=1024, pos_embed_seq_len=None, gate_value: float = 0.25,
-                 deltatime_type: str = "r", causal_chunks: list[int] | None = None):
+                 deltatime_type: str = "r", causal_chunks: list[int] | None = None,
+                 full_chunk_limit: int | None = None, compressed_patch_size=(1, 4, 4)):
         super().__init__(patch_size=patch_size, num_attention_heads=num_attention_heads,
                          attention_head_dim=attention_head_dim, in_channels=in_channels, out_channels=out_channels,
                          text_dim=text_dim, freq_dim=freq_dim, ffn_dim=ffn_dim, num_layers=num_layers,
@@ -63,27 +72,56 @@ class WanCausalFlowMapTransformer3DModel(WanFlowMapTransformer3DModel):
                               f"multiple of the temporal patch size {patch_size[0]}")
         if image_dim is not None or added_kv_proj_dim is not None:
             raise ConfigError("the causal flow map is text-to-video only (image_dim/added_kv_proj_dim must be None)")
+        if full_chunk_limit is not None:
+            if int(full_chunk_limit) < 2:
+                raise ConfigError(f"model.causal.full_chunk_limit={full_chunk_limit}: needs >= 2 (the chunk being "
+                                  f"made and at least one before it at full size)")
+            inner = num_attention_heads * attention_head_dim
+            self.far_patch_embedding = torch.nn.Conv3d(in_channels, inner, kernel_size=tuple(compressed_patch_size),
+                                                       stride=tuple(compressed_patch_size))
+            weight, bias = far_patch_weights(self.patch_embedding.weight, self.patch_embedding.bias,
+                                             tuple(compressed_patch_size))
+            with torch.no_grad():
+                self.far_patch_embedding.weight.copy_(weight)
+                self.far_patch_embedding.bias.copy_(bias)
         for block in self.blocks:
             block.attn1.set_processor(CausalWanAttnProcessor())
 
     @classmethod
-    def from_base(cls, base: WanTransformer3DModel, chunks: list[int],
-                  gate: float = 0.25) -> "WanCausalFlowMapTransformer3DModel":
+    def from_base(cls, base: WanTransformer3DModel, chunks: list[int], gate: float = 0.25,
+                  full_chunk_limit: int | None = None) -> "WanCausalFlowMapTransformer3DModel":
         """The causal model with ``base``'s weights: a single-time Wan is first wrapped as in §2 (E_r := a
         copy of E_t, ``gate``); a flow map (causal or not) keeps its own E_r and gate. Tensors are shared
         with ``base`` as ``WanFlowMapTransformer3DModel.from_base`` shares them."""
         flow = base
         if not isinstance(base, WanFlowMapTransformer3DModel):
             flow = WanFlowMapTransformer3DModel.from_base(base, gate)
-        config = {k: v for k, v in flow.config.items() if not k.startswith("_")}
+        config = init_kwargs(cls, flow.config)
         config["causal_chunks"] = [int(c) for c in chunks]
+        if full_chunk_limit is not None:
+            config["full_chunk_limit"] = int(full_chunk_limit)
         with torch.device("meta"):
             model = cls(**config)
-        model.load_state_dict(flow.state_dict(), strict=True, assign=True)
+        state = flow.state_dict()
+        if model.config.full_chunk_limit is not None and "far_patch_embedding.weight" not in state:
+            weight, bias = far_patch_weights(state["patch_embedding.weight"], state["patch_embedding.bias"],
+                                             tuple(model.config.compressed_patch_size))
+            state.update({"far_patch_embedding.weight": weight, "far_patch_embedding.bias": bias})
+        model.load_state_dict(state, strict=True, assign=True)
         for name, buf in flow.named_buffers():  # RoPE tables: non-persistent, not in the state dict
             module_name, _, leaf = name.rpartition(".")
             model.get_submodule(module_name)._buffers[leaf] = buf
         return model
+
+    def diffusers_config(self) -> dict | None:
+        """With the compressed context on, this model's config as diffusers' ``AnyFlowFARTransformer3DModel``
+        takes it (``causal_chunks`` as ``chunk_partition``); None without it (no such diffusers model)."""
+        config = {k: v for k, v in self.config.items() if not k.startswith("_")}
+        if config.get("full_chunk_limit") is None or any(config.get(k) != v for k, v in WAN_ONLY.items()):
+            return None
+        config["chunk_partition"] = list(config.pop("causal_chunks"))
+        return {"_class_name": FAR_DIFFUSERS_CLASS, "_diffusers_version": self.config.get("_diffusers_version"),
+                **{k: v for k, v in config.items() if k not in WAN_ONLY}}
 
     # -- chunks -------------------------------------------------------------------------------
     def chunk_bounds(self, num_frames: int) -> list[tuple[int, int]]:
@@ -113,14 +151,18 @@ class WanCausalFlowMapTransformer3DModel(WanFlowMapTransformer3DModel):
                                  f"hidden_states {tuple(hidden_states.shape)}")
         if cache_states is not None and kv_cache is None:
             raise ValueError("cache_states are encoded into a kv_cache: pass kv_cache=model.new_cache()")
+        if self.config.full_chunk_limit is not None and not bidirectional:
+            out = self._far_forward(hidden_states, timestep, encoder_hidden_states, timestep_r, clean_states,
+                                    kv_cache, cache_states)
+            return (out,) if not return_dict else Transformer2DModelOutput(sample=out)
         first = kv_cache.frames if kv_cache is not None else 0
         parts: list[Part] = []
         if cache_states is not None:
-            parts.append((cache_states, True, first))
+            parts.append((cache_states, True, first, False))
             first += cache_states.shape[2]
-        parts.append((hidden_states, False, first))
+        parts.append((hidden_states, False, first, False))
         if clean_states is not None:
-            parts.append((clean_states, True, first))  # same positions as the noisy chunks
+            parts.append((clean_states, True, first, False))  # same positions as the noisy chunks
         out = self._run(parts, encoder_hidden_states, timestep, timestep_r, kv_cache, bidirectional)
         if not return_dict:
             return (out,)
@@ -130,7 +172,57 @@ class WanCausalFlowMapTransformer3DModel(WanFlowMapTransformer3DModel):
     def append_to_cache(self, kv_cache: KVCache, clean: torch.Tensor, encoder_hidden_states: torch.Tensor) -> None:
         """Encode clean latents (B, C, F, H, W), whole chunks placed at ``kv_cache.frames``, at T = R = 0
         into the cache: the re-encode alone (after the last chunk, or the fixed chunks of I2V/V2V)."""
-        self._run([(clean, True, kv_cache.frames)], encoder_hidden_states, None, None, kv_cache)
+        if self.config.full_chunk_limit is not None:
+            self._run(self._cache_parts(kv_cache, clean), encoder_hidden_states, None, None, kv_cache)
+            return
+        self._run([(clean, True, kv_cache.frames, False)], encoder_hidden_states, None, None, kv_cache)
+
+    # -- the compressed context (models.far_context) ---------------------------------------------
+    def _far_forward(self, hidden_states, timestep, encoder_hidden_states, timestep_r, clean_states, kv_cache,
+                     cache_states) -> torch.Tensor:
+        """``forward`` with the compressed context on: see the module docstring."""
+        if kv_cache is not None:
+            parts = self._cache_parts(kv_cache, cache_states) if cache_states is not None else []
+            parts.append((hidden_states, False, kv_cache.frames if cache_states is None else
+                          parts[-1][2] + parts[-1][0].shape[2], False))
+            return self._run(parts, encoder_hidden_states, timestep, timestep_r, kv_cache)
+        spans = self._chunks_at(0, hidden_states.shape[2])
+        old = compressed_count(len(spans), self.config.full_chunk_limit)
+        if old == 0:
+            parts = [(hidden_states, False, 0, False)]
+            if clean_states is not None:
+                parts.append((clean_states, True, 0, False))
+            return self._run(parts, encoder_hidden_states, timestep, timestep_r, None)
+        if clean_states is None:
+            raise ValueError(f"a plain call over {len(spans)} chunks, more than full_chunk_limit="
+                             f"{self.config.full_chunk_limit}: the compressed context is read from clean_states "
+                             f"(teacher forcing) or a KV cache")
+        times = []
+        for name, t in (("timestep", timestep), ("timestep_r", timestep if timestep_r is None else timestep_r)):
+            t = torch.as_tensor(t)
+            if t.ndim != 2 or t.shape[1] != len(spans) or bool(t[:, :old].ne(0).any()):
+                raise ValueError(f"{name}: the oldest {old} of {len(spans)} chunks are compressed clean context "
+                                 f"(full_chunk_limit={self.config.full_chunk_limit}): give one time per chunk, 0 "
+                                 f"for those")
+            times.append(t[:, old:])
+        cut = spans[old][1][0]
+        parts = [(clean_states[:, :, :cut], True, 0, True), (hidden_states[:, :, cut:], False, cut, False),
+                 (clean_states[:, :, cut:], True, cut, False)]
+        out = self._run(parts, encoder_hidden_states, times[0], times[1], None)
+        return torch.cat([out.new_zeros(*out.shape[:2], cut, *out.shape[3:]), out], dim=2)
+
+    def _cache_parts(self, kv_cache: KVCache, clean: torch.Tensor) -> list[Part]:
+        """The clean chunks ``kv_cache`` held plus ``clean`` (whole chunks at ``kv_cache.frames``), emptied
+        from the cache to be encoded again in this call: the oldest compressed, the rest at full size."""
+        first = kv_cache.reset()
+        history = clean if kv_cache.history is None else torch.cat([kv_cache.history, clean], dim=2)
+        kv_cache.history = history
+        spans = self._chunks_at(first, history.shape[2])
+        old = compressed_count(len(spans), self.config.full_chunk_limit, caching=True)
+        if old == 0:
+            return [(history, True, first, False)]
+        cut = spans[old][1][0]
+        return [(history[:, :, :cut - first], True, first, True), (history[:, :, cut - first:], True, cut, False)]
 
     # -- internals ----------------------------------------------------------------------------
     def _run(self, parts: list[Part], encoder_hidden_states: torch.Tensor, timestep, timestep_r,
@@ -155,8 +247,8 @@ class WanCausalFlowMapTransformer3DModel(WanFlowMapTransformer3DModel):
             else:
                 tokens = block(tokens, context, timestep_proj, plan)
         if store is not None:
-            clean_frames = sum(latents.shape[2] for latents, is_clean, _ in parts if is_clean)
-            kv_cache.append(plans, [s.end - s.start for s in clean], clean_frames)
+            clean_frames = sum(latents.shape[2] for latents, is_clean, *_ in parts if is_clean)
+            kv_cache.append(plans, [s.end - s.start for s in clean], clean_frames, [s.frames for s in clean])
 
         noisy = [s for s in segments if not s.clean]
         if not noisy:
@@ -171,27 +263,33 @@ class WanCausalFlowMapTransformer3DModel(WanFlowMapTransformer3DModel):
             shift, scale = (self.scale_shift_table.to(temb.device) + temb.unsqueeze(1)).chunk(2, dim=1)
         tokens = (self.norm_out(tokens.float()) * (1 + scale) + shift).type_as(tokens)
         tokens = self.proj_out(tokens)  # (B, N, p_t p_h p_w C)
-        latents = next(latents for latents, is_clean, _ in parts if not is_clean)
+        latents = next(latents for latents, is_clean, *_ in parts if not is_clean)
         return self._unpatchify(tokens, latents.shape)
 
     def _tokens(self, parts: list[Part], bidirectional: bool = False
                 ) -> tuple[torch.Tensor, list[Segment], tuple[torch.Tensor, torch.Tensor]]:
         """Patch tokens (B, S, D) of all parts in order, their chunk segments (``bidirectional``: one per
         part) and their RoPE (cos, sin)."""
-        p_t, p_h, p_w = self.config.patch_size
         tokens, segments, cos, sin, offset = [], [], [], [], 0
-        for latents, clean, first in parts:
+        for latents, clean, first, compressed in parts:
             _, _, frames, height, width = latents.shape
+            patch = self.config.compressed_patch_size if compressed else self.config.patch_size
+            p_t, p_h, p_w = patch
             if frames % p_t or height % p_h or width % p_w:
                 raise ValueError(f"latents {tuple(latents.shape)}: frames, height, width must be multiples of the "
-                                 f"patch size {tuple(self.config.patch_size)}")
+                                 f"{'compressed ' if compressed else ''}patch size {tuple(patch)}")
             per_frame = (height // p_h) * (width // p_w)
             spans = [(0, (first, first + frames))] if bidirectional else self._chunks_at(first, frames)
             for chunk, (start, end) in spans:
                 segments.append(Segment(clean, chunk, offset + (start - first) // p_t * per_frame,
-                                        offset + (end - first) // p_t * per_frame))
-            part_cos, part_sin = self._rope(first, frames, height, width)
-            tokens.append(self.patch_embedding(latents).flatten(2).transpose(1, 2))
+                                        offset + (end - first) // p_t * per_frame, end - start))
+            if compressed:
+                part_cos, part_sin = pooled_rope(self.rope, first, frames, height, width, self.config.patch_size, patch)
+                embedding = self.far_patch_embedding
+            else:
+                part_cos, part_sin = self._rope(first, frames, height, width)
+                embedding = self.patch_embedding
+            tokens.append(embedding(latents).flatten(2).transpose(1, 2))
             cos.append(part_cos)
             sin.append(part_sin)
             offset += tokens[-1].shape[1]

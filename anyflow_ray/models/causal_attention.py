@@ -39,6 +39,7 @@ class Segment:
     chunk: int
     start: int
     end: int
+    frames: int = 0  # latent frames of the chunk
 
 
 @dataclass(frozen=True)
@@ -152,14 +153,18 @@ class KVCache:
 
     ``frames`` is the absolute latent-frame position of the next chunk and ``chunks`` its absolute chunk
     index: both keep counting when ``trim`` drops old chunks, so RoPE positions stay absolute.
+    ``history``: the clean latents of the cached chunks, kept by a model with FAR's compressed context,
+    which encodes its cache again from them (``reset``) as the compressed chunks move on.
     """
 
     def __init__(self, num_layers: int):
         self.keys: list[torch.Tensor | None] = [None] * num_layers
         self.values: list[torch.Tensor | None] = [None] * num_layers
         self.chunk_tokens: list[int] = []  # tokens of each cached chunk, oldest first
+        self.chunk_frames: list[int] = []  # latent frames of each cached chunk, oldest first
         self.frames = 0
         self.chunks = 0
+        self.history: torch.Tensor | None = None  # (B, C, frames of the cached chunks, H, W)
 
     @property
     def tokens(self) -> int:
@@ -172,8 +177,10 @@ class KVCache:
     def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         return None if self.keys[index] is None else (self.keys[index], self.values[index])
 
-    def append(self, plans: list[LayerPlan], chunk_tokens: list[int], frames: int) -> None:
-        """Add the K/V each layer's processor stored for ``chunk_tokens`` new chunks of ``frames`` frames."""
+    def append(self, plans: list[LayerPlan], chunk_tokens: list[int], frames: int,
+               chunk_frames: list[int] | None = None) -> None:
+        """Add the K/V each layer's processor stored for ``chunk_tokens`` new chunks of ``frames`` frames
+        (``chunk_frames`` each)."""
         for index, plan in enumerate(plans):
             key, value = plan.stored
             if self.keys[index] is None:
@@ -182,8 +189,19 @@ class KVCache:
                 self.keys[index] = torch.cat([self.keys[index], key], dim=1)
                 self.values[index] = torch.cat([self.values[index], value], dim=1)
         self.chunk_tokens += chunk_tokens
+        self.chunk_frames += list(chunk_frames or [])
         self.frames += frames
         self.chunks += len(chunk_tokens)
+
+    def reset(self) -> int:
+        """Empty the K/V (not ``history``) to encode them again; returns the absolute first frame of
+        ``history``, where the encoding starts (``frames`` and ``chunks`` step back to it)."""
+        self.frames -= sum(self.chunk_frames)
+        self.chunks -= len(self.chunk_tokens)
+        self.keys = [None] * len(self.keys)
+        self.values = [None] * len(self.values)
+        self.chunk_tokens, self.chunk_frames = [], []
+        return self.frames
 
     def trim(self, keep_chunks: int) -> None:
         """Keep only the newest ``keep_chunks`` chunks (the rolling window of streaming, §6; 0 empties it)."""
@@ -195,7 +213,9 @@ class KVCache:
         tokens = sum(self.chunk_tokens[:drop])
         self.keys = [None if k is None else k[:, tokens:] for k in self.keys]
         self.values = [None if v is None else v[:, tokens:] for v in self.values]
-        self.chunk_tokens = self.chunk_tokens[drop:]
+        if self.history is not None:
+            self.history = self.history[:, :, sum(self.chunk_frames[:drop]):]
+        self.chunk_tokens, self.chunk_frames = self.chunk_tokens[drop:], self.chunk_frames[drop:]
 
 
 __all__ = ["CausalWanAttnProcessor", "KVCache", "LayerPlan", "Segment", "attention_groups"]

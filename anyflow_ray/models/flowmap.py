@@ -66,7 +66,7 @@ class WanFlowMapTransformer3DModel(WanTransformer3DModel):
     @classmethod
     def from_base(cls, base: WanTransformer3DModel, gate: float = 0.25) -> "WanFlowMapTransformer3DModel":
         """Wrap a pretrained single-time Wan transformer: copy its weights, E_r := copy of E_t."""
-        config = {k: v for k, v in base.config.items() if not k.startswith("_")}
+        config = init_kwargs(WanTransformer3DModel, base.config)
         with torch.device("meta"):
             model = cls(**config, gate_value=gate)
         state = base.state_dict()
@@ -154,6 +154,15 @@ class WanFlowMapTransformer3DModel(WanTransformer3DModel):
         if not return_dict:
             return (out,)
         return Transformer2DModelOutput(sample=out)
+
+
+def init_kwargs(cls, config) -> dict:
+    """The entries of ``config`` that ``cls.__init__`` takes (a loaded config also keeps the keys of the
+    class that wrote it, e.g. diffusers' ``chunk_partition``)."""
+    import inspect
+
+    accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
+    return {k: v for k, v in dict(config).items() if k in accepted}
 
 
 def call_model(model: torch.nn.Module, z: torch.Tensor, T: torch.Tensor, context: torch.Tensor,

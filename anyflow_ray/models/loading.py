@@ -19,7 +19,7 @@ from transformers import AutoTokenizer, UMT5EncoderModel
 from anyflow_ray.models.architectures import tiny_transformer_config
 from anyflow_ray.models.causal import WanCausalFlowMapTransformer3DModel
 from anyflow_ray.models.flowmap import (DELTA_EMBEDDER, DIFFUSERS_CLASS, LEGACY_PREFIX, WanFlowMapTransformer3DModel,
-                                        is_flow_map)
+                                        init_kwargs, is_flow_map)
 from anyflow_ray.models.text import build_word_tokenizer, tiny_text_encoder
 
 LOCAL_ONLY = dict(local_files_only=True)
@@ -59,6 +59,7 @@ def verify_recorded(folder: str | Path) -> None:
 FLOW_MAP_CLASSES = (WanFlowMapTransformer3DModel.__name__, DIFFUSERS_CLASS)
 REFERENCE_CLASS = "FAR_Wan_Transformer3DModel"  # NVlabs/AnyFlow's own class (older NVIDIA snapshots)
 FAR_CLASS = "AnyFlowFARTransformer3DModel"
+RELEASED_CHUNKS = [1, 3, 3, 3, 3, 3, 3, 2]  # chunk_partition of NVIDIA's FAR students (21 latent frames)
 
 
 class ModelFormatError(ValueError):
@@ -73,14 +74,15 @@ def transformer_kind(config: dict, folder: Path) -> str:
         return "wan"
     if name in FLOW_MAP_CLASSES:
         return "flow_map"
-    if name == WanCausalFlowMapTransformer3DModel.__name__:
+    if name in (WanCausalFlowMapTransformer3DModel.__name__, FAR_CLASS):
         return "causal"
     if name == REFERENCE_CLASS and not config.get("init_far_model"):
         return "flow_map" if config.get("init_flowmap_model") else "wan"
-    if name in (FAR_CLASS, REFERENCE_CLASS):
-        raise ModelFormatError(f"{folder}: a FAR (causal) AnyFlow model ({name}); its compressed context for "
-                               f"chunks older than full_chunk_limit is not built in anyflow-ray yet (docs/method.md "
-                               f"§6): start from a bidirectional AnyFlow or Wan2.1 folder")
+    if name == REFERENCE_CLASS and config.get("init_flowmap_model"):
+        return "causal"
+    if name == REFERENCE_CLASS:
+        raise ModelFormatError(f"{folder}: a FAR model of the reference ({name}) without the flow map "
+                               f"(init_flowmap_model false): a single-time causal model, which anyflow-ray does not train")
     raise ModelFormatError(f"{folder}: transformer class {name!r} is not a Wan2.1 or AnyFlow transformer (expected "
                            f"WanTransformer3DModel, {DIFFUSERS_CLASS}, {REFERENCE_CLASS} or anyflow-ray's own)")
 
@@ -109,8 +111,11 @@ def _check_weights(cls, kwargs: dict, folder: Path) -> None:
         raise ModelFormatError(f"{folder}: a sharded flow map written by an earlier anyflow-ray "
                                f"(condition_embedder.time_embedder_r.*); export it again with this version")
     keys = {DELTA_EMBEDDER + k[len(LEGACY_PREFIX):] if k.startswith(LEGACY_PREFIX) else k for k in keys}
-    with torch.device("meta"):
-        expected = set(cls(**kwargs).state_dict())
+    try:
+        with torch.device("meta"):
+            expected = set(cls(**kwargs).state_dict())
+    except ValueError as err:  # ConfigError included: the folder's config builds no model
+        raise ModelFormatError(f"{folder}: its config does not build {cls.__name__}: {err}") from err
     missing, unexpected = sorted(expected - keys), sorted(keys - expected)
     if missing or unexpected:
         def few(names):
@@ -127,13 +132,13 @@ def config_name(folder: Path) -> str:
 def _init_kwargs(cls, config: dict) -> dict:
     """``config`` as ``cls``'s init arguments: a legacy ``flow_map_gate`` read as ``gate_value``, keys the
     class does not take (the reference's ``chunk_partition``, ``init_far_model``...) dropped."""
-    import inspect
-
     config = dict(config)
     if "flow_map_gate" in config:
         config.setdefault("gate_value", config.pop("flow_map_gate"))
-    accepted = inspect.signature(cls.__init__).parameters
-    return {k: tuple(v) if k == "patch_size" else v for k, v in config.items() if k in accepted and k != "self"}
+    if "full_chunk_limit" in config and not config.get("causal_chunks"):  # diffusers' / the reference's FAR
+        config["causal_chunks"] = list(config.get("chunk_partition") or RELEASED_CHUNKS)
+    return {k: tuple(v) if k in ("patch_size", "compressed_patch_size") else v
+            for k, v in init_kwargs(cls, config).items()}
 
 
 def load_transformer(folder: str | Path, flow_map: bool = False, gate: float = 0.25,

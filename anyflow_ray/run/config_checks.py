@@ -163,6 +163,12 @@ def _validate_causal(cfg: DictConfig) -> None:
              cc.bidirectional_aux, "must be in [0, 1]; above 0 it needs model.causal.chunks")
     _require(0 <= cc.long_context_prob <= 1 and (cc.long_context_prob == 0 or cc.noisy_chunks > 0),
              "model.causal.long_context_prob", cc.long_context_prob, "must be in [0, 1]; above 0 it needs noisy_chunks > 0")
+    limit = cc.full_chunk_limit
+    _require(limit == 0 or (limit >= 2 and chunks), "model.causal.full_chunk_limit", limit,
+             "must be 0 (off) or >= 2 with model.causal.chunks (the chunk being made and one before it at full size)")
+    _require(not limit or len(chunks) <= limit or 1 <= cc.noisy_chunks <= limit, "model.causal.noisy_chunks",
+             cc.noisy_chunks, f"must be in [1, full_chunk_limit={limit}]: Stage 1 noises the last noisy_chunks "
+             f"chunks, and the ones older than full_chunk_limit are compressed clean context")
     _require(not chunks or cfg.pretrain.target == "data", "pretrain.target", cfg.pretrain.target,
              "must be data for a causal student: the teacher's velocity sees noisy, not clean, earlier chunks (§6)")
 

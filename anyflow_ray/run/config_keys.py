@@ -51,6 +51,8 @@ KEYS: dict[str, str] = {
     "model.causal.bidirectional_aux": "Stage 1: probability of a bidirectional flow-matching step (reference 0.1)",
     "model.causal.noisy_chunks": "Stage 1: the last chunks noised, earlier ones clean context only (reference 3; 0: all)",
     "model.causal.long_context_prob": "Stage 1: probability of a longer prefix than noisy_chunks chunks (reference 0.5)",
+    "model.causal.full_chunk_limit": "FAR's compressed context: chunks older than this many enter at a quarter of the "
+                                     "tokens (reference and NVIDIA's FAR students 3; 0: off; Stage 1 and sampling)",
     "model.gradient_checkpointing": "recompute each block's activations in the backward pass (memory for time)",
     "model.full_size": "\"\", 1.3b or 14b: the Wan2.1 architecture (--dry-run plans, meta-device counts)",
     "model.negative_prompt": "c_null: replaces dropped prompts; the unconditional branch of CFG fusion, DMD and sampling",

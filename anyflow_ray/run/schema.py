@@ -42,6 +42,7 @@ class CausalConfig:
     bidirectional_aux: float = 0.0  # Stage 1: probability of a bidirectional flow-matching step (reference 0.1)
     noisy_chunks: int = 0  # Stage 1: the last chunks noised, earlier ones clean context only (reference 3; 0: all)
     long_context_prob: float = 0.0  # Stage 1: probability of a longer prefix than noisy_chunks chunks (reference 0.5)
+    full_chunk_limit: int = 0  # FAR's compressed context: chunks older than this many at a quarter of the tokens (reference 3; 0: off)
 
 
 @dataclass

@@ -48,6 +48,7 @@ def job_model(cfg: DictConfig, job: str, dtype: torch.dtype = torch.float32) -> 
     from anyflow_ray.run.config import ConfigError
 
     chunks = [int(c) for c in cfg.model.causal.chunks]
+    limit = int(cfg.model.causal.get("full_chunk_limit", 0)) or None
     if job == "teacher":
         model = load_transformer(cfg.model.base, flow_map=False, dtype=dtype)
     elif job == "pretrain":
@@ -55,16 +56,31 @@ def job_model(cfg: DictConfig, job: str, dtype: torch.dtype = torch.float32) -> 
         if is_causal(model) and list(model.config.causal_chunks) != chunks:
             raise ConfigError(f"model.causal.chunks={chunks}: pretrain.init={cfg.pretrain.init} holds a causal "
                               f"model over chunks {list(model.config.causal_chunks)}")
+        if is_causal(model) and model.config.full_chunk_limit != limit:
+            raise ConfigError(f"model.causal.full_chunk_limit={limit or 0}: pretrain.init={cfg.pretrain.init} holds "
+                              f"a causal model with full_chunk_limit={model.config.full_chunk_limit or 0}")
         if chunks and not is_causal(model):
-            model = WanCausalFlowMapTransformer3DModel.from_base(model, chunks, gate=cfg.model.gate)
+            model = WanCausalFlowMapTransformer3DModel.from_base(model, chunks, gate=cfg.model.gate,
+                                                                 full_chunk_limit=limit)
     elif job == "distill":
         model = load_transformer(cfg.distill.init, flow_map=True, gate=cfg.model.gate, dtype=dtype,
                                  causal_chunks=chunks)
+        if far_limit(cfg, dict(model.config)):  # the CLI's pre-flight says it first (run.preflight)
+            raise ConfigError(f"distill.init={cfg.distill.init}: Stage 2 is not built for FAR's compressed context")
     else:
         raise ValueError(f"unknown job {job!r}; expected teacher, pretrain or distill")
     if cfg.model.lora.enabled:
         apply_lora(model, cfg.model.lora)
     return model
+
+
+def far_limit(cfg: DictConfig, init: dict | None = None) -> int:
+    """The compressed-context limit a Stage-2 student would have (0: none; its chunks within it count as
+    none): ``model.causal.full_chunk_limit`` or its ``distill.init`` transformer config ``init``."""
+    chunks = list(cfg.model.causal.chunks) or list((init or {}).get("causal_chunks") or
+                                                    (init or {}).get("chunk_partition") or [])
+    limit = int(cfg.model.causal.get("full_chunk_limit", 0) or (init or {}).get("full_chunk_limit") or 0)
+    return limit if limit and len(chunks) > limit else 0
 
 
 def export_dtype(cfg: DictConfig, trained: torch.dtype | None = None) -> torch.dtype:

@@ -99,7 +99,11 @@ def test_other_kinds_and_weights_that_do_not_fit_are_refused_naming_them(tiny_mo
     config = json.loads((tmp_path / "ok" / "config.json").read_text())
     weights = load_file(tmp_path / "ok" / "diffusion_pytorch_model.safetensors")
     cases = {"unet": ({**config, "_class_name": "UNet2DConditionModel"}, weights, "UNet2DConditionModel"),
-             "far": ({**config, "_class_name": "AnyFlowFARTransformer3DModel"}, weights, "compressed context"),
+             "far": ({**config, "_class_name": "AnyFlowFARTransformer3DModel", "full_chunk_limit": 3,
+                      "chunk_partition": [2, 2], "compressed_patch_size": [1, 4, 4]}, weights,
+                     "missing far_patch_embedding"),
+             "far-config": ({**config, "_class_name": "AnyFlowFARTransformer3DModel", "full_chunk_limit": 1,
+                             "chunk_partition": [2, 2]}, weights, "full_chunk_limit=1: needs >= 2"),
              "torn": (config, {k: v for k, v in weights.items() if "delta_embedder" not in k},
                       "missing condition_embedder.delta_embedder")}
     for name, (cfg, state, expected) in cases.items():

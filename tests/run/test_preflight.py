@@ -158,16 +158,16 @@ def test_a_stage_folder_killed_before_its_export_is_refused_naming_the_command_t
 
 
 def test_a_model_folder_of_another_kind_is_refused_naming_what_it_holds(tmp_path, tiny_model_dir, inputs, capsys):
-    """A FAR (causal) AnyFlow folder or another model as a stage's init: one line before Ray starts."""
+    """A single-time FAR model of the reference or another model as a stage's init: one line before Ray starts."""
     import json
     import shutil
 
-    for name, expected in (("AnyFlowFARTransformer3DModel", "compressed context"),
-                           ("UNet2DConditionModel", "is not a Wan2.1 or AnyFlow transformer")):
+    for name, extra, expected in (("FAR_Wan_Transformer3DModel", {"init_far_model": True}, "without the flow map"),
+                                  ("UNet2DConditionModel", {}, "is not a Wan2.1 or AnyFlow transformer")):
         folder = tmp_path / name
         shutil.copytree(tiny_model_dir, folder)
         config = json.loads((folder / "transformer" / "config.json").read_text())
-        (folder / "transformer" / "config.json").write_text(json.dumps({**config, "_class_name": name}))
+        (folder / "transformer" / "config.json").write_text(json.dumps({**config, "_class_name": name, **extra}))
         (folder / "model_index.json").write_text(json.dumps({"_class_name": "AnyFlowFARPipeline"}))
         line = one_line(capsys, "distill", [*inputs, f"distill.init={folder}"])
         assert f"distill.init: {folder / 'transformer'}: " in line and expected in line and name in line
