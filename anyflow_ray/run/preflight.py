@@ -37,24 +37,9 @@ def _training(cfg: DictConfig, command: str) -> None:
     transformer = model_folder(cfg, "model.base", text=True)
     for key in starts:
         finished_stage(cfg, key)
-        found = model_folder(cfg, key)
-        if key == "distill.init":
-            _no_far_stage2(cfg, found)
+        model_folder(cfg, key)
     if transformer is not None:
         check_data(cfg, "data.root", Path(cfg.data.root) / "train", transformer)
-
-
-def _no_far_stage2(cfg: DictConfig, init: dict | None) -> None:
-    """Stage 2 re-runs every chunk noised by teacher forcing, which FAR's compressed context (clean old
-    chunks only) does not define: refused for a student with it, from the config or from its folder."""
-    from anyflow_ray.training.export import far_limit
-
-    limit = far_limit(cfg, init)
-    if limit:
-        raise PreflightError(f"distill: the student reads chunks older than full_chunk_limit={limit} compressed "
-                             f"(model.causal.full_chunk_limit or its distill.init folder); Stage 2's teacher-forced "
-                             f"re-run of every chunk is not built for it yet (docs/method.md §6): it trains Stage 1, "
-                             f"samples and evaluates")
 
 
 def _sample(cfg: DictConfig, command: str) -> None:

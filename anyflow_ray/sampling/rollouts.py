@@ -129,6 +129,40 @@ class _TeacherForced:
         return self.module(z, T, context, timestep_r=timestep_r, clean_states=self.clean, return_dict=False)
 
 
+class _PerChunk:
+    """The student with FAR's compressed context on all noisy chunks: chunk j on a KV cache of the clean
+    chunks < j of ``clean`` (the oldest compressed as chunk j saw them in the actor), one call per chunk, as
+    the reference's rollout with gradient. One teacher-forced call cannot do it: every chunk has its own
+    compressed split. The caches carry no gradient and serve every call on the same ``clean``."""
+
+    def __init__(self, model, clean: torch.Tensor):
+        self.module, self.clean, self.caches = model, clean, {}
+
+    def __call__(self, z, T, context, timestep_r=None, return_dict=False):
+        causal = unwrap_model(self.module)
+        outs = []
+        for j, (start, end) in enumerate(causal.chunk_bounds(z.shape[2])):
+            if j not in self.caches:
+                self.caches[j] = causal.new_cache()
+                if start:
+                    causal.append_to_cache(self.caches[j], self.clean[:, :, :start], context)
+            T_j = T if T.ndim == 1 else T[:, j]
+            R_j = timestep_r if timestep_r is None or timestep_r.ndim == 1 else timestep_r[:, j]
+            outs.append(self.module(z[:, :, start:end], T_j, context, timestep_r=R_j, kv_cache=self.caches[j],
+                                    return_dict=False)[0])
+        return (torch.cat(outs, dim=2),)
+
+
+def _forced(model, clean: torch.Tensor):
+    """The learner's re-run of every chunk on ``clean``: one teacher-forced call, or per chunk on caches
+    when FAR's compressed context makes old chunks differ by chunk (``_PerChunk``)."""
+    causal = unwrap_model(model)
+    limit = getattr(causal.config, "full_chunk_limit", None)
+    if limit and len(causal.chunk_bounds(clean.shape[2])) > limit:
+        return _PerChunk(model, clean)
+    return _TeacherForced(model, clean)
+
+
 def causal_rollout(model, noise: torch.Tensor, context: torch.Tensor, num_steps: int, k: int,
                    shift: float = 5.0) -> CausalRollout:
     """The actor's no-grad rollout of every chunk of ``noise`` (B, C, F, H, W) for one (N, k): <= 3 calls
@@ -151,7 +185,7 @@ def causal_prefix(model, noise: torch.Tensor, context_chunks: torch.Tensor, cont
                   num_steps: int, k: int, shift: float = 5.0, uniform_calls: bool = False) -> RolloutState:
     """z_k of every chunk in one teacher-forced call (``distill.grad_scope: all``: the prefix with gradient);
     ``uniform_calls`` as ``prefix``."""
-    return prefix(_TeacherForced(model, context_chunks), noise, context, num_steps, k, shift, uniform_calls)
+    return prefix(_forced(model, context_chunks), noise, context, num_steps, k, shift, uniform_calls)
 
 
 def causal_finish(model, state: RolloutState, context_chunks: torch.Tensor, context: torch.Tensor,
@@ -159,7 +193,7 @@ def causal_finish(model, state: RolloutState, context_chunks: torch.Tensor, cont
     """(z_{k+1}, x_hat) of every chunk from the actor's z_k, with gradient: the k-th step and the jump to 0
     through the teacher-forcing forward on the actor's x_hat (two calls, one when k = N - 1 unless
     ``uniform_calls``, as ``finish``)."""
-    return finish(_TeacherForced(model, context_chunks.detach()), state, context, uniform_calls)
+    return finish(_forced(model, context_chunks.detach()), state, context, uniform_calls)
 
 
 def consistency_prefix(model, noise: torch.Tensor, context: torch.Tensor, num_steps: int, k: int, shift: float = 5.0,

@@ -65,22 +65,11 @@ def job_model(cfg: DictConfig, job: str, dtype: torch.dtype = torch.float32) -> 
     elif job == "distill":
         model = load_transformer(cfg.distill.init, flow_map=True, gate=cfg.model.gate, dtype=dtype,
                                  causal_chunks=chunks)
-        if far_limit(cfg, dict(model.config)):  # the CLI's pre-flight says it first (run.preflight)
-            raise ConfigError(f"distill.init={cfg.distill.init}: Stage 2 is not built for FAR's compressed context")
     else:
         raise ValueError(f"unknown job {job!r}; expected teacher, pretrain or distill")
     if cfg.model.lora.enabled:
         apply_lora(model, cfg.model.lora)
     return model
-
-
-def far_limit(cfg: DictConfig, init: dict | None = None) -> int:
-    """The compressed-context limit a Stage-2 student would have (0: none; its chunks within it count as
-    none): ``model.causal.full_chunk_limit`` or its ``distill.init`` transformer config ``init``."""
-    chunks = list(cfg.model.causal.chunks) or list((init or {}).get("causal_chunks") or
-                                                    (init or {}).get("chunk_partition") or [])
-    limit = int(cfg.model.causal.get("full_chunk_limit", 0) or (init or {}).get("full_chunk_limit") or 0)
-    return limit if limit and len(chunks) > limit else 0
 
 
 def export_dtype(cfg: DictConfig, trained: torch.dtype | None = None) -> torch.dtype:

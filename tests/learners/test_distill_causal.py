@@ -20,15 +20,18 @@ from tests.probes import run_cfg, summary_balances
 CHUNKS = [2, 2, 2, 2]
 
 
-@pytest.fixture(scope="module")
-def causal_init(prepared_run, tmp_path_factory):
-    """A causal Stage-1 export: the untrained Stage-1 flow map on CHUNKS, saved as a pipeline folder."""
+@pytest.fixture(scope="module", params=[0, 2], ids=["full-context", "compressed-context"])
+def causal_init(prepared_run, tmp_path_factory, request):
+    """(A causal Stage-1 export: the untrained Stage-1 flow map on CHUNKS saved as a pipeline folder, its
+    full_chunk_limit): every chunk at full size, or FAR's compressed context past 2 chunks."""
     from anyflow_ray.models.loading import load_transformer
     from anyflow_ray.pipeline import save_as_pipeline
 
     cfg = run_cfg(prepared_run)
-    model = WanCausalFlowMapTransformer3DModel.from_base(load_transformer(cfg.pretrain.output, flow_map=True), CHUNKS)
-    return save_as_pipeline(model, cfg.model.base, str(tmp_path_factory.mktemp("causal") / "stage1"))
+    model = WanCausalFlowMapTransformer3DModel.from_base(load_transformer(cfg.pretrain.output, flow_map=True), CHUNKS,
+                                                         full_chunk_limit=request.param or None)
+    folder = tmp_path_factory.mktemp("causal") / f"stage1-{request.param}"
+    return save_as_pipeline(model, cfg.model.base, str(folder)), request.param
 
 
 class DiesMidChunk(RolloutActor):
@@ -73,10 +76,13 @@ class RerunProbe(DistillWorker):
 def test_causal_stage2_reruns_the_actors_chunks_and_survives_an_actor_dying_mid_chunk(
         ray_local, prepared_run, causal_init, tmp_path):
     """Strict alternation (lag 0): every trajectory is made with the weights the learner holds when it trains
-    on it, so the learner's teacher-forced re-run must give the actor's x_hat of every chunk."""
+    on it, so the learner's re-run (teacher-forced; per chunk on caches with the compressed context) must
+    give the actor's x_hat of every chunk."""
     from anyflow_ray.jobs import distill
 
-    cfg = run_cfg(prepared_run, f"distill.output={tmp_path}/s2", f"distill.init={causal_init}",
+    init, limit = causal_init
+    far = [f"model.causal.full_chunk_limit={limit}", "model.causal.noisy_chunks=2"] if limit else []
+    cfg = run_cfg(prepared_run, f"distill.output={tmp_path}/s2", f"distill.init={init}", *far,
                   f"model.causal.chunks={CHUNKS}", "pretrain.target=data", "distill.steps=4", "distill.save_every=4",
                   "distill.log_every=1", "rollout.num_actors=1", "distill.max_policy_lag=0", "distill.grad_scope=all")
     out = distill.run(cfg, worker_cls=RerunProbe, actor_cls=DiesMidChunk)
@@ -96,3 +102,4 @@ def test_causal_stage2_reruns_the_actors_chunks_and_survives_an_actor_dying_mid_
     assert all(math.isfinite(r["distill/loss"]) and math.isfinite(r["distill/critic_loss"]) for r in records)
     exported = AnyFlowRayPipeline.from_pretrained(out).transformer
     assert isinstance(exported, WanCausalFlowMapTransformer3DModel) and exported.config.causal_chunks == CHUNKS
+    assert exported.config.full_chunk_limit == (limit or None)
