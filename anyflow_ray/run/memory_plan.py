@@ -132,10 +132,42 @@ def tokens_per_clip(cfg: DictConfig) -> int:
     return (latent_frames(cfg) // p_t) * (cfg.data.height // 8 // p_h) * (cfg.data.width // 8 // p_w)
 
 
-def student_sequence(cfg: DictConfig) -> int:
+def far_on(cfg: DictConfig) -> bool:
+    """Whether FAR's compressed context is in play: a causal student with more chunks than ``full_chunk_limit``."""
+    limit = int(cfg.model.causal.get("full_chunk_limit", 0))
+    return bool(limit) and len(cfg.model.causal.chunks) > limit
+
+
+def student_sequence(cfg: DictConfig, stage: str = "pretrain") -> float:
     """Clips' worth of tokens in one student forward with grad: 2 for a causal student (teacher forcing:
-    the noisy chunks and their clean copy, docs/method.md §6), else 1."""
-    return 2 if cfg.model.causal.chunks else 1
+    the noisy chunks and their clean copy, docs/method.md §6), else 1. With FAR's compressed context
+    Stage 1's widest layout reads its old chunks at a quarter of the tokens and noises only the newest,
+    and Stage 2 re-runs chunk by chunk: 1 (its caches: ``far_caches``)."""
+    cc = cfg.model.causal
+    chunks = [int(c) for c in cc.chunks]
+    if not chunks or not far_on(cfg):
+        return 2 if chunks else 1
+    if stage == "distill":
+        return 1
+    n = len(chunks) if cc.long_context_prob > 0 else max(int(cc.noisy_chunks), 1)
+    old = max(0, n - int(cc.full_chunk_limit))
+    return (sum(chunks[:old]) / 4 + 2 * sum(chunks[old:n])) / sum(chunks)
+
+
+def far_caches(cfg: DictConfig) -> float:
+    """Bytes of the K/V caches a Stage-2 learner rank keeps for the backward of its per-chunk re-run with
+    FAR's compressed context: one cache per chunk (its earlier chunks, the oldest compressed), per clip."""
+    from anyflow_ray.models.architectures import WAN_CONFIGS
+    from anyflow_ray.models.far_context import compressed_count
+
+    chunks, arch = [int(c) for c in cfg.model.causal.chunks], WAN_CONFIGS[cfg.model.full_size]
+    frames = 0.0
+    for j in range(1, len(chunks)):
+        old = compressed_count(j, int(cfg.model.causal.full_chunk_limit), caching=True)
+        frames += sum(chunks[:old]) / 4 + sum(chunks[old:j])
+    d = arch["num_attention_heads"] * arch["attention_head_dim"]
+    tokens = frames * tokens_per_clip(cfg) / sum(chunks)
+    return cfg.rollout.batch_size * tokens * arch["num_layers"] * 2 * d * BF16
 
 
 def activation_bytes(cfg: DictConfig, clips_forwards: int, clips_per_pass: int) -> tuple[float, float]:
@@ -171,76 +203,12 @@ def _activation_items(cfg: DictConfig, forwards: int, per_pass: int, what: str) 
     kept, recompute = activation_bytes(cfg, forwards, per_pass)
     ckpt = "gradient checkpointing" if cfg.model.gradient_checkpointing else "no checkpointing"
     return [Item("activations: kept block inputs", kept, f"{what}; {tokens_per_clip(cfg)} tokens/clip, {ckpt}"),
-            Item("activations: one block's backward (est.)", recompute, f"{per_pass} clip(s)")]
-
-
-WAN_TEXT = (512, 4096)  # UMT5-XXL: the padded prompt length and the embedding width of a Wan row
-
-
-def row_bytes(cfg: DictConfig, videos: bool = True, stored: bool = True) -> int:
-    """One Wan row in a reader's memory: 16-channel latents (4x temporal and 8x spatial compression) and a
-    512 x 4096 UMT5 prompt embedding. ``stored``: as a stream's window holds it, in the shard format the
-    data set is written in (``data.shard_format``; format 2: bf16 latents and bf16 states of the prompt's
-    tokens only, at most ``dataset_tokens``; format 1: fp32, padded); else as rows are handed out (and
-    ``read_shards`` holds them): fp32, padded to 512 tokens."""
-    from anyflow_ray.run.config import latent_frames
-
-    latent = 16 * latent_frames(cfg) * (cfg.data.height // 8) * (cfg.data.width // 8)
-    tokens, width = WAN_TEXT
-    if not stored or int(cfg.data.shard_format) == 1:
-        return FP32 * (latent * videos + tokens * width)
-    return BF16 * (latent * videos + dataset_tokens(cfg)[0] * width)
-
-
-def _manifest(cfg: DictConfig) -> dict | None:
-    """The training set's manifest when it is prepared on this machine, else None."""
-    import json
-    from pathlib import Path
-
-    manifest = Path(str(cfg.data.root)) / "train" / "manifest.json"
-    if "://" not in str(cfg.data.root) and manifest.is_file():
-        return json.loads(manifest.read_text())
-    return None
-
-
-def dataset_rows(cfg: DictConfig) -> tuple[int, str]:
-    """Rows of the training set: its manifest's when it is prepared, else ``data.num_train``."""
-    manifest = _manifest(cfg)
-    if manifest is not None:
-        return int(manifest["num_rows"]), f"{cfg.data.root}/train/manifest.json"
-    return int(cfg.data.num_train), "data.num_train"
-
-
-def dataset_tokens(cfg: DictConfig) -> tuple[int, str]:
-    """Prompt tokens a stored row holds at most: the manifest's ``max_embedding_length`` when the data set is
-    prepared (format 2), else all 512 (the bound: a window may hold only the longest prompts)."""
-    manifest = _manifest(cfg)
-    if manifest is not None and "max_embedding_length" in manifest:
-        return min(int(manifest["max_embedding_length"]), WAN_TEXT[0]), "the manifest's longest prompt"
-    return WAN_TEXT[0], "prompts of up to 512 tokens"
-
-
-def data_items(cfg: DictConfig, videos: bool = True) -> list[Item]:
-    """What one reader holds of the data set: a stream's windows (``data.rank_shards``: the window it
-    reads, the next one read ahead and that one's shuffled copy while it is made; rows as stored) or,
-    otherwise, the whole data set as float32 (plus, while it loads, each shard as stored)."""
-    rows, where = dataset_rows(cfg)
-    stored, handed = row_bytes(cfg, videos), row_bytes(cfg, videos, stored=False)
-    what = "latents + prompt embedding" if videos else "prompt embeddings only"
-    fmt = int(cfg.data.shard_format)
-    form = (f"shard format 2: bf16, {dataset_tokens(cfg)[0]} tokens ({dataset_tokens(cfg)[1]})" if fmt == 2
-            else "shard format 1: fp32")
-    if cfg.data.rank_shards:
-        held = cfg.data.window_row_groups * cfg.data.row_group_size
-        return [Item("data stream windows (x3: +read-ahead, shuffle)", 3 * held * stored,
-                     f"{held} rows of {stored / 2**20:.1f} MiB ({what}, {form}; {handed / 2**20:.1f} MiB as "
-                     f"fp32), whatever the data set's size ({rows:,} rows, {where})")]
-    return [Item("data set in memory (+ shards as stored at load)", rows * (handed + stored),
-                 f"{rows:,} rows ({where}) of {handed / 2**20:.1f} MiB fp32 ({what}; {stored / 2**20:.1f} MiB as "
-                 f"stored, {form}) on every reader: set data.rank_shards=true to stream")]
+            Item("activations: one block's backward (est.)", recompute, f"{per_pass:.3g} clip(s)")]
 
 
 def _host_items(cfg: DictConfig, job: str = "") -> dict[str, list[Item]]:
+    from anyflow_ray.run.data_plan import data_items
+
     n = text_encoder_parameters()
     stored = "://" not in str(cfg.data.root) and (Path(str(cfg.data.root)) / "c_null.safetensors").is_file()
     encoder = (Item("text encoder UMT5-XXL: not loaded", 0.0, "c_null is stored beside the data (data/uncond.py)")
@@ -307,11 +275,11 @@ def distill_forwards(cfg: DictConfig) -> tuple[int, int]:
     the larger of the two. A causal student's forwards are teacher-forced (``student_sequence``: twice a
     clip's tokens); the critic stays bidirectional.
     """
-    clips, seq = cfg.rollout.batch_size, student_sequence(cfg)
+    clips, seq, co = cfg.rollout.batch_size, student_sequence(cfg, "distill"), student_sequence(cfg)
     jumps = {"all": 3, "last": 2, "jump": 1}[grad_scope(cfg)]
     real = cfg.distill.real_batch // cfg.distill.num_ranks
-    generator = (clips * jumps + real) * seq
-    return max(generator, clips), max(clips, real) * seq
+    generator = clips * jumps * seq + real * co
+    return max(generator, clips), max(clips * seq, real * co)
 
 
 def plan_distill(cfg: DictConfig) -> MemoryPlan:
@@ -327,8 +295,11 @@ def plan_distill(cfg: DictConfig) -> MemoryPlan:
         frozen = transformer_counts(cfg.model.full_size, False, no_lora())
         plan.items.append(Item("teacher R weights (frozen)", BF16 * frozen.total, "outside any engine: whole"))
     forwards, per_pass = distill_forwards(cfg)
-    plan.items += _activation_items(cfg, forwards, per_pass, f"{forwards} clip-forward(s) with grad at the peak "
+    plan.items += _activation_items(cfg, forwards, per_pass, f"{forwards:g} clip-forward(s) with grad at the peak "
                                     f"(grad_scope={grad_scope(cfg)})")
+    if far_on(cfg):
+        plan.items.append(Item("K/V caches of the per-chunk re-run (FAR)", far_caches(cfg),
+                               f"{cfg.rollout.batch_size} clip(s), one cache per chunk kept for the backward"))
     plan.other = {"rollout actor GPU": _rollout_items(cfg, student), **_host_items(cfg, "distill")}
     plan.notes.append(node_note(plan, ranks))
     if cfg.rollout.colocate:

@@ -124,6 +124,26 @@ def test_causal_plans_count_the_clean_copy_and_the_rollout_kv_cache(size):
     memory_plan(cfg, "pretrain").check()
 
 
+def test_with_fars_compressed_context_old_chunks_count_a_quarter_and_stage2_keeps_a_cache_per_chunk():
+    """14B causal, full_chunk_limit=3 over chunks [1,3,3,3,3,3,3,2]: Stage 1's widest layout is 13 frames
+    compressed (13/4) + 8 noisy frames and their clean copy; Stage 2 re-runs chunk by chunk (one clip's tokens)
+    and keeps, per chunk j >= 1, the K/V cache of chunks < j with all but the last two compressed."""
+    over = ["model.causal.full_chunk_limit=3"]
+    cfg, plain = load_config("configs/wan2.1-t2v-14b-causal.yaml", over), load_config("configs/wan2.1-t2v-14b-causal.yaml")
+    a, tokens = ARCH["14b"], tokens_per_clip(cfg)
+    per_clip = a["layers"] * tokens * a["d"] * 2
+    micro = cfg.pretrain.global_batch // cfg.learner.num_ranks
+    seq = (13 / 4 + 2 * 8) / 21
+    assert items(memory_plan(cfg, "pretrain"))["activations: kept block inputs"] == pytest.approx((seq * micro + micro) * per_clip)
+    clips, real = cfg.rollout.batch_size, cfg.distill.real_batch // cfg.distill.num_ranks
+    far, full = items(memory_plan(cfg, "distill")), items(memory_plan(plain, "distill"))
+    assert far["activations: kept block inputs"] == pytest.approx((3 * clips + seq * real) * per_clip)
+    frames = 1 + 4 + (1 / 4 + 6) + (4 / 4 + 6) + (7 / 4 + 6) + (10 / 4 + 6) + (13 / 4 + 6)  # chunks 1..7
+    cache = far["K/V caches of the per-chunk re-run (FAR)"]
+    assert cache == pytest.approx(clips * frames * tokens / 21 * a["layers"] * 2 * a["d"] * 2)
+    assert "K/V caches of the per-chunk re-run (FAR)" not in full and sum(far.values()) < sum(full.values())
+
+
 def test_the_generator_graph_holds_the_jumps_the_grad_scope_names():
     from anyflow_ray.run.memory_plan import distill_forwards
 
@@ -142,7 +162,7 @@ def test_wan_data_rows_are_counted_in_the_shard_format_a_reader_holds(tmp_path):
     states of the prompt's tokens (512 at most without a manifest; the manifest's longest prompt when the
     data set is prepared), format 1 fp32 padded to 512 tokens; read_shards holds fp32 rows (and each shard as
     stored while it loads)."""
-    from anyflow_ray.run.memory_plan import data_items
+    from anyflow_ray.run.data_plan import data_items
 
     latent = 16 * 21 * 60 * 104
     cfg = load_config("configs/wan2.1-t2v-1.3b.yaml", ["data.rank_shards=true"])

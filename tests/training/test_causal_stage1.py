@@ -168,3 +168,17 @@ def test_the_bidirectional_step_is_the_flow_map_with_full_attention(models):
     assert len(bidirectional) == 2 and not any(call["clean"] for call in bidirectional)  # cond + uncond (g = 3)
     with torch.no_grad():  # its own draws: not the teacher-forced step's times
         assert bidirectional[0]["T"].shape == (BATCH,) and not torch.equal(bidirectional[0]["T"], probe.calls[0]["T"])
+
+
+def test_with_the_compressed_context_the_old_chunk_is_read_through_its_own_patch_embedding(models):
+    """FAR's compressed context (full_chunk_limit=2 over 3 chunks): the long-context layout's context chunk
+    enters compressed; the loss reads it (its clean copy moves the loss) and trains far_patch_embedding."""
+    flow, _ = models
+    far = WanCausalFlowMapTransformer3DModel.from_base(flow, CHUNKS, full_chunk_limit=2)
+    layout = ChunkLayout(tuple(CHUNKS), context=1)
+    loss, grads = _loss_and_grads(far, layout=layout)
+    assert torch.isfinite(loss) and grads["far_patch_embedding.weight"].abs().sum() > 0
+    moved = _loss_and_grads(far, layout=layout, grads=False, edit_clean=_edit_chunk(slice(0, 1)))
+    assert not torch.allclose(loss, moved)
+    with pytest.raises(ValueError, match="compressed clean context"):  # a layout that noises the old chunk
+        _loss_and_grads(far, layout=ChunkLayout(tuple(CHUNKS)), grads=False)
