@@ -54,7 +54,7 @@ def test_tiny_config_keeps_its_behaviour():
 
 # the reference's FAR options (options/train/anyflow/farwan_causal): chunk_partition, full_chunk_limit,
 # long_context_training_ratio, bidirectional_modeling_prob
-FAR = {"model.causal.chunks": [1, 3, 3, 3, 3, 3, 3, 2], "model.causal.noisy_chunks": 3,
+FAR = {"model.causal.chunks": [1, 3, 3, 3, 3, 3, 3, 2], "model.causal.noisy_chunks": 3, "model.causal.full_chunk_limit": 3,
        "model.causal.long_context_prob": 0.5, "model.causal.bidirectional_aux": 0.1}
 # what each causal config changes besides FAR and its own folder (docs/method.md §6; the configs say why)
 CAUSAL_CHANGES = {"1.3b": {"model.causal.cache_chunks": 7, "distill.num_ranks": 16, "rollout.batch_size": 2},
