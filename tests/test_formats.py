@@ -115,6 +115,31 @@ def test_a_teacher_is_written_as_diffusers_wan_pipeline(latent, tmp_path):
     assert (a - b).abs().max() < TOL
 
 
+def test_a_causal_export_with_the_compressed_context_is_diffusers_far_pipeline(latent, tmp_path):
+    """A latent causal student with FAR's compressed context (4 chunks, limit 2) exports as
+    ``AnyFlowFARPipeline``; diffusers samples it on its KV cache as the project does (32x32 latents at patch 4:
+    a chunk is 128 tokens, clear of diffusers' unmasked padding, docs/method.md §6)."""
+    from diffusers import AnyFlowFARPipeline
+
+    from anyflow_ray.models.causal import WanCausalFlowMapTransformer3DModel
+
+    cfg, _, student = latent
+    causal = WanCausalFlowMapTransformer3DModel.from_base(student, [2, 2, 2, 2], full_chunk_limit=2).eval()
+    folder = write_pipeline(causal, cfg, tmp_path / "far", torch.float32, step=3)
+    theirs = DiffusionPipeline.from_pretrained(folder)
+    assert type(theirs) is AnyFlowFARPipeline and theirs.transformer.config.chunk_partition == [2, 2, 2, 2]
+    theirs.set_progress_bar_config(disable=True)
+    ours = AnyFlowRayPipeline.from_pretrained(folder)
+    assert ours.transformer.config.full_chunk_limit == 2
+    size = dict(num_frames=29, height=256, width=256)  # 8 latent frames of 32x32
+    noise = torch.randn(1, 4, 8, 32, 32, generator=torch.Generator().manual_seed(4))
+    for steps in (1, 2):
+        a = ours(PROMPTS[:1], num_inference_steps=steps, latents=noise.clone(), output_type="latent", **size).frames
+        b = theirs(PROMPTS[:1], num_inference_steps=steps, latents=noise.clone(), output_type="latent",
+                   max_sequence_length=text_max_length(folder), **size).frames
+        assert a.shape == b.shape and (a - b).abs().max() < TOL, steps
+
+
 def test_a_path_that_is_no_pipeline_is_refused_naming_it(tmp_path):
     with pytest.raises(FolderError, match=str(tmp_path)):
         AnyFlowRayPipeline.from_pretrained(tmp_path)
