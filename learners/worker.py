@@ -90,11 +90,16 @@ def job_zero_stage(cfg: DictConfig, job: str) -> int:
     return int(cfg.distill.zero_stage if job == "distill" else cfg.learner.zero_stage)
 
 
+def accumulation_steps(cfg: DictConfig, job: str) -> int:
+    """Micro-steps per optimizer step (``learner.grad_accum``; teacher and Stage 1; Stage 2 takes one)."""
+    return 1 if job == "distill" else int(cfg.learner.grad_accum)
+
+
 def deepspeed_config(cfg: DictConfig, job: str, micro_batch: int, dtype: torch.dtype) -> dict:
     settings = job_settings(cfg, job)
     return {
         "train_micro_batch_size_per_gpu": micro_batch,
-        "gradient_accumulation_steps": 1,
+        "gradient_accumulation_steps": accumulation_steps(cfg, job),
         "gradient_clipping": settings.grad_clip,
         "zero_optimization": {"stage": job_zero_stage(cfg, job)},
         "bf16": {"enabled": dtype == torch.bfloat16},
@@ -173,7 +178,8 @@ class LearnerWorker:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_lambda(settings.warmup))
         self.objective = OBJECTIVES[self.job](self._load_data(), self.cfg,
                                               **objective_models(self.cfg, self.job, self.device, self.dtype))
-        micro = self.objective.global_batch // self.world_size
+        self.micro_steps = accumulation_steps(self.cfg, self.job)
+        micro = self.objective.global_batch // (self.world_size * self.micro_steps)
         self._progress("initialising the DeepSpeed engine")
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler,
@@ -207,18 +213,28 @@ class LearnerWorker:
     # -- training ---------------------------------------------------------------------------
     @every_rank
     def train_step(self, step: int) -> dict:
+        """One optimizer step: ``learner.grad_accum`` micro-steps (DeepSpeed scales each backward by
+        1 / micro-steps and steps the optimizer at the last), then the EMA."""
         self.engine.train()
         all_reduce = dist.all_reduce if self.world_size > 1 else None
-        loss, metrics = self.objective.loss(self.engine.module, step, self.rank, self.world_size, all_reduce)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"rank {self.rank}: non-finite loss {loss.item()} at step {step}")
-        self.engine.backward(loss)
-        # ZeRO-0 with a torch optimizer: DeepSpeed clips but does not keep the norm, so take it here
-        # (gradients are whole and already averaged over ranks after backward); ZeRO >= 1 reports its own.
-        local_norm = grad_norm_of(self.trainable) if self.zero_stage == 0 else None
-        self.engine.step()
+        total, per_micro = 0.0, []
+        for micro in range(self.micro_steps):
+            loss, metrics = self.objective.loss(self.engine.module, step, self.rank, self.world_size, all_reduce,
+                                                micro, self.micro_steps)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"rank {self.rank}: non-finite loss {loss.item()} at step {step}")
+            self.engine.backward(loss)
+            # ZeRO-0 with a torch optimizer: DeepSpeed clips but does not keep the norm, so take it here
+            # (gradients are whole and already averaged over ranks after backward); ZeRO >= 1 reports its own.
+            last = micro == self.micro_steps - 1
+            local_norm = grad_norm_of(self.trainable) if self.zero_stage == 0 and last else None
+            self.engine.step()
+            total += float(loss.detach()) / self.micro_steps
+            per_micro.append(metrics)
         self.ema.update()
-        mean_loss = loss.detach().float().clone()
+        metrics = {k: sum(m[k] for m in per_micro) / len(per_micro) for k in per_micro[0]}
+        metrics.update({k: per_micro[-1][k] for k in ("diag_loss_mean",) if k in metrics})  # the whole batch's m
+        mean_loss = torch.tensor(total, dtype=torch.float32, device=self.device)
         if self.world_size > 1:
             dist.all_reduce(mean_loss)
             mean_loss /= self.world_size

@@ -95,10 +95,11 @@ def validate(cfg: DictConfig, inherits: dict[str, str] | None = None) -> None:
     pc = cfg.pretrain
     _require(pc.global_batch > 0 and pc.global_batch % 4 == 0, "pretrain.global_batch", pc.global_batch,
              "must be a positive multiple of 4 (the 50/25/25 diagonal / r=0 / r<t split)")
-    _require(pc.global_batch % cfg.learner.num_ranks == 0, "pretrain.global_batch", pc.global_batch,
-             f"must be divisible by learner.num_ranks={cfg.learner.num_ranks}")
-    _require(cfg.teacher.batch_size % cfg.learner.num_ranks == 0, "teacher.batch_size", cfg.teacher.batch_size,
-             f"must be divisible by learner.num_ranks={cfg.learner.num_ranks}")
+    ranks, accum = cfg.learner.num_ranks, cfg.learner.grad_accum
+    _require(isinstance(accum, int) and accum >= 1, "learner.grad_accum", accum, "must be an integer >= 1")
+    for key, batch in (("pretrain.global_batch", pc.global_batch), ("teacher.batch_size", cfg.teacher.batch_size)):
+        _require(batch % (ranks * accum) == 0, key, batch,
+                 f"must be divisible by learner.num_ranks x learner.grad_accum = {ranks} x {accum}")
     _require(pc.derivative in ("fd", "jvp"), "pretrain.derivative", pc.derivative, "must be fd or jvp")
     _require(pc.target in ("data", "teacher"), "pretrain.target", pc.target, "must be data or teacher")
     _require(pc.guidance >= 1.0, "pretrain.guidance", pc.guidance, "must be >= 1")

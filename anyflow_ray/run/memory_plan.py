@@ -232,13 +232,18 @@ def node_note(plan: MemoryPlan, ranks: int, gpus_per_node: int = 8) -> str:
             f"= {on_node * per_rank / GiB:.1f} GiB (rollout actors on the node add theirs)")
 
 
+def _accum(cfg: DictConfig) -> str:
+    accum = int(cfg.learner.grad_accum)
+    return f" per micro-step ({accum} per step, learner.grad_accum)" if accum > 1 else ""
+
+
 def plan_teacher(cfg: DictConfig) -> MemoryPlan:
     ranks, zero = cfg.learner.num_ranks, cfg.learner.zero_stage
     plan = MemoryPlan("teacher", cfg.run.gpu_memory_gb)
     plan.items += engine_items("teacher", transformer_counts(cfg.model.full_size, False, cfg.model.lora), zero, ranks,
                                ema=True)
-    micro = cfg.teacher.batch_size // ranks
-    plan.items += _activation_items(cfg, micro, micro, f"{micro} clip(s) x 1 forward with grad")
+    micro = cfg.teacher.batch_size // (ranks * cfg.learner.grad_accum)
+    plan.items += _activation_items(cfg, micro, micro, f"{micro} clip(s) x 1 forward with grad{_accum(cfg)}")
     plan.other = _host_items(cfg)
     plan.notes.append(node_note(plan, ranks))
     return plan
@@ -252,11 +257,11 @@ def plan_pretrain(cfg: DictConfig) -> MemoryPlan:
     if cfg.pretrain.target == "teacher":  # a frozen teacher outside the engine: whole on every rank
         frozen = transformer_counts(cfg.model.full_size, False, no_lora())
         plan.items.append(Item("teacher weights (frozen)", BF16 * frozen.total, "pretrain.target=teacher"))
-    micro, seq = cfg.pretrain.global_batch // ranks, student_sequence(cfg)
-    what = f"{micro} clip(s) x 1 forward with grad (+3 without)"
+    micro, seq = cfg.pretrain.global_batch // (ranks * cfg.learner.grad_accum), student_sequence(cfg)
+    what = f"{micro} clip(s) x 1 forward with grad (+3 without){_accum(cfg)}"
     forwards = micro * seq
     if seq > 1:
-        what = f"{micro} clip(s) x 1 teacher-forced forward (2x tokens) with grad (+3 without)"
+        what = f"{micro} clip(s) x 1 teacher-forced forward (2x tokens) with grad (+3 without){_accum(cfg)}"
     if cfg.model.causal.bidirectional_aux > 0:  # one graph with the causal loss's: both alive at the backward
         forwards += micro
         what += " + the bidirectional auxiliary forward"

@@ -136,6 +136,7 @@ class LearnerConfig:
     """The DeepSpeed learner group: N Ray actors, one rank each."""
     num_ranks: int = 1
     zero_stage: int = 0
+    grad_accum: int = 1  # micro-steps per optimizer step (teacher, Stage 1): batch = ranks x grad_accum x micro
     cpus_per_rank: float = 1.0
     gpus_per_rank: str = "auto"  # or a number; read from the cluster's resources, never the driver's hardware
     timeouts: TimeoutsConfig = field(default_factory=TimeoutsConfig)

@@ -211,17 +211,23 @@ def fused_guidance(model: torch.nn.Module, z: torch.Tensor, T: torch.Tensor, R: 
 
 
 def adaptive_normalise(losses: torch.Tensor, diagonal: torch.Tensor, eps: float = 1e-5,
-                       all_reduce=None, reference: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                       all_reduce=None, reference: torch.Tensor | None = None,
+                       carried: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Off-diagonal l_i <- l_i sg(m / (l_i + eps)), m = mean l over diagonal samples of *all* ranks.
 
     ``reference``: per-sample losses whose diagonal mean is m (default ``losses`` themselves).
-    ``all_reduce(tensor)`` sums a tensor over ranks in place (None: one process). Returns (losses, m).
+    ``all_reduce(tensor)`` sums a tensor over ranks in place (None: one process). ``carried``: the
+    (sum, count) of the diagonal samples of earlier micro-steps of the same step (gradient accumulation),
+    updated in place; m is then over every micro-step so far. Returns (losses, m).
     """
     reference = losses if reference is None else reference
     with torch.no_grad():
         stats = torch.stack([(reference.detach() * diagonal).sum(), diagonal.sum().to(losses.dtype)])
         if all_reduce is not None:
             all_reduce(stats)
+        if carried is not None:
+            carried += stats.to(carried.device, carried.dtype)
+            stats = carried.to(stats.dtype)
         m = stats[0] / stats[1].clamp_min(1.0)
     scale = (m / (losses.detach() + eps))
     return torch.where(diagonal, losses, losses * scale), m
@@ -290,18 +296,21 @@ def flowmap_loss(model: torch.nn.Module, x0: torch.Tensor, context: torch.Tensor
                  global_indices: torch.Tensor, global_batch: int, seeds: list[int], weight: Beta08Weight,
                  cfg: FlowMapLossConfig = FlowMapLossConfig(), all_reduce=None,
                  teacher: torch.nn.Module | None = None, layout: ChunkLayout | None = None,
-                 bidirectional: bool = False) -> tuple[torch.Tensor, dict]:
+                 bidirectional: bool = False, carried: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """Stage-1 loss of this rank's slice of a global batch; its mean over ranks is the global mean.
 
     1 forward with grad + 3 without (unconditional branch, skipped at guidance 1; two finite-difference
     points), + 1 teacher call with ``cfg.target == "teacher"``. Causal student (§6): ``layout`` makes it
     teacher-forced; ``bidirectional`` adds the auxiliary bidirectional step (1 more with grad, 1 without).
+    ``carried``: the adaptive normaliser's diagonal statistics of the step's earlier micro-steps
+    (``adaptive_normalise``); the micro-steps sweep the global batch in order, so every diagonal sample
+    (the first half) has been seen by the time an off-diagonal one is normalised and m is the whole batch's.
     """
     terms = flowmap_terms(model, x0, context, uncond, global_indices, global_batch, seeds, weight, cfg, teacher,
                           layout)
     diagonal = terms["T"] == terms["R"]
     normalised, m = adaptive_normalise(terms["per_sample"], diagonal, cfg.norm_eps, all_reduce,
-                                       reference=terms["per_sample_fm"])
+                                       reference=terms["per_sample_fm"], carried=carried)
     metrics = {"diag_loss_mean": float(m), "raw_loss": float(terms["per_sample"].detach().mean()),
                "frac_diagonal": float(diagonal.float().mean())}
     if cfg.target != "data":  # m is the data scale; this is the diagonal loss actually trained (this rank)

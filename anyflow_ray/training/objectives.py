@@ -50,15 +50,23 @@ class TrainData:
         order = torch.randperm(n, generator=torch.Generator().manual_seed(epoch_seed(seed, epoch)))
         return order[slot * global_batch:(slot + 1) * global_batch]
 
-    def local_batch(self, step: int, global_batch: int, seed: int, rank: int, world_size: int, device, dtype):
-        """(x0, context, positions in the global batch) of this rank's slice."""
-        local = global_batch // world_size
-        positions = torch.arange(rank * local, (rank + 1) * local)
+    def local_batch(self, step: int, global_batch: int, seed: int, rank: int, world_size: int, device, dtype,
+                    micro: int = 0, micro_steps: int = 1):
+        """(x0, context, positions in the global batch) of this rank's slice of micro-step ``micro`` of
+        ``micro_steps`` (gradient accumulation): micro-step a covers global positions
+        [a * ranks * local, (a + 1) * ranks * local), rank r the r-th ``local`` of them, so the micro-steps
+        sweep the global batch in order (the Stage-1 split is by position, ``losses.split_positions``)."""
+        if global_batch % (world_size * micro_steps):
+            raise ValueError(f"a global batch of {global_batch} does not split into {world_size} rank(s) x "
+                             f"{micro_steps} micro-step(s)")
+        local = global_batch // (world_size * micro_steps)
+        start = (micro * world_size + rank) * local
+        positions = torch.arange(start, start + local)
         if isinstance(self.clips, RowStream):
             if self.clips.part != (rank, world_size):
                 raise ValueError(f"the data stream is part {self.clips.part} (rank, ranks) but rank {rank} of "
                                  f"{world_size} draws from it")
-            videos, embeddings = self.clips.batch(step * local, local)
+            videos, embeddings = self.clips.batch((step * micro_steps + micro) * local, local)
             return videos.to(device, dtype), embeddings.to(device, dtype), positions
         idx = self.global_indices(step, global_batch, seed)[positions]
         return (self.clips.videos[idx].to(device, dtype), self.clips.embeddings[idx].to(device, dtype), positions)
@@ -73,11 +81,12 @@ class TeacherObjective:
         self.data, self.cfg = data, cfg
         self.global_batch = cfg.teacher.batch_size
 
-    def loss(self, model, step: int, rank: int = 0, world_size: int = 1, all_reduce=None):
+    def loss(self, model, step: int, rank: int = 0, world_size: int = 1, all_reduce=None, micro: int = 0,
+             micro_steps: int = 1):
         device, dtype = _device_dtype(model)
         x0, context, _ = self.data.local_batch(step, self.global_batch, self.cfg.run.seed, rank, world_size,
-                                               device, dtype)
-        generator = step_generator(self.cfg.run.seed, step, "rank", rank)
+                                               device, dtype, micro, micro_steps)
+        generator = step_generator(self.cfg.run.seed, step, "rank", micro * world_size + rank)
         return teacher_loss(model, x0, context, self.data.uncond.to(device, dtype), generator,
                             self.cfg.schedule.shift, self.cfg.teacher.uncond_prob)
 
@@ -106,11 +115,16 @@ class PretrainObjective:
         if pc.target == "teacher" and teacher is None:
             raise ValueError("pretrain.target=teacher: the Stage-1 objective needs the teacher model")
         self.weight = Beta08Weight(cfg.schedule.shift)
+        self._carried: torch.Tensor | None = None
 
-    def loss(self, model, step: int, rank: int = 0, world_size: int = 1, all_reduce=None):
+    def loss(self, model, step: int, rank: int = 0, world_size: int = 1, all_reduce=None, micro: int = 0,
+             micro_steps: int = 1):
+        """This rank's loss of micro-step ``micro`` of ``micro_steps`` (1: the whole local batch at once)."""
         device, dtype = _device_dtype(model)
         x0, context, positions = self.data.local_batch(step, self.global_batch, self.cfg.run.seed, rank,
-                                                       world_size, device, dtype)
+                                                       world_size, device, dtype, micro, micro_steps)
+        if micro == 0:  # the adaptive normaliser's diagonal (sum, count), carried over the step's micro-steps
+            self._carried = torch.zeros(2, dtype=torch.float64, device=device)
         seeds = sample_seeds(self.cfg.run.seed, step, positions)
         layout, bidirectional = None, False
         if self.causal.chunks:
@@ -120,7 +134,8 @@ class PretrainObjective:
             bidirectional = float(torch.rand((), generator=gen, dtype=torch.float64)) < self.bidirectional_aux
         return flowmap_loss(model, x0, context, self.data.uncond.to(device, dtype), positions, self.global_batch,
                             seeds, self.weight, self.loss_cfg, all_reduce=all_reduce, teacher=self.teacher,
-                            layout=layout, bidirectional=bidirectional)
+                            layout=layout, bidirectional=bidirectional,
+                            carried=self._carried if micro_steps > 1 else None)
 
 
 OBJECTIVES = {"teacher": TeacherObjective, "pretrain": PretrainObjective}

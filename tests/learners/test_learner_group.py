@@ -25,33 +25,42 @@ def _train(group, steps):
 
 
 def test_one_and_two_ranks_take_the_same_stage1_step(ray_local, prepared_run, tmp_path):
-    """2 ranks x 4 clips and 1 rank x 8 clips: same losses, same weights after two optimizer steps."""
+    """2 ranks x 4 clips and 1 rank x 8 clips: same losses, same weights after two optimizer steps.
+    With gradient accumulation (DeepSpeed's, learner.grad_accum=2) 2 ranks x 2 micro-steps of 2 clips take
+    the same step (the objective's own equality: tests/training/test_losses.py)."""
     results = {}
-    for ranks in (1, 2):
-        group = LearnerGroup(run_cfg(prepared_run, f"learner.num_ranks={ranks}"), "pretrain")
+    for ranks, accum in ((1, 1), (2, 1), (2, 2)):
+        group = LearnerGroup(run_cfg(prepared_run, f"learner.num_ranks={ranks}", f"learner.grad_accum={accum}"),
+                             "pretrain")
         try:
             assert [i["rank"] for i in group.info] == list(range(ranks))
             steps = [group.call("train_step", s) for s in (0, 1)]
-            group.call("export_pipeline", str(tmp_path / f"r{ranks}"))
-            # a method says where it runs: every rank (a list) or rank 0 (its result); no call site chooses
-            assert len(group.submit("checkpoint_meta", str(tmp_path / "none"))) == 1
-            assert group.call("checkpoint_meta", str(tmp_path / "none")) is None  # rank 0's answer, not a list
-            with pytest.raises(TypeError, match="LearnerWorker.checkpoint_engines does not declare where it runs"):
-                group.call("checkpoint_engines")
-            with pytest.raises(AttributeError, match="has no method 'no_such_method'"):
-                group.submit("no_such_method")
+            group.call("export_pipeline", str(tmp_path / f"r{ranks}a{accum}"))
+            if accum == 1:  # a method says where it runs: every rank (a list) or rank 0 (its result)
+                assert len(group.submit("checkpoint_meta", str(tmp_path / "none"))) == 1
+                assert group.call("checkpoint_meta", str(tmp_path / "none")) is None  # rank 0's answer
+                with pytest.raises(TypeError, match="LearnerWorker.checkpoint_engines does not declare where it runs"):
+                    group.call("checkpoint_engines")
+                with pytest.raises(AttributeError, match="has no method 'no_such_method'"):
+                    group.submit("no_such_method")
         finally:
             group.shutdown()
         # every rank reports the same (global) loss and gradient norm
         for step in steps:
             assert {(r["loss"], r["grad_norm"]) for r in step} == {(step[0]["loss"], step[0]["grad_norm"])}
-        results[ranks] = [x for r in steps for x in (r[0]["loss"], r[0]["grad_norm"])]
-    assert all(norm > 0 and math.isfinite(norm) for norm in results[1][1::2])
-    assert results[1] == pytest.approx(results[2], rel=1e-4)
-    one = AnyFlowRayPipeline.from_pretrained(tmp_path / "r1").transformer.state_dict()
-    two = AnyFlowRayPipeline.from_pretrained(tmp_path / "r2").transformer.state_dict()
-    for name in one:
-        assert torch.allclose(one[name], two[name], rtol=1e-4, atol=1e-6), name
+        results[ranks, accum] = [x for r in steps for x in (r[0]["loss"], r[0]["grad_norm"])]
+    assert all(norm > 0 and math.isfinite(norm) for norm in results[1, 1][1::2])
+    assert results[1, 1] == pytest.approx(results[2, 1], rel=1e-4)
+    assert results[1, 1] == pytest.approx(results[2, 2], rel=1e-4)
+
+    def weights(name):
+        return AnyFlowRayPipeline.from_pretrained(tmp_path / name).transformer.state_dict()
+
+    one = weights("r1a1")
+    for other in ("r2a1", "r2a2"):
+        theirs = weights(other)
+        for name in one:
+            assert torch.allclose(one[name], theirs[name], rtol=1e-4, atol=1e-6), (other, name)
 
 
 @pytest.mark.parametrize("precision, ranks", [("fp32", 2), ("bf16", 1)])

@@ -75,6 +75,7 @@ def test_overrides_apply_and_interpolations_resolve():
     ("learner.timeout_s=60", "learner.timeout_s is now one limit per phase: learner.timeouts"),
     ("learner.timeouts.collective=60", "learner.timeouts.collective"), ("learner.timeouts.save=0", "learner.timeouts.save"),
     ("run.export_dtype=fp16", "run.export_dtype"),
+    ("learner.grad_accum=0", "learner.grad_accum"), ("learner.grad_accum=3", "pretrain.global_batch"),
 ])
 def test_bad_keys_and_values_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

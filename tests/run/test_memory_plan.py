@@ -61,7 +61,7 @@ def test_teacher_and_pretrain_plans_count_only_their_adapters_as_trainable():
     assert teacher["teacher weights"] == 2 * (base_params(**a, flow_map=False) + lora_params(**a, flow_map=False))
     assert teacher["teacher EMA"] == 4 * lora_params(**a, flow_map=False)
     assert student["student EMA"] == 4 * lora_params(**a, flow_map=True)  # E_t and E_r adapters, E_r frozen
-    micro = cfg.pretrain.global_batch // cfg.learner.num_ranks
+    micro = cfg.pretrain.global_batch // (cfg.learner.num_ranks * cfg.learner.grad_accum)
     assert student["activations: kept block inputs"] == micro * a["layers"] * tokens_per_clip(cfg) * a["d"] * 2
 
 
@@ -112,7 +112,7 @@ def test_causal_plans_count_the_clean_copy_and_the_rollout_kv_cache(size):
     cfg = load_config(f"configs/wan2.1-t2v-{size}-causal.yaml", full)
     a, tokens = ARCH[size], tokens_per_clip(cfg)
     per_clip = a["layers"] * tokens * a["d"] * 2  # one clip-forward's checkpointed block inputs
-    micro = cfg.pretrain.global_batch // cfg.learner.num_ranks
+    micro = cfg.pretrain.global_batch // (cfg.learner.num_ranks * cfg.learner.grad_accum)
     assert items(memory_plan(cfg, "pretrain"))["activations: kept block inputs"] == (2 * micro + micro) * per_clip
     no_aux = load_config(f"configs/wan2.1-t2v-{size}-causal.yaml", [*full, "model.causal.bidirectional_aux=0"])
     assert items(memory_plan(no_aux, "pretrain"))["activations: kept block inputs"] == 2 * micro * per_clip
@@ -132,7 +132,7 @@ def test_with_fars_compressed_context_old_chunks_count_a_quarter_and_stage2_keep
     cfg, plain = load_config(config), load_config(config, ["model.causal.full_chunk_limit=0"])
     a, tokens = ARCH["14b"], tokens_per_clip(cfg)
     per_clip = a["layers"] * tokens * a["d"] * 2
-    micro = cfg.pretrain.global_batch // cfg.learner.num_ranks
+    micro = cfg.pretrain.global_batch // (cfg.learner.num_ranks * cfg.learner.grad_accum)
     seq = (13 / 4 + 2 * 8) / 21
     assert items(memory_plan(cfg, "pretrain"))["activations: kept block inputs"] == pytest.approx((seq * micro + micro) * per_clip)
     clips, real = cfg.rollout.batch_size, cfg.distill.real_batch // cfg.distill.num_ranks

@@ -312,3 +312,34 @@ def test_critic_times_uniform_are_the_dmd_draw_and_the_shift_sets_both():
         tails = [float(((t < 300) | (t > 980)).float().mean()) for t in (critic.times[0], reference.times[0])]
         assert tails[0] > 1.5 * tails[1], (shift, tails)
     assert float(dmd_critic.times[0].median()) < 600  # unshifted (1.0): median sigma 0.5; shift 5 puts it at 0.83
+
+
+@pytest.mark.parametrize("micro_steps", [2, 3])
+def test_micro_steps_of_a_global_batch_give_the_whole_batchs_gradient(tiny_cfg, micro_steps):
+    """Gradient accumulation: the Stage-1 objective over 2 or 3 micro-steps of a 12-clip batch (with 3, the
+    diagonal block ends inside the second) sums, at 1 / micro-steps each, to the one-step loss and gradient:
+    the micro-steps sweep the batch in order and carry the normaliser's diagonal statistics."""
+    from anyflow_ray.data.shards import ClipBatch
+    from anyflow_ray.run.config import load_config
+    from anyflow_ray.training.objectives import PretrainObjective, TrainData
+
+    cfg = load_config(None, ["pretrain.global_batch=12"])
+    x0, c, u = _batch(24)
+    data = TrainData(ClipBatch(x0, c, [f"p{i}" for i in range(24)], torch.arange(24)), u)
+    objective, model = PretrainObjective(data, cfg), _tiny_flow_map(tiny_cfg)
+
+    def step(n):
+        model.zero_grad()
+        total, m = 0.0, []
+        for micro in range(n):
+            loss, metrics = objective.loss(model, 3, micro=micro, micro_steps=n)
+            (loss / n).backward()
+            total, m = total + float(loss.detach()) / n, m + [metrics["diag_loss_mean"]]
+        return total, m[-1], {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+
+    (whole, m_whole, grads), (parts, m_parts, accumulated) = step(1), step(micro_steps)
+    assert parts == pytest.approx(whole, rel=1e-6) and m_parts == pytest.approx(m_whole, rel=1e-6)
+    for name, g in grads.items():
+        assert torch.allclose(accumulated[name], g, rtol=1e-5, atol=1e-7), name
+    with pytest.raises(ValueError, match="does not split into 1 rank"):
+        objective.loss(model, 3, micro=0, micro_steps=5)
