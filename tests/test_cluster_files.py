@@ -20,13 +20,18 @@ def _check_entrypoint(entrypoint: str) -> None:
 
 
 def test_rayjob_manifest():
+    """Its GPUs are the job's: one per learner rank and the planned rollout fleet's (run/fleet_plan.py)."""
     doc = yaml.safe_load((CLUSTER / "rayjob.yaml").read_text())
     assert doc["kind"] == "RayJob" and doc["apiVersion"] == "ray.io/v1"
     _check_entrypoint(doc["spec"]["entrypoint"])
     head = doc["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
     assert {"name": "RAY_AUTH_MODE", "value": "token"} in head["env"]
-    workers = doc["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
-    assert workers["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "8"
+    gpus = {group["groupName"]: group["replicas"] * int(
+        group["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
+        for group in doc["spec"]["rayClusterSpec"]["workerGroupSpecs"]}
+    args = parse_args(shlex.split(doc["spec"]["entrypoint"])[1:])
+    cfg = load_config(args.config, args.overrides)
+    assert gpus == {"learners": cfg.distill.num_ranks, "rollouts": cfg.rollout.num_actors} == {"learners": 8, "rollouts": 2}
     yaml.safe_load(doc["spec"]["runtimeEnvYAML"])
 
 

@@ -57,7 +57,8 @@ def test_tiny_config_keeps_its_behaviour():
 FAR = {"model.causal.chunks": [1, 3, 3, 3, 3, 3, 3, 2], "model.causal.noisy_chunks": 3, "model.causal.full_chunk_limit": 3,
        "model.causal.long_context_prob": 0.5, "model.causal.bidirectional_aux": 0.1}
 # what each causal config changes besides FAR and its own folder (docs/method.md §6; the configs say why)
-CAUSAL_CHANGES = {"1.3b": {"model.causal.cache_chunks": 7, "distill.num_ranks": 16, "rollout.batch_size": 2},
+CAUSAL_CHANGES = {"1.3b": {"model.causal.cache_chunks": 7, "distill.num_ranks": 16, "rollout.batch_size": 2,
+                           "rollout.num_actors": 4},  # auto: 16 ranks keep 3.3 rollout GPUs busy
                   "14b": {"model.causal.cache_chunks": 7, "run.gpu_memory_gb": 141.0, "learner.zero_stage": 3}}
 
 

@@ -19,6 +19,10 @@ def run(cfg: DictConfig, job: str) -> MemoryPlan:
     plan = memory_plan(cfg, job)
     print(plan.table())
     print(report(cfg, job))
+    if job == "distill":
+        from anyflow_ray.run.fleet_plan import fleet_plan
+
+        print(fleet_plan(cfg).report(int(cfg.rollout.num_actors)))
     plan.check()
     print(f"plan fits: {plan.total / 2**30:.1f} GiB of {cfg.run.gpu_memory_gb:g} GiB per GPU (dry run: nothing trained)")
     return plan

@@ -69,6 +69,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     from anyflow_ray.run.config_checks import validate  # it imports this module
 
     validate(merged, inherits)
+    if merged.rollout.num_actors == "auto":  # the planned count, recorded as a number (run/fleet_plan.py)
+        from anyflow_ray.run.fleet_plan import fleet_plan
+
+        merged.rollout.num_actors = fleet_plan(merged).num_actors
     OmegaConf.set_readonly(merged, True)
     return merged
 

@@ -40,7 +40,10 @@ def validate(cfg: DictConfig, inherits: dict[str, str] | None = None) -> None:
     _require(cfg.model.full_size in ("", "1.3b", "14b"), "model.full_size", cfg.model.full_size, "must be '', '1.3b' or '14b'")
     _require(cfg.run.device in ("auto", "cpu", "cuda"), "run.device", cfg.run.device, "must be auto, cpu or cuda")
     _require(cfg.run.precision in ("auto", "fp32", "bf16"), "run.precision", cfg.run.precision, "must be auto, fp32 or bf16")
-    for key in ("run.threads", "run.keep_checkpoints", "learner.num_ranks", "rollout.num_actors", "rollout.batch_size",
+    actors = cfg.rollout.num_actors
+    _require(actors == "auto" or (isinstance(actors, int) and actors >= 1), "rollout.num_actors", actors,
+             "must be >= 1 or auto (sized from the learner's throughput)")
+    for key in ("run.threads", "run.keep_checkpoints", "learner.num_ranks", "rollout.batch_size",
                 "rollout.failures_before_restart", "eval.num_prompts", "model.lora.rank", "prepare.vae_batch_size",
                 "prepare.text_batch_size", "prepare.clips_per_block", "data.shard_format"):
         _require(OmegaConf.select(cfg, key) >= 1, key, OmegaConf.select(cfg, key), "must be >= 1")

@@ -136,7 +136,7 @@ KEYS: dict[str, str] = {
     "pretrain.log_every": "Stage 1: steps between metric logs",
     "pretrain.resume": "continue from <output>/checkpoints/latest when present",
     # rollout: Stage-2 rollout actors
-    "rollout.num_actors": "rollout actors (scale independently of the learner ranks)",
+    "rollout.num_actors": "rollout actors (scale independently of the learner ranks), or auto: as many as the learners keep busy",
     "rollout.cpus_per_actor": "CPUs per rollout actor",
     "rollout.gpus_per_actor": "auto (1 when the cluster has GPUs, 0.5 with colocate, else 0) or a number",
     "rollout.colocate": "place rollout actor i in learner rank i mod ranks' bundle, sharing its GPU (e.g. 0.5 + 0.5)",

@@ -26,7 +26,6 @@ import functools
 from pathlib import Path
 from dataclasses import dataclass, field
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from anyflow_ray.run.config import ConfigError, grad_scope
@@ -115,6 +114,7 @@ def _counts(size: str, flow_map: bool, lora_yaml: str) -> ModelCounts:
 @functools.lru_cache(maxsize=None)
 def text_encoder_parameters() -> int:
     """Parameters of Wan2.1's UMT5-XXL encoder (meta device)."""
+    import torch
     from transformers import UMT5Config, UMT5EncoderModel
 
     with torch.device("meta"):

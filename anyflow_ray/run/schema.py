@@ -7,6 +7,7 @@ for ``anyflow-ray config`` in ``config_keys.py``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Union
 
 
 @dataclass
@@ -170,7 +171,7 @@ class PretrainConfig:
 @dataclass
 class RolloutConfig:
     """Stage-2 rollout actors: scale independently of the learner ranks."""
-    num_actors: int = 1
+    num_actors: Union[int, str] = 1  # or "auto": sized from the learner's throughput (run/fleet_plan.py)
     cpus_per_actor: float = 0.5
     gpus_per_actor: str = "auto"  # "auto" = 1 when the cluster has GPUs (0.5 with colocate), else 0; or a number
     colocate: bool = False  # actor i shares learner rank i mod num_ranks' bundle and GPU (e.g. 0.5 + 0.5)

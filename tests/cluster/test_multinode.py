@@ -124,6 +124,37 @@ def test_stage2_on_two_ranks_with_colocated_actors_one_killed_everything_under_t
     assert records[-1]["step"] == 7 and records[-1]["distill/version"] == 7
 
 
+def test_auto_starts_the_planned_rollout_fleet_on_the_gpu_node(two_nodes, shared_root):
+    """rollout.num_actors=auto: the consistency rollout at N=32 (16.5 calls a clip) outweighs one learner rank's
+    step, so the plan is 2 one-GPU actors; they start on the GPU node, one fake GPU each."""
+    from actors.buffer import TrajectoryBuffer
+    from actors.fleet import RolloutFleet
+    from actors.weights import WeightRegistry
+    from anyflow_ray.run.fleet_plan import fleet_plan
+    from learners.placement import plan
+
+    cfg = load_config("configs/tiny.yaml", [f"run.output_dir={shared_root}", *SMALL, "distill.num_ranks=1",
+                                            "distill.rollout=consistency", "distill.budgets=[32]",
+                                            "distill.real_batch=4", "rollout.num_actors=auto"])
+    grad = 4 if cfg.model.gradient_checkpointing else 3  # forward + backward (+ recompute)
+    learner = 2 * 1 * grad + 2 * 3 + 4 * (grad + 3) + 2 * grad  # jump, DMD, co-training, critic
+    assert fleet_plan(cfg).rollout_gpus == pytest.approx(2 * 2 * 16.5 / learner)
+    assert cfg.rollout.num_actors == fleet_plan(cfg).num_actors == 2
+    placement = plan(cfg, 1, cfg.rollout.num_actors)
+    assert placement.actor_resources() == {"CPU": 0.25, "GPU": 1.0}
+    names = {role: f"auto-fleet-{role}" for role in ("buffer", "registry")}
+    buffer = ray.remote(TrajectoryBuffer).options(num_cpus=0, name=names["buffer"]).remote(4, 1)
+    registry = ray.remote(WeightRegistry).options(num_cpus=0, name=names["registry"]).remote()
+    fleet = RolloutFleet(cfg, names["buffer"], names["registry"], placement=placement)
+    try:
+        where = ray.get([actor.whereabouts.remote() for actor in fleet.actors], timeout=120)
+        assert len(where) == 2 and {w["node_id"] for w in where} == {two_nodes["gpu_node"]}
+        assert sorted(w["gpu_ids"][0] for w in where) == ["0", "1"]
+    finally:
+        for handle in (*fleet.actors, buffer, registry):
+            ray.kill(handle)
+
+
 def test_run_storage_uri_holds_the_run_and_a_node_with_an_empty_disk_resumes_from_it(two_nodes, shared_root,
                                                                                       tmp_path):
     """``run.storage=file://...`` takes the same pyarrow.fs path as s3:// or gs://: the driver (head) and the
