@@ -84,6 +84,8 @@ class LearnerGroup:
             raise
         threads = max(1, int(cfg.run.threads) // self.num_ranks)
         env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
+        if cfg.learner.see_node_gpus:  # Ray leaves CUDA_VISIBLE_DEVICES alone; each rank selects its GPU itself
+            env["RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"] = "1"
         self.board = ray.remote(SetupBoard).options(num_cpus=0).remote()  # starts while the ranks do
         remote_cls = ray.remote(worker_cls)
         plain_cfg = OmegaConf.to_container(cfg, resolve=True)
@@ -98,6 +100,9 @@ class LearnerGroup:
         try:
             addr, port = self._wait(self.submit("rendezvous_address")[0], "setup", "rank 0 rendezvous address")
             self.info = self.call("setup", addr, port, self.board)
+            if self.num_ranks > 1:
+                log.info("%s learner group: all-reduce bus bandwidth %.2f GB/s over %d ranks (%s)", job,
+                         self.info[0]["allreduce_busbw_gbs"], self.num_ranks, self.info[0]["backend"])
         except BaseException:
             self.shutdown()
             raise

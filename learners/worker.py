@@ -30,7 +30,7 @@ from anyflow_ray.run.config import ConfigError
 from anyflow_ray.data.shards import read_shards
 from anyflow_ray.data.stream import RowStream
 from anyflow_ray.data.uncond import load_uncond
-from anyflow_ray.run.device import collective_backend, resolve_device, resolve_dtype, set_threads
+from anyflow_ray.run.device import collective_backend, cuda_index, resolve_device, resolve_dtype, set_threads
 from anyflow_ray.training.objectives import OBJECTIVES, TrainData, objective_models
 from anyflow_ray.run.storage import Storage, data_source, job_inputs
 from anyflow_ray.training.export import export_dtype, export_files, final_model, job_model, write_pipeline
@@ -85,6 +85,23 @@ def restricted_torch_load(path, map_location=None):
                                       f"types; refusing to unpickle it ({str(err).splitlines()[-1]})") from err
 
 
+def allreduce_bus_bandwidth(device: torch.device, world_size: int, mib: int | None = None, repeats: int = 5) -> float:
+    """The group's all-reduce bus bandwidth in GB/s (nccl-tests' busbw: bytes x 2 (n - 1) / n per second),
+    timed over ``repeats`` all-reduces of ``mib`` MiB (256 on GPUs, 8 on the CPU) after one warm-up."""
+    mib = mib or (256 if device.type == "cuda" else 8)
+    buf = torch.ones(mib * 2**20 // 4, dtype=torch.float32, device=device)
+    dist.all_reduce(buf)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        dist.all_reduce(buf)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = (time.perf_counter() - start) / repeats
+    return buf.numel() * 4 * 2 * (world_size - 1) / world_size / seconds / 1e9
+
+
 def job_zero_stage(cfg: DictConfig, job: str) -> int:
     """The ZeRO stage a job's learner ranks run: Stage 2 may have its own (``distill.zero_stage``)."""
     return int(cfg.distill.zero_stage if job == "distill" else cfg.learner.zero_stage)
@@ -136,16 +153,24 @@ class LearnerWorker:
 
         self._board = board
         self._progress("joining the process group")
-        os.environ.update(RANK=str(self.rank), WORLD_SIZE=str(self.world_size), LOCAL_RANK="0",
-                          MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
         import ray
 
         gpu_ids = [str(i) for i in ray.get_gpu_ids()]
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        index = cuda_index(gpu_ids, visible) if gpu_ids else 0  # the GPU this rank drives, among those it sees
         self.device = resolve_device(self.cfg.run.device, len(gpu_ids))  # this process's GPUs, not the driver's
+        if self.device.type == "cuda":
+            torch.cuda.set_device(index)
+            self.device = torch.device("cuda", index)
+        local = index if self.device.type == "cuda" else 0  # DeepSpeed takes its device from LOCAL_RANK
+        os.environ.update(RANK=str(self.rank), WORLD_SIZE=str(self.world_size), LOCAL_RANK=str(local),
+                          MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
         self.dtype = resolve_dtype(self.cfg.run.precision, self.device)
         timeout = timedelta(seconds=float(self.cfg.learner.timeouts.collective))
-        deepspeed.init_distributed(dist_backend=collective_backend(self.device), auto_mpi_discovery=False,
+        backend = collective_backend(self.device)
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
                                    timeout=timeout, rank=self.rank, world_size=self.world_size)
+        busbw = allreduce_bus_bandwidth(self.device, self.world_size) if self.world_size > 1 else None
         torch.manual_seed(self.cfg.run.seed)
         self._progress("fetching the job's inputs this node lacks (run.storage)")
         Storage.of(self.cfg).fetch_all(job_inputs(self.cfg, self.job))
@@ -155,6 +180,7 @@ class LearnerWorker:
         self.ema = EMA(self.trainable, self._ema_decay(), job_settings(self.cfg, self.job).ema_warmup, local=local_part)
         model = self.model
         return {"rank": self.rank, "device": str(self.device), "dtype": str(self.dtype), "gpu_ids": gpu_ids,
+                "visible_devices": visible, "cuda_index": index, "backend": backend, "allreduce_busbw_gbs": busbw,
                 "node_id": ray.get_runtime_context().get_node_id(),
                 "trainable": sum(p.numel() for p in self.trainable),
                 "total": sum(p.numel() for p in model.parameters())}

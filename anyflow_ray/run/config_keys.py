@@ -107,6 +107,7 @@ KEYS: dict[str, str] = {
     "learner.num_ranks": "learner ranks (Ray actors, one DeepSpeed rank each) of teacher and Stage 1",
     "learner.zero_stage": "DeepSpeed ZeRO stage of the learner ranks (0-3)",
     "learner.grad_accum": "micro-steps per optimizer step of teacher and Stage 1 (gradient accumulation)",
+    "learner.see_node_gpus": "learner ranks see their node's GPUs and pick their own, so NCCL can use P2P/NVLink",
     "learner.cpus_per_rank": "CPUs per learner rank (fractional on small machines)",
     "learner.gpus_per_rank": "auto (1 when the cluster has GPUs, 0.5 with rollout.colocate, else 0) or a number; read from the cluster",
     "learner.timeouts.placement": "seconds to place the ranks' and actors' bundles (run.autoscaling: nodes arriving)",

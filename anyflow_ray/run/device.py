@@ -25,6 +25,20 @@ def resolve_device(name: str = "auto", gpus_assigned: int | None = None) -> torc
     return torch.device(name)
 
 
+def cuda_index(gpu_ids: list[str], visible: str | None) -> int:
+    """The CUDA device index of this process's first assigned GPU (``ray.get_gpu_ids()``: the node's GPU
+    ids). With Ray's default ``CUDA_VISIBLE_DEVICES`` holds just the assigned ones (index 0); when the
+    process sees its node's GPUs (``learner.see_node_gpus``, so NCCL can use P2P/NVLink between the ranks
+    of a node) it is the id's place among the visible devices, or the id itself when none are listed."""
+    if not gpu_ids:
+        raise ValueError("no GPU was assigned to this process")
+    listed = [v.strip() for v in visible.split(",") if v.strip()] if visible else []
+    first = str(gpu_ids[0])
+    if not listed:
+        return int(first)
+    return listed.index(first) if first in listed else 0
+
+
 def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
     """``auto`` -> bf16 on GPUs, fp32 on the CPU."""
     if precision == "auto":

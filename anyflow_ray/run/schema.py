@@ -138,6 +138,7 @@ class LearnerConfig:
     num_ranks: int = 1
     zero_stage: int = 0
     grad_accum: int = 1  # micro-steps per optimizer step (teacher, Stage 1): batch = ranks x grad_accum x micro
+    see_node_gpus: bool = True  # each rank sees its node's GPUs and selects its own (NCCL P2P/NVLink in a node)
     cpus_per_rank: float = 1.0
     gpus_per_rank: str = "auto"  # or a number; read from the cluster's resources, never the driver's hardware
     timeouts: TimeoutsConfig = field(default_factory=TimeoutsConfig)

@@ -70,8 +70,19 @@ def test_learner_ranks_ask_for_the_clusters_gpus_and_land_on_the_gpu_node(two_no
         assert {info["node_id"] for info in group.info} == {two_nodes["gpu_node"]}
         assert sorted(info["gpu_ids"][0] for info in group.info) == ["0", "1"]
         assert all(info["device"] == "cpu" for info in group.info)  # fake GPUs: each rank found no CUDA itself
+        # learner.see_node_gpus: Ray left CUDA_VISIBLE_DEVICES unset, so each rank sees the node's GPUs (NCCL
+        # P2P/NVLink between them) and selects its own by id
+        assert all(info["visible_devices"] is None and info["cuda_index"] == int(info["gpu_ids"][0])
+                   for info in group.info)
+        assert all(info["backend"] == "gloo" and info["allreduce_busbw_gbs"] > 0 for info in group.info)
     finally:
         group.shutdown()
+    own = LearnerGroup(load_config("configs/tiny.yaml", [f"run.output_dir={shared_root}", *SMALL, "learner.num_ranks=2",
+                                                         "learner.see_node_gpus=false"]), "pretrain")
+    try:  # Ray's default: each rank sees only the GPU it was given, as device 0
+        assert all(info["visible_devices"] == info["gpu_ids"][0] and info["cuda_index"] == 0 for info in own.info)
+    finally:
+        own.shutdown()
 
 
 def test_a_placement_the_cluster_cannot_hold_fails_at_once_naming_it(two_nodes, shared_root):

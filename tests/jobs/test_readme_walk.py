@@ -263,8 +263,9 @@ def test_stage1_writes_a_loadable_flow_map_checkpoints_and_metrics(walk):
 
     out = walk[0] / DEMO / "stage1"
     assert type(AnyFlowRayPipeline.from_pretrained(out).transformer).__name__ == "WanFlowMapTransformer3DModel"
-    index = json.loads((out / "model_index.json").read_text())  # the latent flow map in diffusers' own classes
-    assert index["_class_name"] == "AnyFlowPipeline" and index["transformer"][1] == "AnyFlowTransformer3DModel"
+    index = json.loads((out / "model_index.json").read_text())  # pixel space: the project's pipeline, the
+    assert index["_class_name"] == "AnyFlowRayPipeline"          # transformer saved as diffusers' class
+    assert index["transformer"][1] == "AnyFlowTransformer3DModel"
     assert (out / "checkpoints" / "latest").read_text().strip() == "step-000002"
     # a checkpoint holds the trainable state only; the model it rebuilds is the exported one
     assert sorted(p.name for p in (out / "checkpoints" / "step-000002").iterdir()) == ["training_state"]
