@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
-from anyflow_ray.run.memory_plan import MemoryPlan, memory_plan
+from anyflow_ray.run.memory_plan import MemoryPlan, memory_plan, usable_gib
 
 
 def run(cfg: DictConfig, job: str) -> MemoryPlan:
@@ -24,5 +24,6 @@ def run(cfg: DictConfig, job: str) -> MemoryPlan:
 
         print(fleet_plan(cfg).report(int(cfg.rollout.num_actors)))
     plan.check()
-    print(f"plan fits: {plan.total / 2**30:.1f} GiB of {cfg.run.gpu_memory_gb:g} GiB per GPU (dry run: nothing trained)")
+    print(f"plan fits: {plan.total / 2**30:.1f} GiB of the {usable_gib(cfg.run.gpu_memory_gb):.1f} GiB a "
+          f"{cfg.run.gpu_memory_gb:g} GB GPU leaves (dry run: nothing trained)")
     return plan

@@ -39,6 +39,18 @@ UMT5_XXL = dict(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers
                 feed_forward_proj="gated-gelu", dropout_rate=0.0)
 
 
+# What PyTorch reports as a card's total memory (torch.cuda.get_device_properties().total_memory, GiB): an
+# "80 GB" H100 or A100 is 79.1-79.3 GiB, an H200 139.8; the CUDA context takes about 0.5 GiB of it.
+CARDS = {80: ("H100 / A100 80 GB", 79.1), 141: ("H200 141 GB", 139.8), 40: ("A100 40 GB", 39.4)}
+
+
+def usable_gib(card_gb: float) -> float:
+    """The GiB a plan may use on a card of ``card_gb`` GB as sold (``run.gpu_memory_gb``): the total PyTorch
+    reports for the cards in ``CARDS``, else the GB in GiB less 1.5%, both less 0.5 GiB of CUDA context."""
+    total = CARDS[int(card_gb)][1] if float(card_gb) in CARDS else card_gb * 1e9 / GiB * 0.985
+    return total - 0.5
+
+
 class MemoryPlanError(ValueError):
     """The plan does not fit ``run.gpu_memory_gb``; the message names the biggest items."""
 
@@ -65,13 +77,21 @@ class MemoryPlan:
     def biggest(self, n: int = 3) -> list[Item]:
         return sorted(self.items, key=lambda item: -item.bytes)[:n]
 
-    def fits(self) -> bool:
-        return self.total <= self.limit_gb * GiB
+    def fits(self, card_gb: float | None = None) -> bool:
+        return self.total <= usable_gib(self.limit_gb if card_gb is None else card_gb) * GiB
+
+    def cards(self) -> str:
+        """Whether the learner GPU's total fits each card of ``CARDS``."""
+        return "; ".join(f"{name}: " + (f"fits, {usable_gib(gb) - self.total / GiB:.1f} GiB spare" if self.fits(gb)
+                                         else f"does not fit ({self.total / GiB - usable_gib(gb):.1f} GiB over)")
+                         for gb, (name, _) in CARDS.items())
 
     def table(self) -> str:
         lines = [f"per-GPU memory plan, {self.job} (learner rank):"]
         lines += [f"  {item.name:<44s} {item.bytes / GiB:9.2f} GiB  {item.note}".rstrip() for item in self.items]
-        lines.append(f"  {'total':<44s} {self.total / GiB:9.2f} GiB  (run.gpu_memory_gb={self.limit_gb:g})")
+        lines.append(f"  {'total':<44s} {self.total / GiB:9.2f} GiB  (run.gpu_memory_gb={self.limit_gb:g}: "
+                     f"{usable_gib(self.limit_gb):.1f} GiB usable)")
+        lines.append(f"  cards: {self.cards()}")
         for where, items in self.other.items():
             lines.append(f"{where}:")
             lines += [f"  {item.name:<44s} {item.bytes / GiB:9.2f} GiB  {item.note}".rstrip() for item in items]
@@ -84,7 +104,7 @@ class MemoryPlan:
         if not self.fits():
             worst = ", ".join(f"{item.name} {item.bytes / GiB:.1f} GiB" for item in self.biggest())
             raise MemoryPlanError(f"{self.job} needs {self.total / GiB:.1f} GiB per GPU, more than run.gpu_memory_gb="
-                                  f"{self.limit_gb:g}; biggest: {worst}")
+                                  f"{self.limit_gb:g} leaves ({usable_gib(self.limit_gb):.1f} GiB); biggest: {worst}")
 
 
 @dataclass(frozen=True)

@@ -84,9 +84,23 @@ def test_14b_distill_fits_8x80gb_at_zero3_with_one_clip_per_rank():
 
 def test_a_plan_above_gpu_memory_gb_is_refused_naming_the_biggest_items():
     cfg = load_config("configs/wan2.1-t2v-1.3b.yaml", ["run.gpu_memory_gb=8"])
-    with pytest.raises(MemoryPlanError, match=r"needs .* GiB per GPU, more than run.gpu_memory_gb=8; biggest: "
-                                              r"activations: .*, activations: .*, teacher weights [0-9.]+ GiB"):
+    with pytest.raises(MemoryPlanError, match=r"needs .* GiB per GPU, more than run.gpu_memory_gb=8 leaves \(6.8 GiB\); "
+                                              r"biggest: activations: .*, activations: .*, teacher weights [0-9.]+ GiB"):
         memory_plan(cfg, "teacher").check()
+
+
+def test_the_limit_is_what_the_card_leaves_pytorch_and_the_plan_says_which_cards_hold_it():
+    """An "80 GB" H100 is 79.1 GiB to PyTorch, 78.6 after the CUDA context: a 79 GiB plan is refused there
+    and fits an H200; every dry run names the 80, 141 and 40 GB cards."""
+    from anyflow_ray.run.memory_plan import usable_gib
+
+    assert usable_gib(80) == pytest.approx(78.6) and usable_gib(141) == pytest.approx(139.3)
+    assert usable_gib(48) == pytest.approx(48e9 / GiB * 0.985 - 0.5)  # a card not in the table: GB less 1.5%
+    plan = memory_plan(load_config("configs/wan2.1-t2v-14b.yaml", ["learner.grad_accum=1"]), "pretrain")
+    assert 78.6 < plan.total / GiB < 80  # it fitted "80 GiB" before
+    with pytest.raises(MemoryPlanError, match="run.gpu_memory_gb=80 leaves"):
+        plan.check()
+    assert plan.cards().startswith("H100 / A100 80 GB: does not fit (") and "H200 141 GB: fits, 59." in plan.cards()
 
 
 def test_cli_dry_run_exit_codes(capsys):
