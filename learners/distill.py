@@ -67,6 +67,8 @@ class DistillWorker(WeightPublisher, LearnerWorker):
             lr = dc.critic_lr if name == "critic" else dc.lr
             opt = torch.optim.AdamW(params, lr=lr, betas=tuple(dc.betas), weight_decay=dc.weight_decay)
             config = deepspeed_config(self.cfg, "distill", self.cfg.rollout.batch_size, self.dtype)
+            if name == "student":  # DMD and the co-training loss: two micro-steps of one optimizer step
+                config["gradient_accumulation_steps"] = 2
             engine, _, _, _ = deepspeed.initialize(model=model.to(self.device), optimizer=opt, config=config,
                                                    dist_init_required=False)
             self.engines[name] = engine
@@ -147,17 +149,23 @@ class DistillWorker(WeightPublisher, LearnerWorker):
         student = self.engines["student"]
         student.train()
         all_reduce = torch.distributed.all_reduce if self.world_size > 1 else None
-        losses, metrics = self.objective.generator_loss(
-            student.module, self.engines["critic"].module, self.teacher, gen_payloads,
-            self._stand_ins("generator", gen_pad), step, rng, self.rank, self.world_size, all_reduce,
-            x_hat_of=self.student_x_hat)
-        total, dmd, real_loss = losses["total"], losses["dmd"], losses["real"]
-
         versions = sorted({t.version for t in gen_payloads + crit_payloads})
-        self._refuse_non_finite(step, {"generator": total, "dmd": dmd, "co-training": real_loss}, versions)
-        # the student's graph is freed before the critic's is built (the peak holds one of them, not both:
-        # anyflow_ray/run/memory_plan.py); neither optimizer steps before both losses are known to be finite
-        student.backward(total)
+        # The generator loss in two backward passes, DMD's then the co-training's, as the student engine's two
+        # micro-steps (DeepSpeed accumulates, steps at the second): the same gradient as one graph of both,
+        # and the peak holds one of them. The critic's graph is built after both are freed
+        # (anyflow_ray/run/memory_plan.py); no optimizer steps before every loss is known to be finite.
+        dmd, metrics = self.objective.dmd_part(student.module, self.engines["critic"].module, self.teacher,
+                                               gen_payloads, self._stand_ins("generator", gen_pad), rng,
+                                               x_hat_of=self.student_x_hat)
+        self._refuse_non_finite(step, {"dmd": dmd}, versions)
+        student.backward(self._in_graph(dmd), scale_wrt_gas=False)
+        student.step()  # the first micro-step: no update yet
+        real_loss, real_info = self.objective.co_training_part(student.module, step, self.rank, self.world_size,
+                                                               all_reduce)
+        self._refuse_non_finite(step, {"co-training": real_loss}, versions)
+        student.backward(self.objective.real_weight * real_loss, scale_wrt_gas=False)
+        total = dmd.detach() + self.objective.real_weight * real_loss.detach()
+        metrics.update(real_info)
 
         critic = self.engines["critic"]
         critic.train()
@@ -182,6 +190,11 @@ class DistillWorker(WeightPublisher, LearnerWorker):
             crit_value = float(crit.detach()) if crit_payloads else float("nan")
         return {"loss": float(total.detach()), "dmd_loss": float(dmd.detach()), "real_loss": float(real_loss.detach()),
                 "critic_loss": crit_value, "critic_updates": critic_updates, **metrics, **counts}
+
+    def _in_graph(self, loss: torch.Tensor) -> torch.Tensor:
+        """``loss`` with a path to the trainable weights (at weight 0 when it has none of its own: a rank whose
+        generator trajectories were all lost), so its micro-step's backward runs like every rank's."""
+        return loss if loss.requires_grad else loss + 0.0 * sum(p.sum() for p in self.trainable)
 
     def _critic_loss(self, payloads: list[Trajectory], pad: int, rng: torch.Generator, step: int,
                      versions: list[int], refuse: bool = True) -> torch.Tensor | None:

@@ -294,17 +294,17 @@ def plan_pretrain(cfg: DictConfig) -> MemoryPlan:
 def distill_forwards(cfg: DictConfig) -> tuple[int, int]:
     """(clip-forwards alive at the peak, clips per backward pass) of one Stage-2 learner rank.
 
-    The generator's graph holds the student jumps with grad (k-th step and jump to 0; the prefix too
-    with ``grad_scope: all``; the jump alone with ``experiments.grad_jump_only``) for each of the rank's ``rollout.batch_size`` clips, plus the co-training
-    batch; the critic's graph is built after the student's backward (learners/distill.py), so the peak is
-    the larger of the two. A causal student's forwards are teacher-forced (``student_sequence``: twice a
-    clip's tokens); the critic stays bidirectional.
+    The generator's loss is two backward passes (learners/distill.py): DMD's graph holds the student jumps
+    with grad (k-th step and jump to 0; the prefix too with ``grad_scope: all``; the jump alone with
+    ``experiments.grad_jump_only``) for each of the rank's ``rollout.batch_size`` clips, the co-training's
+    its real clips; the critic's graph is built after both are freed, so the peak is the largest of the
+    three. A causal student's forwards are teacher-forced (``student_sequence``: twice a clip's tokens);
+    the critic stays bidirectional.
     """
     clips, seq, co = cfg.rollout.batch_size, student_sequence(cfg, "distill"), student_sequence(cfg)
     jumps = {"all": 3, "last": 2, "jump": 1}[grad_scope(cfg)]
     real = cfg.distill.real_batch // cfg.distill.num_ranks
-    generator = clips * jumps * seq + real * co
-    return max(generator, clips), max(clips * seq, real * co)
+    return max(clips * jumps * seq, real * co, clips), max(clips * seq, real * co)
 
 
 def plan_distill(cfg: DictConfig) -> MemoryPlan:

@@ -226,7 +226,22 @@ class DistillObjective:
                        uniform_calls: bool = False, x_hat_of=None) -> tuple[dict[str, torch.Tensor], dict]:
         """({"total", "dmd", "real"}, metrics): total = mean DMD over ``trajectories`` + real_weight x the
         co-training loss of this rank's real clips at ``step``. ``x_hat_of(trajectory)``: the learner's
-        x_hat (default: ``student_x_hat``; a probe may wrap it)."""
+        x_hat (default: ``student_x_hat``; a probe may wrap it). The learner takes the two parts one after
+        the other (``dmd_part``, then ``co_training_part``), a backward each, so their graphs never coexist."""
+        dmd, metrics = self.dmd_part(student, critic, teacher, trajectories, stand_ins, rng, uniform_calls, x_hat_of)
+        real, real_info = self.co_training_part(student, step, rank, world_size, all_reduce)
+        total = dmd + self.real_weight * real  # logged as "loss"; the two parts unweighted
+        return {"total": total, "dmd": dmd, "real": real}, {**metrics, **real_info}
+
+    def co_training_part(self, student, step: int, rank: int = 0, world_size: int = 1,
+                         all_reduce=None) -> tuple[torch.Tensor, dict]:
+        """(the Stage-1 co-training loss of this rank's real clips at ``step``, its metrics as ``diag/*``)."""
+        real, real_info = self.co_training.loss(student, step, rank, world_size, all_reduce)
+        return real, {f"diag/{k}": v for k, v in real_info.items()}
+
+    def dmd_part(self, student, critic, teacher, trajectories: list[Trajectory], stand_ins: list[Trajectory],
+                 rng: torch.Generator, uniform_calls: bool = False, x_hat_of=None) -> tuple[torch.Tensor, dict]:
+        """(mean DMD loss over ``trajectories``, the stand-ins in its graph at weight 0; its metrics)."""
         x_hat_of = x_hat_of or (lambda t: self.student_x_hat(student, t, uniform_calls))
         uncond = self.uncond.to(self.device, self.dtype)
         terms, pad_terms, metrics = [], [], {}
@@ -236,12 +251,10 @@ class DistillObjective:
             (terms if i < len(trajectories) else pad_terms).append(loss)
             if i < len(trajectories):
                 metrics.update(info)
-        real, real_info = self.co_training.loss(student, step, rank, world_size, all_reduce)
         dmd = torch.stack(terms).mean() if terms else torch.zeros((), device=self.device)
         if pad_terms:  # in the graph (the backward makes the same calls on every rank), weight 0
             dmd = dmd + 0.0 * torch.stack(pad_terms).sum()
-        total = dmd + self.real_weight * real  # logged as "loss"; the two parts unweighted
-        return {"total": total, "dmd": dmd, "real": real}, {**metrics, **{f"diag/{k}": v for k, v in real_info.items()}}
+        return dmd, metrics
 
     def critic_loss(self, critic, trajectories: list[Trajectory], stand_ins: list[Trajectory],
                     rng: torch.Generator) -> torch.Tensor | None:

@@ -126,6 +126,52 @@ class CriticStepProbe(DistillWorker):
         return {**result, **{f"{name}_steps": engine.global_steps for name, engine in self.engines.items()}}
 
 
+class OneGraphProbe(CriticStepProbe):
+    """Compares the student's gradient after the step's two backward passes (DMD, then the co-training loss)
+    with the gradient of their sum as one graph, computed first from the same trajectories and draws."""
+
+    def train_step(self, step, generator_refs=(), critic_refs=()):
+        from anyflow_ray.training.seeds import step_generator
+
+        student = self.engines["student"]
+        payloads, _, _ = self._fetch(list(generator_refs), "generator")
+        losses, _ = self.objective.generator_loss(student.module, self.engines["critic"].module, self.teacher,
+                                                  payloads, [], step, step_generator(self.cfg.run.seed, step, "rank", 0),
+                                                  x_hat_of=self.student_x_hat)
+        dmd = torch.autograd.grad(losses["dmd"], self.trainable, retain_graph=True)
+        real = torch.autograd.grad(self.objective.real_weight * losses["real"], self.trainable)
+        seen, take = {}, student.step
+
+        def step_and_look():  # before the boundary step: the accumulated, not yet clipped gradient
+            if student.is_gradient_accumulation_boundary():
+                seen["grads"] = [p.grad.clone() for p in self.trainable]
+            take()
+
+        student.step = step_and_look
+        try:
+            result = super().train_step(step, generator_refs, critic_refs)
+        finally:
+            student.step = take
+        def scale(grads):
+            return max(float(g.abs().max()) for g in grads)
+
+        error = max(float((a - d - r).abs().max()) for a, d, r in zip(seen["grads"], dmd, real))
+        return {**result, "one_graph_loss": float(losses["total"].detach()),  # the error against each part's size
+                "gap_dmd": error / max(scale(dmd), 1e-30), "gap_real": error / scale(real), "dmd_scale": scale(dmd)}
+
+
+def test_the_two_backward_passes_give_the_one_graph_gradient_and_one_optimizer_step(ray_local, prepared_run):
+    group = LearnerGroup(run_cfg(prepared_run), "distill", worker_cls=OneGraphProbe)
+    try:  # step 0 moves the critic off the teacher, so that DMD's gradient is not 0 at step 1
+        for step in (0, 1):
+            result = group.call("train_step", step, _trajectories(1, "generator"), _trajectories(1, "critic"))[0]
+        assert result["dmd_scale"] > 0 and result["gap_dmd"] < 1e-4 and result["gap_real"] < 1e-4
+        assert result["loss"] == pytest.approx(result["one_graph_loss"], rel=1e-6)
+        assert (result["student_steps"], result["critic_steps"]) == (2, 2)
+    finally:
+        group.shutdown()
+
+
 def test_critic_updates_step_the_critic_that_many_times_per_student_step(ray_local, prepared_run):
     group = LearnerGroup(run_cfg(prepared_run, "experiments.critic_updates=3"), "distill", worker_cls=CriticStepProbe)
     try:

@@ -46,9 +46,10 @@ def test_distill_plan_matches_hand_counts(size):
     assert got["student G optimizer (AdamW)"] == pytest.approx(12 * student_lora / ranks)
     assert got["student G EMA"] == pytest.approx(4 * student_lora / zero3)
     assert got["critic F = teacher R + LoRA gradients"] == pytest.approx(2 * critic_lora / ranks)
-    # grad_scope all: 3 jumps per generator clip + the co-training clips, block inputs kept per layer
+    # grad_scope all: 3 jumps per generator clip, or the co-training clips (their own backward), whichever
+    # graph is larger; block inputs kept per layer
     clips = cfg.rollout.batch_size
-    forwards = 3 * clips + cfg.distill.real_batch // ranks
+    forwards = max(3 * clips, cfg.distill.real_batch // ranks)
     assert tokens_per_clip(cfg) == 21 * (480 // 16) * (832 // 16)
     assert got["activations: kept block inputs"] == forwards * a["layers"] * tokens_per_clip(cfg) * a["d"] * 2
     assert plan.total == pytest.approx(sum(got.values()))
@@ -132,7 +133,7 @@ def test_causal_plans_count_the_clean_copy_and_the_rollout_kv_cache(size):
     assert items(memory_plan(no_aux, "pretrain"))["activations: kept block inputs"] == 2 * micro * per_clip
     clips, real = cfg.rollout.batch_size, cfg.distill.real_batch // cfg.distill.num_ranks
     plan = memory_plan(cfg, "distill")
-    assert items(plan)["activations: kept block inputs"] == 2 * (3 * clips + real) * per_clip  # grad_scope all
+    assert items(plan)["activations: kept block inputs"] == 2 * max(3 * clips, real) * per_clip  # grad_scope all
     rollout = {item.name: item.bytes for item in plan.other["rollout actor GPU"]}
     assert rollout["KV cache (causal rollout)"] == clips * a["layers"] * 2 * tokens * a["d"] * 2
 
@@ -151,11 +152,11 @@ def test_with_fars_compressed_context_old_chunks_count_a_quarter_and_stage2_keep
     assert items(memory_plan(cfg, "pretrain"))["activations: kept block inputs"] == pytest.approx((seq * micro + micro) * per_clip)
     clips, real = cfg.rollout.batch_size, cfg.distill.real_batch // cfg.distill.num_ranks
     far, full = items(memory_plan(cfg, "distill")), items(memory_plan(plain, "distill"))
-    assert far["activations: kept block inputs"] == pytest.approx((3 * clips + seq * real) * per_clip)
+    assert far["activations: kept block inputs"] == pytest.approx(max(3 * clips, seq * real) * per_clip)
     frames = 1 + 4 + (1 / 4 + 6) + (4 / 4 + 6) + (7 / 4 + 6) + (10 / 4 + 6) + (13 / 4 + 6)  # chunks 1..7
     cache = far["K/V caches of the per-chunk re-run (FAR)"]
     assert cache == pytest.approx(clips * frames * tokens / 21 * a["layers"] * 2 * a["d"] * 2)
-    assert "K/V caches of the per-chunk re-run (FAR)" not in full and sum(far.values()) < sum(full.values())
+    assert "K/V caches of the per-chunk re-run (FAR)" not in full
     memory_plan(load_config(config, ["run.gpu_memory_gb=80"]), "pretrain").check()
     memory_plan(cfg, "distill").check()
     with pytest.raises(MemoryPlanError):
@@ -177,8 +178,8 @@ def test_the_generator_graph_holds_the_jumps_the_grad_scope_names():
         return distill_forwards(cfg)[0], cfg.rollout.batch_size, cfg.distill.real_batch // cfg.distill.num_ranks
 
     (all_, clips, real), (last, _, _), (jump, _, _) = generator("all"), generator("last"), generator("jump")
-    seq = all_ // (3 * clips + real)
-    assert (all_, last, jump) == ((3 * clips + real) * seq, (2 * clips + real) * seq, (clips + real) * seq)
+    assert real <= clips  # the DMD graph is the larger: the jumps with grad are the peak
+    assert (all_, last, jump) == (3 * clips, 2 * clips, clips)
 
 
 def test_wan_data_rows_are_counted_in_the_shard_format_a_reader_holds(tmp_path):
