@@ -17,7 +17,9 @@ LoRA makes only the adapters (and E_r when it has no adapters of its own) traina
 A causal student (``model.causal.chunks``, docs/method.md §6) runs its graphs teacher-forced: the noisy
 chunks followed by their clean copy, twice a clip's tokens, so each of its clip-forwards counts twice; its
 rollout actors also hold the KV cache of a clip's clean chunks (K and V per layer).
-Not counted: CUDA context and allocator fragmentation (keep a few GB of headroom), communication buckets.
+DeepSpeed's gradient buckets, ZeRO-3's gathered parameters, the activations outside the blocks and NCCL's
+buffers are ``run/overheads.py``'s; the CUDA context is taken off the card's limit (``usable_gib``).
+Not counted: allocator fragmentation (keep a few GB of headroom; ``expandable_segments`` keeps it small).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from dataclasses import dataclass, field
 from omegaconf import DictConfig, OmegaConf
 
 from anyflow_ray.run.config import ConfigError, grad_scope
+from anyflow_ray.run.overheads import overhead_items
 
 GiB = 2 ** 30
 BF16, FP32, ADAM = 2, 4, 12  # bytes per parameter: weights/grads, EMA, master + two moments
@@ -260,10 +263,11 @@ def _accum(cfg: DictConfig) -> str:
 def plan_teacher(cfg: DictConfig) -> MemoryPlan:
     ranks, zero = cfg.learner.num_ranks, cfg.learner.zero_stage
     plan = MemoryPlan("teacher", cfg.run.gpu_memory_gb)
-    plan.items += engine_items("teacher", transformer_counts(cfg.model.full_size, False, cfg.model.lora), zero, ranks,
-                               ema=True)
+    teacher = transformer_counts(cfg.model.full_size, False, cfg.model.lora)
+    plan.items += engine_items("teacher", teacher, zero, ranks, ema=True)
     micro = cfg.teacher.batch_size // (ranks * cfg.learner.grad_accum)
     plan.items += _activation_items(cfg, micro, micro, f"{micro} clip(s) x 1 forward with grad{_accum(cfg)}")
+    plan.items += overhead_items(cfg, {"teacher": teacher.trainable}, zero, ranks, micro)
     plan.other = _host_items(cfg)
     plan.notes.append(node_note(plan, ranks))
     return plan
@@ -272,8 +276,8 @@ def plan_teacher(cfg: DictConfig) -> MemoryPlan:
 def plan_pretrain(cfg: DictConfig) -> MemoryPlan:
     ranks, zero = cfg.learner.num_ranks, cfg.learner.zero_stage
     plan = MemoryPlan("pretrain (Stage 1)", cfg.run.gpu_memory_gb)
-    plan.items += engine_items("student", transformer_counts(cfg.model.full_size, True, cfg.model.lora), zero, ranks,
-                               ema=True)
+    student = transformer_counts(cfg.model.full_size, True, cfg.model.lora)
+    plan.items += engine_items("student", student, zero, ranks, ema=True)
     if cfg.pretrain.target == "teacher":  # a frozen teacher outside the engine: whole on every rank
         frozen = transformer_counts(cfg.model.full_size, False, no_lora())
         plan.items.append(Item("teacher weights (frozen)", BF16 * frozen.total, "pretrain.target=teacher"))
@@ -286,6 +290,7 @@ def plan_pretrain(cfg: DictConfig) -> MemoryPlan:
         forwards += micro
         what += " + the bidirectional auxiliary forward"
     plan.items += _activation_items(cfg, forwards, micro * seq, what)
+    plan.items += overhead_items(cfg, {"student": student.trainable}, zero, ranks, forwards)
     plan.other = _host_items(cfg)
     plan.notes.append(node_note(plan, ranks))
     return plan
@@ -322,6 +327,7 @@ def plan_distill(cfg: DictConfig) -> MemoryPlan:
     forwards, per_pass = distill_forwards(cfg)
     plan.items += _activation_items(cfg, forwards, per_pass, f"{forwards:g} clip-forward(s) with grad at the peak "
                                     f"(grad_scope={grad_scope(cfg)})")
+    plan.items += overhead_items(cfg, {"student": student.trainable, "critic": critic.trainable}, zero, ranks, forwards)
     if far_on(cfg):
         plan.items.append(Item("K/V caches of the per-chunk re-run (FAR)", far_caches(cfg),
                                f"{cfg.rollout.batch_size} clip(s), one cache per chunk kept for the backward"))
