@@ -145,6 +145,8 @@ class DistillWorker(WeightPublisher, LearnerWorker):
                   "trained": len(gen_payloads) + len(crit_payloads)}
         rng = step_generator(self.cfg.run.seed, step, "rank", self.rank)
         gen_pad, crit_pad = self._padding(len(gen_payloads), len(crit_payloads))
+        if self.zero_stage == 3 and not gen_payloads and not gen_pad:  # DMD's backward needs a graph through the
+            gen_pad = 1  # gathered weights: a stand-in on every rank (none has a trajectory: all pad alike)
 
         student = self.engines["student"]
         student.train()
@@ -193,7 +195,8 @@ class DistillWorker(WeightPublisher, LearnerWorker):
 
     def _in_graph(self, loss: torch.Tensor) -> torch.Tensor:
         """``loss`` with a path to the trainable weights (at weight 0 when it has none of its own: a rank whose
-        generator trajectories were all lost), so its micro-step's backward runs like every rank's."""
+        generator trajectories were all lost, below ZeRO-3, where the weights are whole; at ZeRO-3 a stand-in
+        is always there), so its micro-step's backward runs like every rank's."""
         return loss if loss.requires_grad else loss + 0.0 * sum(p.sum() for p in self.trainable)
 
     def _critic_loss(self, payloads: list[Trajectory], pad: int, rng: torch.Generator, step: int,

@@ -157,8 +157,10 @@ class LearnerWorker:
 
         gpu_ids = [str(i) for i in ray.get_gpu_ids()]
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-        index = cuda_index(gpu_ids, visible) if gpu_ids else 0  # the GPU this rank drives, among those it sees
         self.device = resolve_device(self.cfg.run.device, len(gpu_ids))  # this process's GPUs, not the driver's
+        index = 0  # the GPU this rank drives, among those it sees (reported on fake GPUs too)
+        if gpu_ids and (self.device.type == "cuda" or visible is None or str(gpu_ids[0]) in visible.split(",")):
+            index = cuda_index(gpu_ids, visible)
         if self.device.type == "cuda":
             torch.cuda.set_device(index)
             self.device = torch.device("cuda", index)
@@ -258,7 +260,8 @@ class LearnerWorker:
             total += float(loss.detach()) / self.micro_steps
             per_micro.append(metrics)
         self.ema.update()
-        metrics = {k: sum(m[k] for m in per_micro) / len(per_micro) for k in per_micro[0]}
+        keys = dict.fromkeys(k for m in per_micro for k in m)  # each over the micro-steps that report it
+        metrics = {k: sum(m[k] for m in per_micro if k in m) / sum(k in m for m in per_micro) for k in keys}
         metrics.update({k: per_micro[-1][k] for k in ("diag_loss_mean",) if k in metrics})  # the whole batch's m
         mean_loss = torch.tensor(total, dtype=torch.float32, device=self.device)
         if self.world_size > 1:

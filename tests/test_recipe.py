@@ -58,7 +58,7 @@ FAR = {"model.causal.chunks": [1, 3, 3, 3, 3, 3, 3, 2], "model.causal.noisy_chun
        "model.causal.long_context_prob": 0.5, "model.causal.bidirectional_aux": 0.1}
 # what each causal config changes besides FAR and its own folder (docs/method.md §6; the configs say why)
 CAUSAL_CHANGES = {"1.3b": {"model.causal.cache_chunks": 7, "distill.num_ranks": 16, "rollout.batch_size": 2,
-                           "rollout.num_actors": 4},  # auto: 16 ranks keep 3.3 rollout GPUs busy
+                           "rollout.num_actors": 4},  # auto: 16 ranks keep 3.5 rollout GPUs busy
                   "14b": {"model.causal.cache_chunks": 7, "run.gpu_memory_gb": 141.0, "learner.zero_stage": 3}}
 
 

@@ -10,6 +10,8 @@
    real driver, buffer, registry and learner group with rollouts and learner steps replaced by sleeps
    (1 s, 0.25 s), 1-32 rollout actors: learner steps/s against the ideal, and the driver's time per step.
    ``--skip-control-plane`` leaves it out; ``--control-plane-only`` runs just it (into the same bench.json).
+   With it, the Wan configs' planned fleet at the measured call costs (``bench_fleet``, key ``fleet_sim``):
+   8 learner ranks and the ``rollout.num_actors: auto`` actors, the idle fractions of both.
 6. The data path (``bench_data``, key ``data_scale``): one reader's peak resident memory and rows/s over
    an epoch of 2k, 20k and 200k tiny rows, streamed (``data.rank_shards``) and in memory; the stream's
    rows/s against what the tiny learner step of 1. consumes. ``--data-scale-only`` runs just it.
@@ -26,7 +28,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from anyflow_ray.run.config import load_config
-from anyflow_ray.jobs import bench_control, bench_data
+from anyflow_ray.jobs import bench_control, bench_data, bench_fleet
 from anyflow_ray.jobs.common import log, prepare
 from anyflow_ray.jobs.data import scaffold_untrained_run
 
@@ -52,6 +54,7 @@ def run(cfg: DictConfig, control_plane: str = "run", actors: tuple[int, ...] = b
         runs = _pipeline_runs(overrides, tmp)
         control = (bench_control.simulate(f"{tmp}/control-plane", actors, quiet=True)
                    if control_plane == "run" else None)
+        fleet = bench_fleet.simulate_fleet(f"{tmp}/fleet", quiet=True) if control_plane == "run" else None
     throughput = {0: runs["lag0"]["learner_steps_per_s"], 1: runs["lag1"]["learner_steps_per_s"]}
     sync_ms = {name: runs[name]["weight_sync"]["mean_s"] * 1e3 for name in ("lag1", "lag1_torch_dist")}
     result = {
@@ -88,6 +91,9 @@ def run(cfg: DictConfig, control_plane: str = "run", actors: tuple[int, ...] = b
     if control is not None:
         bench_control.print_table(control)
         result["control_plane_sim"] = control
+    if fleet is not None:
+        bench_fleet.print_fleet(fleet["by_size"])
+        result["fleet_sim"] = fleet
     print("Data path, one reader, one epoch (peak resident memory growth, rows/s):")
     result["data_scale"] = bench_data.measure()
     bench_data.print_summary(result["data_scale"], _rows_per_s_consumed(result))
@@ -117,6 +123,7 @@ def _control_plane_only(cfg: DictConfig, actors: tuple[int, ...]) -> dict:
     result = json.loads(path.read_text()) if path.exists() else {}
     with tempfile.TemporaryDirectory(prefix="anyflow-bench-") as tmp:
         result["control_plane_sim"] = bench_control.simulate(f"{tmp}/control-plane", actors)
+        result["fleet_sim"] = bench_fleet.simulate_fleet(f"{tmp}/fleet")
     _write(cfg, result)
     return result
 

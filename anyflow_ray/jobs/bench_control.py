@@ -179,12 +179,13 @@ def steady_rates(records: list[dict], warmup_steps: int) -> dict:
 ACTOR_COUNTS = (1, 4, 16, 32)
 
 
-def sim_overrides(num_actors: int, steps: int, max_policy_lag: int, out: str) -> list[str]:
-    """The Stage-2 settings of one simulated run: actors that take no CPU, one learner rank, a record of
-    every step, one checkpoint call at the end, object-store weight sync after every step."""
+def sim_overrides(num_actors: int, steps: int, max_policy_lag: int, out: str, ranks: int = 1) -> list[str]:
+    """The Stage-2 settings of one simulated run: actors that take no CPU, ``ranks`` learner ranks, a record
+    of every step, one checkpoint call at the end, object-store weight sync after every step."""
     return [f"rollout.num_actors={num_actors}", "rollout.cpus_per_actor=0", "rollout.gpus_per_actor=0",
             "rollout.colocate=false", "learner.cpus_per_rank=0.01", "learner.gpus_per_rank=0",
-            "distill.num_ranks=1", "distill.resume=false", f"distill.steps={steps}", "distill.log_every=1",
+            f"distill.num_ranks={ranks}", f"distill.real_batch={8 * ranks}", "distill.resume=false",
+            f"distill.steps={steps}", "distill.log_every=1",
             f"distill.save_every={steps}", "distill.sync_every=1", "distill.weight_sync=object_store",
             f"distill.max_policy_lag={max_policy_lag}", "distill.buffer_capacity=0", "run.wandb_mode=disabled",
             f"distill.output={out}"]

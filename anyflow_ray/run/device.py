@@ -32,11 +32,14 @@ def cuda_index(gpu_ids: list[str], visible: str | None) -> int:
     of a node) it is the id's place among the visible devices, or the id itself when none are listed."""
     if not gpu_ids:
         raise ValueError("no GPU was assigned to this process")
-    listed = [v.strip() for v in visible.split(",") if v.strip()] if visible else []
     first = str(gpu_ids[0])
-    if not listed:
+    if visible is None:
         return int(first)
-    return listed.index(first) if first in listed else 0
+    listed = [v.strip() for v in visible.split(",") if v.strip()]
+    if first not in listed:
+        raise ValueError(f"GPU {first} was assigned to this process but CUDA_VISIBLE_DEVICES={visible!r} does not "
+                         f"list it")
+    return listed.index(first)
 
 
 def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:

@@ -3,9 +3,10 @@
 Each learner step takes, per rank, one generator and one critic trajectory of ``rollout.batch_size`` clips
 (actors/fleet.py::next_batch). An actor makes a trajectory in the calls backward simulation needs (no
 gradient); the rank spends, on the same clips, forwards with gradient (a forward, a recompute under gradient
-checkpointing and a backward of about two forwards: 4 forward-equivalents each, 3 without checkpointing)
-and forwards without. With one rollout GPU as fast per forward as one learner GPU (the same model, bf16;
-the learner's ZeRO traffic only slows the learner, so this errs towards more actors):
+checkpointing and a backward of about two forwards: 4 forward-equivalents each, 3 without checkpointing;
+measured on an H200, 4.06 at 1.3B and 3.97 at 14B, docs/experiments.md) and forwards without. With one
+rollout GPU as fast per forward as one learner GPU (the same model, bf16; the learner's ZeRO traffic,
+not counted, only slows the learner, which errs towards more actors):
 
     rollout GPUs = learner ranks x (rollout calls per step) / (learner forward-equivalents per step)
 
@@ -71,12 +72,26 @@ def learner_forwards(cfg: DictConfig) -> float:
 
     grad = 4 if cfg.model.gradient_checkpointing else 3
     clips, ranks = int(cfg.rollout.batch_size), int(cfg.distill.num_ranks)
-    jumps = 1 if cfg.distill.rollout == "consistency" else {"all": 3, "last": 2, "jump": 1}[grad_scope(cfg)]
+    jumps = 1 if cfg.distill.rollout == "consistency" else jumps_with_grad(cfg)
     generator = clips * jumps * grad * student_sequence(cfg, "distill")
     dmd = clips * 3  # critic F + the teacher's conditional and unconditional calls, no gradient
     real = cfg.distill.real_batch / ranks * (grad + 3) * student_sequence(cfg)
     critic = clips * int(cfg.experiments.critic_updates) * grad
     return generator + dmd + real + critic
+
+
+def jumps_with_grad(cfg: DictConfig) -> float:
+    """Expected student calls with gradient of the learner's re-run (sampling/rollouts.py): ``grad_scope:
+    all`` re-runs backward simulation's calls (3 - 2 E[1/N]), ``last`` the k-th step and the jump to 0 (one
+    call at k = N - 1: 2 - E[1/N]), ``experiments.grad_jump_only`` one; at ZeRO-3 every rank makes the
+    calls of the longest case (uniform calls: 3 or 2)."""
+    inverse = sum(1 / int(n) for n in cfg.distill.budgets) / len(cfg.distill.budgets)
+    scope, uniform = grad_scope(cfg), int(cfg.distill.zero_stage) == 3
+    if scope == "jump":
+        return 1.0
+    if scope == "all":
+        return 3.0 if uniform else 3 - 2 * inverse
+    return 2.0 if uniform else 2 - inverse
 
 
 def fleet_plan(cfg: DictConfig) -> FleetPlan:

@@ -50,6 +50,7 @@ HARMLESS = frozenset({
     "run.output_dir", "run.new_run", "run.lease_expiry_s", "run.wandb_mode", "run.wandb_project", "run.keep_checkpoints",
     "run.autoscaling", "run.gpu_memory_gb", "run.threads",
     "learner.master_port", "distill.sync_timeout_s", "run.export_dtype",
+    "rollout.num_actors", "learner.see_node_gpus",  # the fleet scales on a resume; which GPU index a rank uses
     *(f"learner.timeouts.{phase}" for phase in ("placement", "setup", "step", "save", "collective")),
 })
 # folders compared by their place in run.output_dir when inside it (a copied or moved run folder resumes),

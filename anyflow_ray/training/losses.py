@@ -313,8 +313,8 @@ def flowmap_loss(model: torch.nn.Module, x0: torch.Tensor, context: torch.Tensor
                                        reference=terms["per_sample_fm"], carried=carried)
     metrics = {"diag_loss_mean": float(m), "raw_loss": float(terms["per_sample"].detach().mean()),
                "frac_diagonal": float(diagonal.float().mean())}
-    if cfg.target != "data":  # m is the data scale; this is the diagonal loss actually trained (this rank)
-        trained = (terms["per_sample"].detach() * diagonal).sum() / diagonal.sum().clamp_min(1)
+    if cfg.target != "data" and bool(diagonal.any()):  # m is the data scale; the diagonal loss trained here
+        trained = (terms["per_sample"].detach() * diagonal).sum() / diagonal.sum()
         metrics["diag_target_loss"] = float(trained)
     loss = normalised.mean()
     if layout is not None:
