@@ -100,7 +100,7 @@ class LearnerGroup:
         try:
             addr, port = self._wait(self.submit("rendezvous_address")[0], "setup", "rank 0 rendezvous address")
             self.info = self.call("setup", addr, port, self.board)
-            if self.num_ranks > 1:
+            if self.info[0].get("allreduce_busbw_gbs") is not None:  # ranks that timed one (not stand-ins)
                 log.info("%s learner group: all-reduce bus bandwidth %.2f GB/s over %d ranks (%s)", job,
                          self.info[0]["allreduce_busbw_gbs"], self.num_ranks, self.info[0]["backend"])
         except BaseException:

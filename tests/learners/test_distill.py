@@ -351,7 +351,7 @@ def test_a_non_finite_loss_stops_before_anything_is_applied_and_leaves_the_last_
     cfg = run_cfg(prepared_run, f"distill.output={tmp_path}/s2", "distill.steps=5", "distill.save_every=10",
                   "distill.log_every=1", "distill.max_policy_lag=1")
     with pytest.raises(RuntimeError, match=r"stopped at step 3: non-finite loss at step 3 on learner rank\(s\) \[0\]"
-                                           r".*generator=nan.*trajectory weight versions \[[12]") as err:
+                                           r".*dmd=nan.*trajectory weight versions \[[12]") as err:
         distill.run(cfg, worker_cls=NonFiniteAtStep3)
     assert "step-000002" in str(err.value)
     out = tmp_path / "s2"
