@@ -64,4 +64,4 @@ def print_fleet(rows: dict) -> None:
         print(f"  {size:>5} {row['ranks']:>5d} {row['actors']:>6d} {row['learner_s']:6.2f}s {row['rollout_s']:9.3f}s "
               f"{row['steps_per_s']:8.3f} {row['ideal_steps_per_s']:6.3f} {row['learner_idle']:12.1%} "
               f"{row['rollout_idle']:12.1%}")
-    print("  rollout idle: the planned actors are rounded up (1.61 GPUs' worth of rollouts on 2)")
+    print("  rollout idle: the planned actors are whole GPUs, rounded up from the rollouts' GPU-worth (1.6-1.7 on 2)")
