@@ -206,7 +206,7 @@ def simulate(out_root: str, actor_counts=ACTOR_COUNTS, rollout_s: float = 1.0, l
         run_overrides = [f"run.output_dir={out_root}", *overrides,
                          *sim_overrides(count, steps, lag, f"{out_root}/actors-{count}")]
         rows[count] = {"num_actors": count, "ideal_steps_per_s": ideal, "steps": steps,
-                       **_measure(run_overrides, learner_cls, actor_cls, ideal)}
+                       **measure_run(run_overrides, learner_cls, actor_cls, ideal)}
     result = {"rollout_s": rollout_s, "learner_s": learner_s, "learner_ranks": 1, "max_policy_lag": lag,
               "staleness_bound_steps_per_s": (lag + 1) / rollout_s, "learner_bound_steps_per_s": 1.0 / learner_s,
               "by_actors": rows, "efficiency": {count: row["efficiency"] for count, row in rows.items()}}
@@ -215,7 +215,7 @@ def simulate(out_root: str, actor_counts=ACTOR_COUNTS, rollout_s: float = 1.0, l
     return result
 
 
-def _measure(overrides: list[str], learner_cls: type, actor_cls: type, ideal: float) -> dict:
+def measure_run(overrides: list[str], learner_cls: type, actor_cls: type, ideal: float) -> dict:
     """One run of the real driver with the stand-ins; its steady rates, efficiency and buffer books."""
     from anyflow_ray.run.config import load_config
     from anyflow_ray.jobs import distill

@@ -11,7 +11,7 @@ not scaled, so they weigh ten times what they would: the learner's idle fraction
 
 from __future__ import annotations
 
-from anyflow_ray.jobs.bench_control import _measure, ideal_steps_per_s, sim_overrides, sleep_classes, steps_for
+from anyflow_ray.jobs.bench_control import ideal_steps_per_s, measure_run, sim_overrides, sleep_classes, steps_for
 
 # one two-time forward of one 81-frame clip at 240x416 (8190 tokens), bf16, one H200 (docs/experiments.md,
 # `anyflow-ray bench-scale`); one with gradient (checkpointing) measured 4.06x / 3.97x that, which is the
@@ -48,7 +48,7 @@ def simulate_fleet(out_root: str, sizes=("1.3b", "14b"), window_s: float = 15.0,
         steps = steps_for(ideal, window_s)
         overrides = [f"run.output_dir={out_root}", *sim_overrides(costs["actors"], steps, costs["max_policy_lag"],
                                                                   f"{out_root}/{size}", ranks=costs["ranks"])]
-        measured = _measure(overrides, learner_cls, actor_cls, ideal)
+        measured = measure_run(overrides, learner_cls, actor_cls, ideal)
         rows[size] = {**costs, "ideal_steps_per_s": ideal, "steps_per_s": measured["steps_per_s"],
                       **idle_fractions(measured["steps_per_s"], costs)}
     if not quiet:
