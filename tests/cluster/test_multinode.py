@@ -14,6 +14,7 @@ import ray
 from ray.cluster_utils import Cluster
 
 from anyflow_ray.run.config import load_config
+from anyflow_ray.run.device import cuda_index
 from learners.placement import Placement, PlacementError, check, fits
 
 SMALL = ["model.tiny.num_layers=1", "model.tiny.ffn_dim=32", "data.num_train=32", "data.num_heldout=8",
@@ -77,12 +78,27 @@ def test_learner_ranks_ask_for_the_clusters_gpus_and_land_on_the_gpu_node(two_no
         assert all(info["backend"] == "gloo" and info["allreduce_busbw_gbs"] > 0 for info in group.info)
     finally:
         group.shutdown()
-    own = LearnerGroup(load_config("configs/tiny.yaml", [f"run.output_dir={shared_root}", *SMALL, "learner.num_ranks=2",
-                                                         "learner.see_node_gpus=false"]), "pretrain")
-    try:  # Ray's default: each rank sees only the GPU it was given, as device 0
-        assert all(info["visible_devices"] == info["gpu_ids"][0] and info["cuda_index"] == 0 for info in own.info)
-    finally:
-        own.shutdown()
+    # learner.see_node_gpus=false keeps Ray's default: a process sees only the GPU it was given, as device 0
+    seen = ray.get(_visible_devices.options(num_gpus=1).remote())
+    assert seen["visible"] == seen["gpu_ids"][0] and cuda_index(seen["gpu_ids"], seen["visible"]) == 0
+
+
+@ray.remote
+def _visible_devices() -> dict:
+    import os
+
+    return {"visible": os.environ.get("CUDA_VISIBLE_DEVICES"), "gpu_ids": [str(i) for i in ray.get_gpu_ids()]}
+
+
+class _WhereActor:
+    """A rollout actor that only says where it runs (RolloutFleet's actor_cls: no model to load)."""
+
+    def __init__(self, cfg, actor_id, buffer, registry):
+        self.actor_id = actor_id
+
+    def whereabouts(self) -> dict:
+        return {"actor": self.actor_id, "node_id": ray.get_runtime_context().get_node_id(),
+                "gpu_ids": [str(i) for i in ray.get_gpu_ids()]}
 
 
 def test_a_placement_the_cluster_cannot_hold_fails_at_once_naming_it(two_nodes, shared_root):
@@ -138,9 +154,7 @@ def test_stage2_on_two_ranks_with_colocated_actors_one_killed_everything_under_t
 def test_auto_starts_the_planned_rollout_fleet_on_the_gpu_node(two_nodes, shared_root):
     """rollout.num_actors=auto: the consistency rollout at N=32 (16.5 calls a clip) outweighs one learner rank's
     step, so the plan is 2 one-GPU actors; they start on the GPU node, one fake GPU each."""
-    from actors.buffer import TrajectoryBuffer
     from actors.fleet import RolloutFleet
-    from actors.weights import WeightRegistry
     from anyflow_ray.run.fleet_plan import fleet_plan
     from learners.placement import plan
 
@@ -153,16 +167,13 @@ def test_auto_starts_the_planned_rollout_fleet_on_the_gpu_node(two_nodes, shared
     assert cfg.rollout.num_actors == fleet_plan(cfg).num_actors == 2
     placement = plan(cfg, 1, cfg.rollout.num_actors)
     assert placement.actor_resources() == {"CPU": 0.25, "GPU": 1.0}
-    names = {role: f"auto-fleet-{role}" for role in ("buffer", "registry")}
-    buffer = ray.remote(TrajectoryBuffer).options(num_cpus=0, name=names["buffer"]).remote(4, 1)
-    registry = ray.remote(WeightRegistry).options(num_cpus=0, name=names["registry"]).remote()
-    fleet = RolloutFleet(cfg, names["buffer"], names["registry"], placement=placement)
+    fleet = RolloutFleet(cfg, "no-buffer", "no-registry", placement=placement, actor_cls=_WhereActor)
     try:
         where = ray.get([actor.whereabouts.remote() for actor in fleet.actors], timeout=120)
         assert len(where) == 2 and {w["node_id"] for w in where} == {two_nodes["gpu_node"]}
         assert sorted(w["gpu_ids"][0] for w in where) == ["0", "1"]
     finally:
-        for handle in (*fleet.actors, buffer, registry):
+        for handle in fleet.actors:
             ray.kill(handle)
 
 
